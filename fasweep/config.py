@@ -1,0 +1,134 @@
+"""TrialConfig: the one contract between the sweep, Ray, the trainer, MLflow params and `fasweep train`.
+
+Pure Pydantic (no torch import), so `fasweep.spec` can validate specs without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DatasetName = Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "digits", "linear", "teacher"]
+FeedbackMode = Literal["bp", "random", "random_updated", "sign_concordant", "dfa"]
+
+
+class DataConfig(Strict):
+    """Which data set, where a local copy lives, and how it is split and augmented."""
+
+    name: DatasetName = "digits"
+    root: str | None = Field(
+        default=None,
+        description="local copy (torchvision layout or image folder train/<class>/*); None: default places",
+    )
+    download: bool = Field(default=True, description="try a torchvision download when no local copy")
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, description="held out of train for validation")
+    augment: bool | None = Field(default=None, description="None: crop+flip for CIFAR, none otherwise")
+    normalize: bool = True
+    limit_train: int | None = Field(default=None, gt=0, description="use only the first N training samples")
+    limit_test: int | None = Field(default=None, gt=0, description="use only the first N test samples")
+
+
+class InitFrom(Strict):
+    """Load some layers' weights from a checkpoint (e.g. a trained PG0's first conv), optionally frozen."""
+
+    checkpoint: str = Field(description="path or URI of a fasweep checkpoint file (model state)")
+    layers: list[int | str] = Field(default_factory=lambda: [0], description="layer-string indices or names")
+    freeze: bool = True
+
+
+class ModelConfig(Strict):
+    """The network: a preset name (`DSR1`, `PG0`, ...) or a layer string, plus architecture options."""
+
+    arch: str = "DS0"
+    activation: Literal["relu", "tanh"] = "relu"
+    batchnorm: bool = False
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    pool: Literal["poggio", "max", "avg"] = Field(
+        default="poggio", description="poggio: max after the first conv, average after the others"
+    )
+    init_from: InitFrom | None = None
+
+
+class FeedbackConfig(Strict):
+    """The default feedback rule (layers marked (R)/(R*) in the layer string override it) and its options."""
+
+    mode: FeedbackMode = "bp"
+    init_scale: float | None = Field(default=None, gt=0, description="std of random B; None: same as W's init")
+    concordance: float = Field(default=1.0, ge=0.0, le=1.0, description="sign_concordant: fraction p")
+    magnitude: Literal["uniform", "fixed_random", "batch_random"] = "uniform"
+    decay: float = Field(default=0.0, ge=0.0, description="random_updated: decay on W and B (Kolen-Pollack)")
+
+
+class TrainConfig(Strict):
+    """Optimisation, loss, regularisation, seed and device for one trial."""
+
+    optimizer: Literal["adam", "sgd", "nesterov"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    loss: Literal["cross_entropy", "hinge"] = "cross_entropy"
+    l2: float | dict[Literal["conv", "untied", "dense"], float] = Field(
+        default=0.0, description="L2 coefficient, one for all or per layer group"
+    )
+    weight_clip: float | None = Field(default=None, gt=0, description="clip every weight to (-c, c)")
+    batch_manhattan: bool = Field(default=False, description="update with sign(batch gradient)")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(default=False, description="CUDA only: bf16 autocast")
+    compile: bool = Field(default=False, description="CUDA only: torch.compile the model")
+    alignment_every: int = Field(default=1, ge=0, description="measure alignment angles every N epochs; 0 off")
+
+    @field_validator("l2")
+    @classmethod
+    def _l2_nonnegative(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        values = v.values() if isinstance(v, dict) else [v]
+        if any(x < 0 for x in values):
+            raise ValueError("L2 coefficients must be >= 0")
+        return v
+
+
+class TrialConfig(Strict):
+    """Everything one trial needs. Flattened (`train.lr`, `feedback.mode`) it is the MLflow params."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys: {'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def set_path(d: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """Return a deep copy of `d` with the dotted `path` set to `value` (intermediate dicts created)."""
+    out = copy.deepcopy(d)
+    node = out
+    keys = path.split(".")
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+    return out
