@@ -11,7 +11,11 @@ import yaml
 
 from fasweep.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Sweeps for asymmetric backpropagation (feedback alignment) on Ray, tracked in MLflow.",
+)
 
 SetOpt = Annotated[
     list[str] | None,
@@ -51,13 +55,71 @@ def train(
     set_: SetOpt = None,
 ) -> None:
     """Run one trial locally (no Ray) with a progress bar and print the final metrics."""
-    raise UserError("fasweep train: not implemented yet")
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from fasweep.config import set_path, validate_trial
+    from fasweep.train import train as run_trial
+
+    data: Any = {}
+    if config is not None:
+        if not config.is_file():
+            raise UserError.field("--config", str(config), "an existing TrialConfig YAML file")
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError.field("--config", str(config), f"valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(data, dict):
+            raise UserError.field("--config", str(config), "a mapping with sections data, model, feedback, train")
+    flags = {"model.arch": model, "data.name": dataset, "train.epochs": epochs, "feedback.mode": feedback}
+    for path, value in [*((k, v) for k, v in flags.items() if v is not None), *parse_sets(set_).items()]:
+        data = set_path(data, path, value)
+    trial = validate_trial(data)
+    metrics_file = out / "metrics.jsonl" if out is not None else None
+    if metrics_file is not None:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        metrics_file.write_text("")
+    console = Console()
+    title = f"{trial.model.arch} on {trial.data.name}, feedback {trial.feedback.mode}"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.fields[last]}"), console=console) as progress:
+        task = progress.add_task(title, total=trial.train.epochs, last="")
+
+        def on_epoch(metrics: dict[str, float], _checkpoint: Path | None) -> None:
+            if metrics_file is not None:
+                with metrics_file.open("a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
+            shown = ("train_loss", "test_loss", "test_acc")
+            last = "  ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics)
+            progress.update(task, completed=int(metrics["epoch"]), last=last)
+
+        result = run_trial(trial, checkpoint_dir=out, on_epoch=on_epoch)
+    table = Table(title=f"{title}: {result.status} after {len(result.history)} epochs")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.final.items():
+        table.add_row(key, f"{value:.4g}")
+    console.print(table)
 
 
 @app.command()
 def models() -> None:
     """List the presets with their layer strings and parameter counts."""
-    raise UserError("fasweep models: not implemented yet")
+    from rich.console import Console
+    from rich.table import Table
+
+    from fasweep.models import PRESETS, parameter_count
+
+    table = Table(title="fasweep presets (parameters for CIFAR-10: 3x32x32 input, 10 outputs)")
+    table.add_column("preset", no_wrap=True)
+    table.add_column("layer string")
+    table.add_column("parameters", justify="right", no_wrap=True)
+    for name, layers in PRESETS.items():
+        table.add_row(name, layers, f"{parameter_count(name):,}")
+    Console().print(table)
 
 
 # --- sweeps (fasweep.spec / fasweep.launch) -----------------------------------------------------
@@ -65,14 +127,49 @@ def models() -> None:
 
 @app.command()
 def validate(specs: list[Path], set_: SetOpt = None) -> None:
-    """Validate sweep specs; print one line per spec."""
-    raise UserError("fasweep validate: not implemented yet")
+    """Validate sweep specs; print one line per spec (exit code 2 when any is bad)."""
+    from fasweep.spec import expand, load_spec, summarize
+
+    sets = parse_sets(set_)
+    bad = 0
+    for path in specs:
+        try:
+            sweep = load_spec(path, sets)
+            typer.echo(f"ok {path}: {summarize(sweep, expand(sweep))}")
+        except UserError as exc:
+            bad += 1
+            typer.echo(f"error: {exc}", err=True)
+    if bad:
+        raise SystemExit(2)  # not typer.Exit: main() runs click with standalone_mode=False, which drops its code
 
 
 @app.command()
 def plan(spec: Path, set_: SetOpt = None) -> None:
     """Print the trial table of a spec: condition, overrides, seed, resources, and counts."""
-    raise UserError("fasweep plan: not implemented yet")
+    from rich.console import Console
+    from rich.table import Table
+
+    from fasweep.spec import expand, format_value, gpus_needed, load_spec, summarize
+
+    sweep = load_spec(spec, parse_sets(set_))
+    trials = expand(sweep)
+    staged = bool(sweep.stages)
+    table = Table(title=f"{sweep.name} (experiment {sweep.experiment})", title_justify="left")
+    for column in ["stage"] * staged + ["condition", "overrides", "seed", "cpu", "gpu"] + ["init_from"] * staged:
+        table.add_column(column, overflow="fold", justify="right" if column in ("seed", "cpu", "gpu") else "left")
+    for trial in trials:
+        overrides = " ".join(f"{path}={format_value(value, digits=4)}" for path, value in trial.overrides.items())
+        init = trial.init_from
+        source = f"{init['select']} {init['stage']}/{init['condition']} layers {init['layers']}" if init else ""
+        resources = [format_value(trial.resources["cpu"]), format_value(trial.resources["gpu"])]
+        cells = [trial.stage] * staged + [trial.condition, overrides, str(trial.seed), *resources] + [source] * staged
+        table.add_row(*cells)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    concurrency = f"max_concurrent {sweep.max_concurrent}" if sweep.max_concurrent else "no max_concurrent"
+    gpus = gpus_needed(sweep, trials)
+    console.print(f"{summarize(sweep, trials)}; GPUs at full concurrency: {gpus:g} ({concurrency})")
+    console.print(f"storage {sweep.storage}; retries {sweep.max_retries}; axes: {', '.join(sweep.axes) or 'none'}")
 
 
 @app.command()
@@ -82,21 +179,74 @@ def launch(
     tracking_uri: TrackingOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the latest launch of this spec")] = False,
     set_: SetOpt = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray (default: all cores)")] = None,
 ) -> None:
-    """Run a sweep on Ray and track it in MLflow."""
-    raise UserError("fasweep launch: not implemented yet")
+    """Run a sweep on Ray and track it in MLflow (exit 0 finished, 1 failed trials, 130 interrupted)."""
+    from fasweep.launch import launch as run_launch
+
+    result = run_launch(
+        spec, sets=parse_sets(set_), address=address, tracking_uri=tracking_uri, resume=resume, num_cpus=num_cpus
+    )
+    if result.status == "nothing-to-resume":
+        return
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
+    best = f"; best {result.best[0]} {result.best[1]:.4f}" if result.best else ""
+    typer.echo(f"{result.sweep} @ {result.launch_id} {result.status}: {counts}{best}")
+    typer.echo(f"MLflow: experiment {result.experiment!r}, parent run {result.parent_run_id} in {result.tracking_uri}")
+    if result.status != "finished":
+        typer.echo(f"continue with: fasweep launch {spec} --resume (same --set values)")
+        raise SystemExit(130 if result.status == "interrupted" else 1)
 
 
 @app.command()
 def status(sweep: Annotated[str | None, typer.Argument()] = None, tracking_uri: TrackingOpt = None) -> None:
-    """Show sweeps and their trials' states from MLflow."""
-    raise UserError("fasweep status: not implemented yet")
+    """Show sweeps (launches, trial counts by status, best so far) and, given SWEEP, its latest launch's trials."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fasweep.tracking import check_reachable, resolve_tracking_uri, sweep_summaries
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    launches = sweep_summaries(uri, sweep)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    if not launches:
+        console.print(f"no sweeps{f' named {sweep!r}' if sweep else ''} in {uri}")
+        raise SystemExit(1 if sweep else 0)
+    table = Table(title=f"sweeps in {uri}", title_justify="left")
+    for column in ("sweep", "launch", "started (UTC)", "status", "trials", "by status", "best test_acc"):
+        table.add_column(column, overflow="fold")
+    for s in launches:
+        counts = " ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
+        best = f"{s.best[1]:.4f} {s.best[0]}" if s.best else ""
+        table.add_row(s.sweep, s.launch_id, s.started, s.status, f"{len(s.trials)}/{s.n_trials}", counts, best)
+    console.print(table)
+    if sweep:
+        latest = launches[0]
+        trials = Table(title=f"{sweep} @ {latest.launch_id}: trials", title_justify="left")
+        for column in ("trial", "status", "epochs", "test_acc"):
+            trials.add_column(column, justify="right" if column in ("epochs", "test_acc") else "left")
+        for t in latest.trials:
+            acc = "" if t["test_acc"] is None else f"{t['test_acc']:.4f}"
+            trials.add_row(t["key"], t["status"], str(t["epoch"]), acc)
+        console.print(trials)
 
 
 @app.command()
 def ui(tracking_uri: TrackingOpt = None, port: int = 5000) -> None:
-    """Start the MLflow UI on the configured tracking store."""
-    raise UserError("fasweep ui: not implemented yet")
+    """Start the MLflow UI on the configured tracking store (a tracking server already is one: open its URL)."""
+    import os
+
+    from fasweep.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"{uri} is an MLflow tracking server: open it in a browser")
+        return
+    typer.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl+C stops it)")
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port)]
+    os.execv(sys.executable, argv)
 
 
 # --- analysis (fasweep.report) -------------------------------------------------------------------
@@ -106,32 +256,42 @@ def ui(tracking_uri: TrackingOpt = None, port: int = 5000) -> None:
 def report(
     target: Annotated[str, typer.Argument(help="sweep name or spec file")],
     tracking_uri: TrackingOpt = None,
-    format: Annotated[str, typer.Option(help="md, csv, html or json")] = "md",
+    format: Annotated[str, typer.Option(help="md, csv, html or json (printed)")] = "md",
     out: Annotated[Path | None, typer.Option(help="directory for tables, plots and report.html")] = None,
     metric: str = "test_acc",
     at: Annotated[str, typer.Option(help="final or best")] = "final",
     by: Annotated[list[str] | None, typer.Option(help="pivot axes, e.g. --by feedback.concordance")] = None,
+    launch: Annotated[str, typer.Option(help="latest, all (pooled) or a launch id")] = "latest",
+    log: Annotated[bool, typer.Option("--log/--no-log", help="log the report as artifacts on the parent run")] = True,
 ) -> None:
     """Tables and plots of a sweep's runs, with reference numbers beside them."""
-    raise UserError("fasweep report: not implemented yet")
+    from fasweep.report import FORMATS, make_report, render
+    from fasweep.tracking import resolve_tracking_uri
+
+    if format not in FORMATS:
+        raise UserError.field("--format", format, " | ".join(FORMATS))
+    uri = resolve_tracking_uri(tracking_uri)
+    result = make_report(target, tracking_uri=uri, metric=metric, at=at, by=by, launch=launch, out=out, log=log)
+    typer.echo(render(result, format))
+    if out is not None:
+        typer.echo(f"wrote {len(result.files)} files to {out} (open {out / 'report.html'})", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a UserError becomes one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # returns typer.Exit's code instead of raising it
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except typer.exceptions.TyperException as exc:  # usage errors (click's, vendored by typer): bad option
+        if hasattr(exc, "show"):
             exc.show()
-            sys.exit(2)
-        raise
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)

@@ -6,9 +6,12 @@ Pure Pydantic (no torch import), so `fasweep.spec` can validate specs without lo
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+import re
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fasweep.errors import UserError
 
 
 class Strict(BaseModel):
@@ -49,7 +52,9 @@ class ModelConfig(Strict):
     """The network: a preset name (`DSR1`, `PG0`, ...) or a layer string, plus architecture options."""
 
     arch: str = "DS0"
-    activation: Literal["relu", "tanh"] = "relu"
+    activation: Literal["relu", "tanh", "linear"] = Field(
+        default="relu", description="linear: no nonlinearity (Lillicrap's linear 30-20-10 task)"
+    )
     batchnorm: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     pool: Literal["poggio", "max", "avg"] = Field(
@@ -132,3 +137,42 @@ def set_path(d: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         node = child
     node[keys[-1]] = value
     return out
+
+
+_UNION_TAG = re.compile(r"^(float|int|str|bool|none|list\[.*|dict\[.*|literal\[.*|function-.*)$", re.IGNORECASE)
+
+
+def _clean_loc(loc: tuple[str | int, ...]) -> list[str | int]:
+    """A Pydantic error location without union-member tags: ('train', 'l2', 'float') -> ['train', 'l2']."""
+    return [p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p)) and p != "[key]"]
+
+
+def _known_fields(loc: list[str | int]) -> list[str]:
+    """Field names of the config model at `loc` inside TrialConfig (empty when `loc` is not a model)."""
+    model: Any = TrialConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = next((a for a in (field.annotation, *get_args(field.annotation)) if hasattr(a, "model_fields")), None)
+    return list(getattr(model, "model_fields", {}))
+
+
+def validate_trial(data: dict[str, Any], *, where: str = "") -> TrialConfig:
+    """Validate a TrialConfig dict; a Pydantic error becomes one UserError line `field.path: got X; expected Y`."""
+    try:
+        return TrialConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: -len(e["loc"]))
+        paths = [".".join(str(p) for p in _clean_loc(e["loc"])) for e in errors]
+        err, loc, path = errors[0], _clean_loc(errors[0]["loc"]), paths[0] or "(config)"
+        others = {p for p in paths if not path.startswith(p)}
+        more = f" (+{len(others)} more)" if others else ""
+        if err["type"] == "missing":
+            prefix = f"{where}: " if where else ""
+            raise UserError(f"{prefix}{path}: missing; expected a value (required field){more}") from None
+        if err["type"] == "extra_forbidden":
+            expected = "one of the known fields: " + ", ".join(_known_fields(loc[:-1]))
+        else:
+            expected = re.sub(r"^(Input should be |Value error, )", "", err["msg"])
+        raise UserError.field(path, err["input"], expected + more, where=where) from None

@@ -1,0 +1,166 @@
+"""Benchmark fasweep.nn: FA vs BP training-step time, and UntiedConv2d vs the seed's dense-matrix form.
+
+Prints ratios measured in this one run (interleaved repetitions, medians):
+- FA step / BP step for Linear and Conv2d (fwd + bwd + optimizer step; BP = stock nn.Linear/nn.Conv2d).
+- The seed's first untied layer (3x32x32 input, 5x5, 32 channels, no padding): bytes of weights and
+  fwd+bwd time for UntiedConv2d vs the dense mostly-zero (3072, 32*28*28) matrix vs nn.Conv2d.
+
+Usage: python benchmarks/bench_nn.py [--device cpu|cuda] [--reps N] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fasweep.nn import FAConv2d, FALinear, UntiedConv2d, optimizer_step
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def compare(cases: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per case; cases are interleaved so drifts in machine load hit all of them alike."""
+    return {name: statistics.median(t) for name, t in _interleaved(cases, reps, device).items()}
+
+
+def paired_ratios(
+    cases: dict[str, Callable[[], object]], base: str, reps: int, device: torch.device
+) -> dict[str, float]:
+    """Median over repetitions of time(case) / time(base) within the same repetition (robust on a busy host)."""
+    times = _interleaved(cases, reps, device)
+    return {name: statistics.median(a / b for a, b in zip(t, times[base], strict=True)) for name, t in times.items()}
+
+
+def _interleaved(cases: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, list[float]]:
+    run = timer(device)
+    for fn in cases.values():  # warm-up
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            times[name].append(run(fn))
+    return times
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+        F.cross_entropy(model(x).flatten(1), y).backward()
+        optimizer_step(model, opt)
+
+    return step
+
+
+def bench_rules(device: torch.device, reps: int) -> None:
+    """FA / BP step-time ratios for a dense and a conv layer, per rule."""
+    torch.manual_seed(0)
+    layers: dict[str, tuple[Callable[[str | None], nn.Module], tuple[int, ...], int]] = {
+        "Linear 1024->1024, batch 256": (
+            lambda mode: nn.Linear(1024, 1024) if mode is None else FALinear(1024, 1024, feedback=mode),
+            (256, 1024),
+            1024,
+        ),
+        "Conv2d 64->64 3x3 on 16x16, batch 32": (
+            lambda mode: nn.Conv2d(64, 64, 3, padding=1) if mode is None else FAConv2d(64, 64, 3, 1, 1, feedback=mode),
+            (32, 64, 16, 16),
+            64 * 16 * 16,
+        ),
+    }
+    modes = ["bp", "random", "random_updated", "sign_concordant"]
+    for title, (build, shape, classes) in layers.items():
+        x = torch.randn(shape, device=device, requires_grad=True)  # grad to x: the FA path is exercised
+        y = torch.randint(0, classes, (shape[0],), device=device)
+        cases = {"stock": train_step(build(None).to(device), x, y)}
+        cases.update({m: train_step(build(m).to(device), x, y) for m in modes})
+        r = paired_ratios(cases, "stock", reps, device)
+        ratios = "  ".join(f"{m}={r[m]:.3f}" for m in modes)
+        print(f"{title}: FA/BP step-time ratio (median of paired reps): {ratios}")
+
+
+def dense_untied_matrix(layer: UntiedConv2d, in_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The seed's form: a (C*H*W, O*P) mostly-zero matrix, column o*P + p = output channel o at position p."""
+    c, h, w = in_shape
+    positions, _, out_ch = layer.weight.shape
+    index = torch.arange(c * h * w, dtype=torch.float64).view(1, c, h, w)
+    rows = F.unfold(index, layer.op.kernel_size, padding=layer.op.padding, stride=layer.op.stride)[0].long()
+    dense = torch.zeros(c * h * w, out_ch, positions, device=layer.weight.device)
+    dense[rows, :, torch.arange(positions)] = layer.weight.detach().permute(1, 0, 2)
+    return dense.view(c * h * w, out_ch * positions)
+
+
+def bench_untied(device: torch.device, reps: int, batch: int = 64) -> None:
+    """Seed's first untied layer: memory and fwd+bwd time, untied vs dense matrix vs nn.Conv2d."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 32, 5).to(device)
+    untied = UntiedConv2d.from_conv2d(conv, 32, feedback="random")
+    dense = nn.Parameter(dense_untied_matrix(untied, (3, 32, 32)))
+    dense_bias = nn.Parameter(untied.bias.detach().flatten().clone())
+    x = torch.randn(batch, 3, 32, 32, device=device, requires_grad=True)
+    err = (x.flatten(1) @ dense + dense_bias - untied(x).flatten(1)).abs().max().item()
+
+    def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            x.grad = None
+            fn().square().mean().backward()
+
+        return run
+
+    t = compare(
+        {
+            "untied": fwd_bwd(lambda: untied(x)),
+            "dense": fwd_bwd(lambda: x.flatten(1) @ dense + dense_bias),
+            "conv": fwd_bwd(lambda: conv(x)),
+        },
+        reps,
+        device,
+    )
+    w_untied = untied.weight.numel() * untied.weight.element_size()
+    w_dense = dense.numel() * dense.element_size()
+    print(f"UntiedConv2d 3x32x32 -> 32x28x28 (5x5), batch {batch}; dense form equals untied to {err:.1e}")
+    print(
+        f"  weight bytes: untied {w_untied / 2**20:.2f} MiB, dense {w_dense / 2**20:.1f} MiB, "
+        f"conv {conv.weight.numel() * 4 / 2**10:.1f} KiB -> dense/untied memory = {w_dense / w_untied:.1f}x "
+        f"(training with FA: W + grad + B, the same ratio)"
+    )
+    print(
+        f"  fwd+bwd: untied {t['untied'] * 1e3:.2f} ms, dense {t['dense'] * 1e3:.2f} ms, conv {t['conv'] * 1e3:.2f} ms"
+        f" -> dense/untied time = {t['dense'] / t['untied']:.2f}x, untied/conv time = {t['untied'] / t['conv']:.2f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}")
+    bench_rules(device, args.reps)
+    bench_untied(device, max(5, args.reps // 3))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Alignment diagnostics: how far each FA layer's updates and signals are from exact backprop (degrees)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from fasweep.nn.layers import FALayer
+
+
+@contextmanager
+def exact_backprop(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block every FA layer of `model` behaves as `bp` (its B is W); restored on exit."""
+    rules = [m.rule for m in model.modules() if isinstance(m, FALayer)]
+    saved = [r.exact for r in rules]
+    for r in rules:
+        r.exact = True
+    try:
+        yield model
+    finally:
+        for r, old in zip(rules, saved, strict=True):
+            r.exact = old
+
+
+def angle(a: Tensor, b: Tensor) -> float:
+    """Angle in degrees between two tensors seen as flat vectors (NaN when either is zero)."""
+    a, b = a.detach().flatten().double(), b.detach().flatten().double()
+    denom = a.norm() * b.norm()
+    if denom == 0:
+        return math.nan
+    return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ b / denom)))))
+
+
+def alignment(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> dict[str, float]:
+    """Per trainable FA layer `<name>`, on the probe batch (x, y), with the same weights:
+
+    `angle/<name>` the layer's weight update under its rule vs the true BP gradient;
+    `delta_angle/<name>` the signal reaching the layer's output vs BP's; `bw_angle/<name>` and
+    `bw_norm_ratio/<name>` B vs W (|B|/|W|; not for dfa, whose B is not W-shaped).
+    One forward, two backward passes, in eval mode, on a forked RNG; parameters' .grad are left alone.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FALayer) and m.weight.requires_grad}
+    if not layers:
+        return {}
+    outputs: dict[str, Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        for name, m in layers.items()
+    ]
+    modes = {m: m.training for m in model.modules()}
+    devices = [x.device.index or 0] if x.is_cuda else []
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            loss = loss_fn(model(x), y)
+            names = [n for n in layers if n in outputs]
+            targets = [layers[n].weight for n in names] + [outputs[n] for n in names]
+            fa = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
+            with exact_backprop(model):
+                bp = torch.autograd.grad(loss, targets, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    k = len(names)
+    metrics: dict[str, float] = {}
+    for i, name in enumerate(names):
+        if fa[i] is None or bp[i] is None:
+            continue
+        layer = layers[name]
+        metrics[f"angle/{name}"] = angle(fa[i], bp[i])
+        metrics[f"delta_angle/{name}"] = angle(fa[k + i], bp[k + i])
+        B, W = layer.feedback_weight, layer.weight
+        if B.shape == W.shape:
+            metrics[f"bw_angle/{name}"] = angle(B, W)
+            metrics[f"bw_norm_ratio/{name}"] = float(B.norm() / W.detach().norm())
+    return metrics

@@ -1,0 +1,258 @@
+"""Feedback rules: how a layer's feedback matrix B is made, and how the input gradient uses it.
+
+A rule is one small `nn.Module` owned by one layer (its buffers travel in the layer's state_dict).
+Every layer kind (dense, conv, untied) takes the same rules; the layer only supplies the maths of
+"send G back through a matrix shaped like W" (`op.input_grad`). dL/dW and dL/db are never touched.
+
+Scales: with `init_scale=None`, random B is drawn from W's own init, U(-1/sqrt(fan_in), 1/sqrt(fan_in));
+sign-concordant magnitudes use sigma = init_scale or that distribution's std, 1/sqrt(3 fan_in), so
+the RMS of B equals the RMS of a freshly initialised W for every magnitude option.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fasweep.errors import UserError
+
+Magnitude = Literal["uniform", "fixed_random", "batch_random"]
+
+
+class LayerOp(Protocol):
+    """The maths of one layer kind; `input_grad` sends G back through any matrix shaped like W."""
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
+    def input_grad(self, grad_out: Tensor, matrix: Tensor, input_shape: torch.Size) -> Tensor: ...
+
+    def param_grads(
+        self, grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool, need_bias: bool
+    ) -> tuple[Tensor | None, Tensor | None]: ...
+
+
+class FeedbackRule(nn.Module):
+    """Base rule. Subclasses override `matrix` (B for this step), and optionally `input_grad`/`after_step`."""
+
+    mode: ClassVar[str]
+    updates_with_weight: ClassVar[bool] = False
+
+    def __init__(self, init_scale: float | None = None) -> None:
+        super().__init__()
+        self.init_scale = init_scale
+        self.fan_in = 0
+        self.bound = False
+        self.exact = False  # set by `exact_backprop`: behave as bp
+        self.last: Tensor | None = None  # B used by the last gradient-carrying forward
+
+    def options(self) -> dict[str, Any]:
+        """Constructor keyword options, to make an unbound copy of this rule."""
+        return {"init_scale": self.init_scale}
+
+    def unbound_copy(self) -> FeedbackRule:
+        """A fresh rule with the same options (a rule belongs to one layer)."""
+        return type(self)(**self.options())
+
+    def bind(self, weight: Tensor, fan_in: int) -> None:
+        """Attach to a layer's weight: draw whatever B needs (called once by the layer)."""
+        self.fan_in = fan_in
+        self.bound = True
+
+    def draw_like_init(self, weight: Tensor) -> Tensor:
+        """A tensor shaped like `weight` from N(0, init_scale), or W's init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        if self.init_scale is not None:
+            return torch.randn_like(weight) * self.init_scale
+        bound = 1.0 / math.sqrt(self.fan_in)
+        return torch.empty_like(weight).uniform_(-bound, bound)
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        """B to send the gradient back through, for the forward pass about to run."""
+        raise NotImplementedError
+
+    def feedback_for_forward(self, weight: Tensor) -> Tensor:
+        """B for a gradient-carrying forward; remembered as `last` (what `layer.feedback_weight` shows)."""
+        with torch.no_grad():
+            b = weight.detach() if self.exact else self.matrix(weight.detach())
+        self.last = b
+        return b
+
+    def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
+        """dL/dx as this rule defines it: G sent back through B (W under `exact_backprop`)."""
+        return op.input_grad(grad_out, weight if self.exact else feedback, x.shape)
+
+    def after_step(self, weight: Tensor, delta: Tensor) -> None:
+        """Called by `optimizer_step` after W moved by `delta` (only when `updates_with_weight`)."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # lazily shaped buffers (DFA's B before its first backward) take the saved shape
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Backprop(FeedbackRule):
+    """`bp`: B is W itself, exact backpropagation."""
+
+    mode = "bp"
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        return weight
+
+
+class RandomFeedback(FeedbackRule):
+    """`random` (Lillicrap et al. 2016): a fixed random B, drawn once, kept as a buffer."""
+
+    mode = "random"
+
+    def bind(self, weight: Tensor, fan_in: int) -> None:
+        super().bind(weight, fan_in)
+        self.register_buffer("B", self.draw_like_init(weight.detach()))
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        return self.B
+
+
+class UpdatedRandomFeedback(RandomFeedback):
+    """`random_updated` (R*): random B that receives exactly W's update each optimizer step.
+
+    With `decay` > 0 both W and B shrink by (1 - decay) after each step (Kolen-Pollack): B - W decays to 0.
+    """
+
+    mode = "random_updated"
+    updates_with_weight = True
+
+    def __init__(self, init_scale: float | None = None, decay: float = 0.0) -> None:
+        super().__init__(init_scale)
+        if not 0.0 <= decay < 1.0:
+            raise UserError.field("feedback.decay", decay, "a number in [0, 1)")
+        self.decay = decay
+
+    def options(self) -> dict[str, Any]:
+        return {"init_scale": self.init_scale, "decay": self.decay}
+
+    @torch.no_grad()
+    def after_step(self, weight: Tensor, delta: Tensor) -> None:
+        self.B.add_(delta)
+        if self.decay:
+            self.B.mul_(1.0 - self.decay)
+            weight.mul_(1.0 - self.decay)
+
+
+class SignConcordantFeedback(FeedbackRule):
+    """`sign_concordant` (Liao, Leibo & Poggio 2016): B = M * sign(W) * s, recomputed from the current W.
+
+    s is a fixed +-1 mask with exactly round(p * numel) entries +1 (drawn once), so a fraction p of B's
+    signs agree with W's. M: `uniform` (sigma everywhere), `fixed_random` (|N(0, sigma)| drawn once) or
+    `batch_random` (|N(0, sigma)| redrawn for every batch), sigma as in the module docstring.
+    """
+
+    mode = "sign_concordant"
+
+    def __init__(self, init_scale: float | None = None, concordance: float = 1.0, magnitude: Magnitude = "uniform"):
+        super().__init__(init_scale)
+        if not 0.0 <= concordance <= 1.0:
+            raise UserError.field("feedback.concordance", concordance, "a fraction in [0, 1]")
+        if magnitude not in ("uniform", "fixed_random", "batch_random"):
+            raise UserError.field("feedback.magnitude", magnitude, "uniform, fixed_random or batch_random")
+        self.concordance = concordance
+        self.magnitude = magnitude
+        self.sigma = 0.0
+
+    def options(self) -> dict[str, Any]:
+        return {"init_scale": self.init_scale, "concordance": self.concordance, "magnitude": self.magnitude}
+
+    def bind(self, weight: Tensor, fan_in: int) -> None:
+        super().bind(weight, fan_in)
+        self.sigma = self.init_scale if self.init_scale is not None else 1.0 / math.sqrt(3.0 * fan_in)
+        n = weight.numel()
+        agree = torch.zeros(n, dtype=torch.bool, device=weight.device)
+        agree[torch.randperm(n, device=weight.device)[: round(self.concordance * n)]] = True
+        self.register_buffer("sign_mask", torch.where(agree, 1.0, -1.0).to(weight.dtype).view_as(weight))
+        if self.magnitude == "fixed_random":
+            self.register_buffer("M", self._draw_magnitude(weight.detach()))
+
+    def _draw_magnitude(self, weight: Tensor) -> Tensor:
+        return torch.randn_like(weight).abs_() * self.sigma
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        signed = torch.sign(weight) * self.sign_mask
+        if self.magnitude == "uniform":
+            return signed * self.sigma
+        return signed * (self.M if self.magnitude == "fixed_random" else self._draw_magnitude(weight))
+
+
+class DirectFeedback(FeedbackRule):
+    """`dfa` (Nøkland 2016): the layer's input gets e @ B_i, e = dL/d(network output), B_i fixed random.
+
+    B_i has shape (num_outputs, input features) and is drawn (from W's init distribution) at the first
+    backward, when both are known. `fasweep.nn.finalize(model)` wires `context` to the network output.
+    """
+
+    mode = "dfa"
+
+    def __init__(self, init_scale: float | None = None) -> None:
+        super().__init__(init_scale)
+        self.context: Any = None  # DFAContext, set by finalize
+        self.register_buffer("B", torch.empty(0))
+
+    def bind(self, weight: Tensor, fan_in: int) -> None:
+        super().bind(weight, fan_in)
+        self.B = self.B.to(device=weight.device, dtype=weight.dtype)
+
+    def matrix(self, weight: Tensor) -> Tensor:
+        return self.B
+
+    def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
+        if self.exact:
+            return op.input_grad(grad_out, weight, x.shape)
+        error = None if self.context is None else self.context.error
+        if error is None or error.shape[0] != x.shape[0]:
+            raise RuntimeError("dfa layer has no output error for this batch: call fasweep.nn.finalize(model)")
+        e = error.reshape(error.shape[0], -1)
+        if self.B.numel() == 0:
+            self.B = self.draw_like_init(torch.empty(e.shape[1], x[0].numel(), dtype=e.dtype, device=e.device))
+        self.last = self.B
+        return (e.to(self.B.dtype) @ self.B).view(x.shape).to(x.dtype)
+
+
+RULES: dict[str, type[FeedbackRule]] = {
+    r.mode: r for r in (Backprop, RandomFeedback, UpdatedRandomFeedback, SignConcordantFeedback, DirectFeedback)
+}
+
+
+def make_rule(
+    mode: str,
+    *,
+    init_scale: float | None = None,
+    concordance: float = 1.0,
+    magnitude: Magnitude = "uniform",
+    decay: float = 0.0,
+) -> FeedbackRule:
+    """Build an (unbound) rule by mode name; options a mode does not use are ignored."""
+    if mode not in RULES:
+        raise UserError.field("feedback.mode", mode, "one of " + ", ".join(RULES))
+    if init_scale is not None and not init_scale > 0:
+        raise UserError.field("feedback.init_scale", init_scale, "a positive std, or null for W's init")
+    cls = RULES[mode]
+    if cls is UpdatedRandomFeedback:
+        return cls(init_scale, decay=decay)
+    if cls is SignConcordantFeedback:
+        return cls(init_scale, concordance=concordance, magnitude=magnitude)
+    return cls(init_scale)
+
+
+def resolve_rule(feedback: str | FeedbackRule, options: dict[str, Any]) -> FeedbackRule:
+    """A layer's rule from its `feedback` argument: a mode name (+ options) or a rule object."""
+    if isinstance(feedback, FeedbackRule):
+        if options:
+            raise TypeError("pass rule options to make_rule, not to the layer, when feedback is a FeedbackRule")
+        return feedback.unbound_copy() if feedback.bound else feedback
+    return make_rule(feedback, **options)

@@ -1,0 +1,164 @@
+"""fasweep.report: turn a sweep's MLflow runs into tables, plots and one self-contained report.html.
+
+`collect` reads the runs, `tables` aggregates and renders them, `plots` draws the figures; this module
+ties them together (`make_report`) and writes/logs the files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from fasweep.errors import UserError
+from fasweep.report.collect import Sweep, fetch_histories, load_sweep
+from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
+from fasweep.report.tables import (
+    Table,
+    check_axes,
+    condition_table,
+    is_number,
+    loss_table,
+    pivot_table,
+    render_csv,
+    render_html,
+    render_json,
+    render_md,
+)
+from fasweep.spec import SweepSpec, load_spec
+
+__all__ = ["FORMATS", "Report", "Sweep", "Table", "make_report", "render"]
+
+FORMATS = ("md", "csv", "html", "json")
+CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+    "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+    "th{background:#eee}.note{color:#555;font-size:90%;margin:2px 0}img{max-width:100%;margin:1em 0}"
+)
+
+
+@dataclass
+class Report:
+    """A finished report: the sweep read, its tables, and the files written (plots, md/csv/json/html)."""
+
+    sweep: Sweep
+    metric: str
+    at: str
+    tables: list[Table]
+    plots: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def render(report: Report, fmt: str) -> str:
+    """The report's tables in one format: md, csv, json, or a self-contained html page (plots embedded)."""
+    if fmt == "md":
+        return render_md(report.tables)
+    if fmt == "csv":
+        return render_csv(report.tables)
+    if fmt == "json":
+        meta = {"sweep": report.sweep.name, "launches": report.sweep.launches, "metric": report.metric}
+        return render_json(report.tables, **meta, at=report.at, plots=[p.name for p in report.plots])
+    if fmt == "html":
+        return _html_page(report)
+    raise UserError.field("--format", fmt, " | ".join(FORMATS))
+
+
+def _html_page(report: Report) -> str:
+    sweep = report.sweep
+    images = "".join(
+        f"<h2>{html.escape(p.stem)}</h2><img alt='{html.escape(p.name)}' "
+        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        for p in report.plots
+    )
+    tables = "".join(render_html(t) for t in report.tables)
+    title = html.escape(f"fasweep report: {sweep.name}")
+    meta = html.escape(f"launch(es) {', '.join(sweep.launches)} · {len(sweep.trials)} trials · {sweep.tracking_uri}")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title><style>{CSS}</style></head>"
+        f"<body><h1>{title}</h1><p class='note'>{meta}</p>{tables}{images}</body></html>\n"
+    )
+
+
+def resolve_target(target: str) -> tuple[str, SweepSpec | None]:
+    """A sweep name as is, or a spec file -> (its sweep name, the validated spec: reference and plan order)."""
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        spec = load_spec(path)
+        return spec.name, spec
+    return target, None
+
+
+def _plot_axes(sweep: Sweep, by: list[str]) -> tuple[str | None, str | None]:
+    """x and line axes of the metric-vs-axis plot: the `--by` axes, else the sweep's varied axes."""
+    varied = [a for a in by or sweep.axes if len({t.params.get(a) for t in sweep.trials} - {None}) > 1]
+    if not by:  # prefer a numeric x axis (concordance, lr) over a categorical one
+        varied.sort(key=lambda a: not all(is_number(t.params.get(a, "")) for t in sweep.trials))
+    return (varied[0] if varied else None), (varied[1] if len(varied) > 1 else None)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def make_report(
+    target: str,
+    *,
+    tracking_uri: str,
+    metric: str = "test_acc",
+    at: str = "final",
+    by: list[str] | None = None,
+    launch: str = "latest",
+    out: Path | None = None,
+    log: bool = True,
+) -> Report:
+    """Read the sweep, build its tables; with `out` or `log`, draw the plots, write the files and log them
+    as `report/...` artifacts on the (latest selected) parent run."""
+    if at not in ("final", "best"):
+        raise UserError.field("--at", at, "final or best")
+    by = list(by or [])
+    name, spec = resolve_target(target)
+    sweep = load_sweep(tracking_uri, name, launch=launch, spec=spec)
+    if not sweep.trials:
+        raise UserError(f"sweep {name!r} launch {', '.join(sweep.launches)}: no trial runs logged yet")
+    if metric not in sweep.metrics:
+        raise UserError.field("--metric", metric, f"a logged metric: {', '.join(sweep.metrics)}")
+    check_axes(sweep, by)
+
+    draw = out is not None or log
+    fetch_histories(tracking_uri, sweep.trials, [metric, "train_loss", *angle_keys(sweep)] if draw else [metric])
+    tables = [pivot_table(sweep, metric, at, by)] if by else []
+    if not by:
+        tables += [t for t in (loss_table(sweep, metric, at),) if t] + [condition_table(sweep, metric, at)]
+    report = Report(sweep, metric, at, tables)
+    if draw:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = out or Path(tmp)
+            _write(report, folder, by)
+            if log:
+                MlflowClient(tracking_uri).log_artifacts(sweep.parent_ids[0], str(folder), "report")
+            if out is None:
+                report.files = report.plots = []
+    return report
+
+
+def _write(report: Report, folder: Path, by: list[str]) -> None:
+    """Plots and the four renderings into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep, metric, at = report.sweep, report.metric, report.at
+    report.plots = [learning_curves(sweep, metric, folder / "curves.png")]
+    angles = angle_curves(sweep, folder / "angles.png")
+    report.plots += [angles] if angles else []
+    x_axis, line_axis = _plot_axes(sweep, by)
+    if x_axis:
+        path = folder / f"{_slug(metric)}_vs_{_slug(x_axis)}.png"
+        report.plots.append(metric_vs_axis(sweep, metric, at, x_axis, line_axis, path))
+    report.files = list(report.plots)
+    for fmt in FORMATS:
+        path = folder / f"report.{fmt}"
+        path.write_text(render(report, fmt))
+        report.files.append(path)

@@ -1,0 +1,339 @@
+"""Tables of a sweep: per-condition statistics over seeds, reference deltas, pivots by axes; md/csv/json/html."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fasweep.errors import UserError
+from fasweep.report.collect import DIVERGED, FAILED, RUNNING, STOPPED, Sweep, Trial, finite
+
+LOSS_AXIS = "train.loss"
+PARTIAL_MARK = "*"
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, angles and times are minimised; everything else (accuracies) is maximised."""
+    return any(word in metric for word in ("loss", "angle", "time"))
+
+
+def trial_value(trial: Trial, metric: str, at: str) -> tuple[float, int] | None:
+    """(value, epoch) of a trial's metric at its final (latest) epoch or at its best epoch; None if never logged."""
+    hist = [(e, v) for e, v in trial.histories.get(metric, []) if math.isfinite(v) or at == "final"]
+    if not hist:
+        return None
+    if at == "final":
+        epoch, value = hist[-1]
+        return value, epoch
+    pick = min if lower_is_better(metric) else max
+    epoch, value = pick(hist, key=lambda p: (p[1], -p[0]) if pick is max else (p[1], p[0]))
+    return value, epoch
+
+
+@dataclass
+class Stats:
+    """One group of trials (a condition, or a pivot cell): the metric over seeds and the group's bookkeeping."""
+
+    values: list[float]
+    runs: int
+    diverged: int
+    partial: int
+    errors: int
+    final_epoch: int | None
+    best_epoch: int | None
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def sd(self) -> float:
+        """Sample standard deviation (n − 1); NaN for a single seed."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
+
+
+def summarize(trials: list[Trial], metric: str, at: str) -> Stats:
+    """Statistics of `metric` over the trials (seeds); best epoch = where the seed-mean curve is best."""
+    picked = [trial_value(t, metric, at) for t in trials]
+    values = [p[0] for p in picked if p is not None]
+    by_epoch: dict[int, list[float]] = defaultdict(list)
+    for t in trials:
+        for epoch, v in t.histories.get(metric, []):
+            by_epoch[epoch].append(v)
+    curve = {e: statistics.fmean(vs) for e, vs in by_epoch.items() if all(math.isfinite(v) for v in vs)}
+    pick = min if lower_is_better(metric) else max
+    return Stats(
+        values=list(finite(values)),
+        runs=len(trials),
+        diverged=sum(t.status == DIVERGED for t in trials),
+        partial=sum(t.status == RUNNING for t in trials),
+        errors=sum(t.status == FAILED for t in trials),
+        final_epoch=max(by_epoch) if by_epoch else None,
+        best_epoch=pick(sorted(curve), key=curve.__getitem__) if curve else None,
+    )
+
+
+def fmt(value: float | None, signed: bool = False) -> str:
+    """A number as a table shows it: 4 decimals below 10, 2 above; '—' for missing."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    text = f"{value:+.4f}" if abs(value) < 10 else f"{value:+.2f}"
+    return text if signed else text.lstrip("+")
+
+
+def fmt_stats(s: Stats, with_n: bool = False) -> str:
+    """`mean ± sd` (sd omitted for one seed), `(n)` on request, `*` when a trial is still running."""
+    text = fmt(s.mean) if s.n < 2 else f"{fmt(s.mean)} ± {fmt(s.sd)}"
+    if with_n:
+        text += f" ({s.n})"
+    return text + (PARTIAL_MARK if s.partial else "")
+
+
+@dataclass
+class Table:
+    """A table to show (header + string rows) and the same content as records for csv/json."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    records: list[dict[str, Any]]
+    footnotes: list[str] = field(default_factory=list)
+
+
+def _record(s: Stats, reference: float | None = None, **keys: Any) -> dict[str, Any]:
+    none = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731 - JSON has no NaN
+    return {
+        **keys,
+        "mean": none(s.mean),
+        "sd": none(s.sd),
+        "n": s.n,
+        "runs": s.runs,
+        "final_epoch": s.final_epoch,
+        "best_epoch": s.best_epoch,
+        "diverged": s.diverged,
+        "partial": s.partial,
+        "errors": s.errors,
+        "values": s.values,
+        "reference": reference,
+        "delta": None if reference is None or s.n == 0 else s.mean - reference,
+    }
+
+
+def group_by(trials: Iterable[Trial], key: Callable[[Trial], Hashable]) -> dict[Any, list[Trial]]:
+    out: dict[Any, list[Trial]] = defaultdict(list)
+    for t in trials:
+        out[key(t)].append(t)
+    return out
+
+
+def reference_for(sweep: Sweep, trial: Trial, metric: str) -> float | None:
+    """The spec's published number for this trial's condition (`stage/condition` or `condition` key)."""
+    for name in (trial.label, trial.condition):
+        value = (sweep.reference.get(name) or {}).get(metric)
+        if isinstance(value, int | float):
+            return float(value)
+    return None
+
+
+def _footnotes(sweep: Sweep, metric: str, at: str) -> list[str]:
+    trials = sweep.trials
+    when = "final (latest)" if at == "final" else "best"
+    notes = [f"{metric} at the {when} epoch of each trial; mean ± sd over seeds"]
+    running = sum(t.status == RUNNING for t in trials)
+    if running:
+        notes.append(f"{PARTIAL_MARK} partial: {running} trial(s) still running; their latest epoch is used")
+    stopped = sum(t.status == STOPPED for t in trials)
+    if stopped:
+        notes.append(f"{stopped} trial(s) stopped early by the scheduler; their last epoch is used")
+    errors = sum(t.status == FAILED for t in trials)
+    if errors:
+        notes.append(f"{errors} trial(s) ended with an error; only the epochs they logged count")
+    return notes + sweep.notes
+
+
+def condition_table(sweep: Sweep, metric: str, at: str) -> Table:
+    """One row per condition (per stage): mean ± sd over seeds, n, epochs, diverged, reference and delta."""
+    groups = group_by(sweep.trials, lambda t: t.label)
+    header = ["condition", f"{metric} ({at})", "n", "final epoch", "best epoch", "diverged", "reference", "delta"]
+    rows, records = [], []
+    for label in sweep.condition_order:
+        trials = groups[label]
+        s = summarize(trials, metric, at)
+        ref = reference_for(sweep, trials[0], metric)
+        rec = _record(s, ref, stage=trials[0].stage, condition=trials[0].condition)
+        records.append(rec)
+        rows.append(
+            [
+                label,
+                fmt_stats(s),
+                str(s.n),
+                str(s.final_epoch or "—"),
+                str(s.best_epoch or "—"),
+                str(s.diverged),
+                fmt(ref),
+                fmt(rec["delta"], signed=True),
+            ]
+        )
+    return Table(f"{sweep.name}: {metric} per condition", header, rows, records, _footnotes(sweep, metric, at))
+
+
+def _strip_axis(condition: str, axis: str) -> str:
+    """A condition name without its `axis=value` part (`DS0,loss=hinge` -> `DS0`)."""
+    names = {axis, axis.rsplit(".", 1)[-1]}
+    parts = [p for p in condition.split(",") if p.split("=", 1)[0].strip() not in names]
+    return ",".join(parts) or condition
+
+
+def loss_table(sweep: Sweep, metric: str, at: str) -> Table | None:
+    """The seed report's layout (Tables 2/4/6): condition rows, one column block per `train.loss` value.
+
+    None when the loss is not varied or the conditions do not pair up across losses.
+    """
+    losses = sorted({t.params.get(LOSS_AXIS, "") for t in sweep.trials})
+    if len(losses) < 2:
+        return None
+    base = {t.run_id: f"{t.stage}/{_strip_axis(t.condition, LOSS_AXIS)}" for t in sweep.trials}
+    cells = group_by(sweep.trials, lambda t: (base[t.run_id], t.params.get(LOSS_AXIS, "")))
+    if len({t.label for t in sweep.trials}) != len(cells):
+        return None
+    base_of = {t.label: base[t.run_id] for t in sweep.trials}
+    order = list(dict.fromkeys(base_of[label] for label in sweep.condition_order))
+    header = ["condition"] + [h for loss in losses for h in (loss, f"reference {loss}", f"delta {loss}")]
+    rows, records = [], []
+    for key in order:
+        stage, name = key.split("/", 1)
+        row = [name if stage == "main" else key]
+        for loss in losses:
+            trials = cells.get((key, loss), [])
+            if not trials:
+                row += ["—", "—", "—"]
+                continue
+            s = summarize(trials, metric, at)
+            rec = _record(s, reference_for(sweep, trials[0], metric), stage=stage, condition=trials[0].condition)
+            records.append({**rec, "row": name, LOSS_AXIS: loss})
+            row += [fmt_stats(s, with_n=True), fmt(rec["reference"]), fmt(rec["delta"], signed=True)]
+        rows.append(row)
+    title = f"{sweep.name}: {metric} by condition and loss (the seed report's layout)"
+    return Table(title, header, rows, records, _footnotes(sweep, metric, at))
+
+
+def is_number(text: str) -> bool:
+    """Whether a param value (a str) reads as a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def sort_values(values: Iterable[str]) -> list[str]:
+    """Distinct param values: numbers in numeric order, otherwise in order of first appearance (the plan's)."""
+    distinct = list(dict.fromkeys(values))
+    return sorted(distinct, key=float) if all(is_number(v) for v in distinct) else distinct
+
+
+def plan_sorted(sweep: Sweep) -> list[Trial]:
+    """The trials in the order of `sweep.condition_order` (the plan's), seeds in start order within."""
+    rank = {label: i for i, label in enumerate(sweep.condition_order)}
+    return sorted(sweep.trials, key=lambda t: rank[t.label])
+
+
+def check_axes(sweep: Sweep, by: list[str]) -> None:
+    """Every `--by` axis must be a param of the sweep's trials."""
+    params = {k for t in sweep.trials for k in t.params}
+    for axis in by:
+        if axis not in params:
+            axes = ", ".join(sweep.axes) or "none"
+            raise UserError.field("--by", axis, f"a param of the trials, e.g. one of the sweep's axes: {axes}")
+
+
+def pivot_table(sweep: Sweep, metric: str, at: str, by: list[str]) -> Table:
+    """Rows = values of the first axis, columns = value combinations of the others; pooled over the rest.
+
+    Each cell is `mean ± sd (n)` over every trial with those param values (seeds and unlisted axes pooled).
+    """
+    check_axes(sweep, by)
+    stages = len({t.stage for t in sweep.trials}) > 1
+    trials = plan_sorted(sweep)
+    ranks = [{v: i for i, v in enumerate(sort_values(t.params.get(a, "") for t in trials))} for a in by]
+    row_key = lambda t: ((t.stage,) if stages else ()) + (t.params.get(by[0], ""),)  # noqa: E731
+    col_key = lambda t: tuple(t.params.get(a, "") for a in by[1:])  # noqa: E731
+    cells = group_by(sweep.trials, lambda t: (row_key(t), col_key(t)))
+    stage_rank = {stage: i for i, stage in enumerate(dict.fromkeys(t.stage for t in trials))}
+    rows_keys = sorted({r for r, _ in cells}, key=lambda r: (stage_rank[r[0]] if stages else 0, ranks[0][r[-1]]))
+    cols = sorted({c for _, c in cells}, key=lambda c: [rank[v] for rank, v in zip(ranks[1:], c, strict=True)])
+    label = lambda c: ",".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(by[1:], c, strict=True))  # noqa: E731
+    header = (["stage"] if stages else []) + [by[0]] + [label(c) or f"{metric} ({at})" for c in cols]
+    rows, records = [], []
+    for r in rows_keys:
+        row = list(r)
+        for c in cols:
+            trials = cells.get((r, c))
+            if not trials:
+                row.append("—")
+                continue
+            s = summarize(trials, metric, at)
+            row.append(fmt_stats(s, with_n=True))
+            keys = {a: trials[0].params.get(a) for a in by}
+            records.append(_record(s, **({"stage": r[0]} if stages else {}), **keys))
+        rows.append(row)
+    notes = _footnotes(sweep, metric, at)
+    notes.insert(1, "cells: mean ± sd (n) over all trials with these values (seeds and other axes pooled)")
+    return Table(f"{sweep.name}: {metric} by {' × '.join(by)}", header, rows, records, notes)
+
+
+def _md_escape(note: str) -> str:
+    """A footnote starting with `*` would render as a bullet: escape it."""
+    return "\\" + note if note.startswith(PARTIAL_MARK) else note
+
+
+def render_md(tables: list[Table]) -> str:
+    """GitHub markdown: a heading, the table and its footnotes, per table."""
+    out = []
+    for t in tables:
+        out.append(f"### {t.title}\n")
+        out.append("| " + " | ".join(t.header) + " |")
+        out.append("|" + "|".join("---" for _ in t.header) + "|")
+        out += ["| " + " | ".join(r) + " |" for r in t.rows]
+        out.append("")
+        out += [_md_escape(n) + "  " for n in t.footnotes]
+        out.append("")
+    return "\n".join(out)
+
+
+def render_csv(tables: list[Table]) -> str:
+    """The records of all tables in one CSV (a `table` column says which); lists are `;`-joined."""
+    records = [{"table": t.title, **r} for t in tables for r in t.records]
+    fields = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def render_json(tables: list[Table], **meta: Any) -> str:
+    """Records and footnotes of every table, plus `meta` (sweep, launches, metric, at)."""
+    body = {**meta, "tables": [{"title": t.title, "records": t.records, "footnotes": t.footnotes} for t in tables]}
+    return json.dumps(body, indent=2)
+
+
+def render_html(t: Table) -> str:
+    """One table as an HTML fragment (escaped), with its footnotes."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in t.rows)
+    notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in t.footnotes)
+    return f"<h2>{html.escape(t.title)}</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{notes}"

@@ -1,0 +1,761 @@
+"""Sweep specs: read a YAML spec safely, validate it (errors name the field path and YAML line), expand it to trials.
+
+A spec is a base TrialConfig plus axes: named `conditions` (override sets), a `grid` (cross product) and
+`sample` (random axes drawn here with a seeded RNG, so the plan is exact and stable), repeated over
+`seeds`, optionally in `stages` where a later stage starts from an earlier stage's best run. Never imports
+torch: validating and planning a sweep is instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Self, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from fasweep.config import Strict, TrialConfig, set_path
+from fasweep.errors import UserError
+
+Loc = tuple[str | int, ...]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
+_CONDITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-.=,]*$")
+_METRIC = re.compile(r"^(?P<metric>[A-Za-z0-9_/.\-]+?)(?:@(?P<epoch>[1-9]\d*))?$")
+_SAFE_TAGS = {
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp", "seq", "map", "merge")
+}
+_NAME_HELP = "a name of letters, digits, '_', '+', '-' (no spaces, dots or slashes)"
+_CONDITION_HELP = "a name of letters, digits and _ + - . = , (no spaces or slashes)"
+
+
+# --- the spec model -----------------------------------------------------------------------------------------
+
+
+class Resources(Strict):
+    """Ray resources of one trial: CPUs and a (fractional) GPU share."""
+
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("a fraction <= 1 or a whole number of GPUs")
+        return v
+
+
+class Distribution(Strict):
+    """One random axis: exactly one of uniform/loguniform [low, high], randint [low, high) or choice [values]."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        set_kinds = [k for k in ("uniform", "loguniform", "randint", "choice") if getattr(self, k) is not None]
+        if len(set_kinds) != 1:
+            raise ValueError("exactly one of uniform, loguniform, randint, choice")
+        bounds = getattr(self, set_kinds[0])
+        if set_kinds[0] != "choice" and not bounds[0] < bounds[1]:
+            raise ValueError(f"{set_kinds[0]} [low, high] with low < high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds > 0")
+        return self
+
+    def draw(self, rng: random.Random) -> Any:
+        """One value drawn with `rng`."""
+        if self.uniform is not None:
+            return rng.uniform(*self.uniform)
+        if self.loguniform is not None:
+            low, high = self.loguniform
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+        if self.randint is not None:
+            return rng.randrange(*self.randint)
+        assert self.choice is not None
+        return rng.choice(self.choice)
+
+
+class Asha(Strict):
+    """Ray Tune's asynchronous successive halving: stop weak trials early, judged on `metric` per epoch."""
+
+    metric: str = "test_acc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=3.0, gt=1)
+    max_t: int | None = Field(default=None, ge=1, description="None: the trials' train.epochs")
+
+
+class Scheduler(Strict):
+    """Trial scheduler; only ASHA for now."""
+
+    asha: Asha
+
+
+class StageInit(Strict):
+    """Start a stage's trials from layers of an earlier stage's best (or last) run of one condition."""
+
+    stage: str
+    condition: str
+    layers: list[int | str] = Field(default_factory=lambda: [0], description="layer-string token indices or names")
+    freeze: bool = True
+    select: Literal["best", "last"] = Field(
+        default="best", description="best: the seed run with the best final `metric`; last: the last run to finish"
+    )
+    metric: str = "test_acc"
+    mode: Literal["max", "min"] = "max"
+
+    def symbol(self) -> str:
+        """The placeholder put in `model.init_from.checkpoint` until the launcher resolves it."""
+        return f"stage:{self.stage}/{self.condition}"
+
+
+class Axes(Strict):
+    """What varies: named conditions × grid × random samples (each may be absent)."""
+
+    conditions: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> {dotted path: value}")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted path -> values (cross product)")
+    sample: dict[str, Distribution] = Field(default_factory=dict, description="dotted path -> distribution")
+    num_samples: int = Field(default=1, ge=1, description="random draws of the `sample` axes")
+
+
+class Stage(Axes):
+    """One stage of a multi-stage sweep; stages run in order."""
+
+    name: str
+    description: str = ""
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted path -> value for the whole stage")
+    seeds: list[int] | None = Field(default=None, min_length=1, description="None: the spec's seeds")
+    resources: Resources | None = Field(default=None, description="None: the spec's resources")
+    init_from: StageInit | None = None
+
+
+class SweepSpec(Axes):
+    """A sweep: a base trial config, the axes to vary, seeds, resources and published reference numbers."""
+
+    name: str
+    experiment: str = Field(description="MLflow experiment; defaults to `name`")
+    description: str = ""
+    base: TrialConfig = Field(default_factory=TrialConfig)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    sample_seed: int = Field(default=0, description="seed of the RNG drawing the `sample` axes")
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent: int | None = Field(default=None, ge=1, description="None: as many trials as resources allow")
+    max_retries: int = Field(default=2, ge=0, description="retries of a failed trial, resuming its checkpoint")
+    scheduler: Scheduler | None = None
+    storage: str = Field(default="./fasweep-runs", description="Ray Tune storage path or URI (s3://...)")
+    stages: list[Stage] = Field(default_factory=list)
+    reference: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="condition (or stage/condition) -> {metric or metric@epoch: value}"
+    )
+    _source: _Source | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _experiment_defaults_to_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("experiment") is None and isinstance(data.get("name"), str):
+            return {**data, "experiment": data["name"]}
+        return data
+
+    @property
+    def axes(self) -> list[str]:
+        """The dotted paths that vary across the sweep's trials, in spec order."""
+        seen: dict[str, None] = {}
+        for stage, _ in _stages(self):
+            for overrides in stage.conditions.values():
+                seen.update(dict.fromkeys(overrides))
+            seen.update(dict.fromkeys(stage.grid))
+            seen.update(dict.fromkeys(stage.sample))
+            if len(self.stages) > 1:
+                seen.update(dict.fromkeys(stage.overrides))
+        return list(seen)
+
+    def reference_for(self, stage: str, condition: str) -> dict[str, float]:
+        """Published numbers of a condition: `reference['<stage>/<condition>']`, else `reference['<condition>']`."""
+        return self.reference.get(f"{stage}/{condition}", self.reference.get(condition, {}))
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One trial of the plan. `key` (`<stage>/<condition>/s<seed>`) is unique and stable across runs."""
+
+    key: str
+    stage: str
+    condition: str
+    seed: int
+    overrides: dict[str, Any]
+    config: dict[str, Any]
+    resources: dict[str, float]
+    init_from: dict[str, Any] | None = field(default=None)
+
+
+# --- reading YAML and --set ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """Where a spec came from, to point errors at a YAML line or a --set flag."""
+
+    name: str
+    root: yaml.Node | None = None
+    sets: dict[Loc, str] = field(default_factory=dict)
+
+    def where(self, loc: Loc) -> str:
+        """`file:line: path` of the field at `loc` (line of its deepest YAML node), or `--set PATH[: path]`."""
+        path = format_loc(loc) or "<top>"
+        for set_loc, flag in self.sets.items():
+            if loc[: len(set_loc)] == set_loc:
+                return f"--set {flag}" + ("" if loc == set_loc else f": {path}")
+        line = _line_of(self.root, loc)
+        return f"{self.name}:{line}: {path}" if line else f"{self.name}: {path}"
+
+    def fail(self, loc: Loc, message: str) -> UserError:
+        """A UserError `where: path: message` for the field at `loc`."""
+        return UserError(f"{self.where(loc)}: {message}")
+
+    def bad(self, loc: Loc, value: Any, expected: str) -> UserError:
+        """The standard `where: path: got VALUE; expected EXPECTED` error."""
+        return UserError(f"{self.where(loc)}: got {value!r}; expected {expected}")
+
+
+def format_loc(loc: Loc) -> str:
+    """('stages', 1, 'grid', 'train.lr') -> 'stages[1].grid.train.lr'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_of(root: yaml.Node | None, loc: Loc) -> int | None:
+    """1-based line of the node at `loc` (a mapping entry's key line), or of its deepest existing ancestor."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            entry = next(((k, v) for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+            if entry is None:
+                break
+            line, node = entry[0].start_mark.line + 1, entry[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _check_nodes(node: yaml.Node, source: _Source, loc: Loc = (), active: frozenset[int] = frozenset()) -> None:
+    """Reject tags beyond plain YAML (e.g. !!python/object) and duplicate keys, naming path and line."""
+    if id(node) in active:
+        raise UserError(f"{source.name}:{node.start_mark.line + 1}: {format_loc(loc)}: recursive YAML alias")
+    if node.tag not in _SAFE_TAGS:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise UserError(
+            f"{source.name}:{node.start_mark.line + 1}: {format_loc(loc) or '<top>'}: YAML tag {tag} is not allowed; "
+            "expected plain YAML values (specs are read with safe_load)"
+        )
+    inner = active | {id(node)}
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            _check_nodes(key, source, loc, inner)
+            name = str(key.value)
+            if name in seen:
+                raise UserError(
+                    f"{source.name}:{key.start_mark.line + 1}: {format_loc((*loc, name))}: duplicate key; "
+                    "expected each key once per mapping"
+                )
+            seen.add(name)
+            _check_nodes(value, source, (*loc, name), inner)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_nodes(item, source, (*loc, i), inner)
+
+
+def _read_yaml(text: str, source: _Source) -> Any:
+    """Safe-load one YAML document, keeping its node tree in `source` for line numbers."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            raise UserError(f"{source.name}: empty spec; expected a mapping with name, base and axes")
+        _check_nodes(root, source)
+        data = yaml.SafeLoader("").construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = " ".join(str(exc.problem or exc.context or exc).split())
+        raise UserError(
+            f"{source.name}{line}: YAML syntax error: {problem}; expected one valid YAML document"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source.name}: YAML error: {' '.join(str(exc).split())}") from None
+    source.root = root
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{source.name}:{root.start_mark.line + 1}: <top>: got a {type(data).__name__}; "
+            "expected a mapping (name: ..., base: ..., grid: ...)"
+        )
+    return data
+
+
+def _axes_loc(parts: list[str], level: Any) -> Loc:
+    """Spec loc of a --set path inside a spec or stage level, keeping dotted trial paths and names whole."""
+    head, rest = parts[0], parts[1:]
+    if head in ("grid", "sample", "overrides") and rest:
+        return (head, ".".join(rest))
+    if head == "conditions" and len(rest) > 1:
+        names = level.get("conditions") if isinstance(level, dict) else None
+        names = names if isinstance(names, dict) else {}
+        cut = next((n for n in range(len(rest) - 1, 0, -1) if ".".join(rest[:n]) in names), 1)
+        return (head, ".".join(rest[:cut]), ".".join(rest[cut:]))
+    if head == "reference" and len(rest) > 1:
+        return (head, ".".join(rest[:-1]), rest[-1])
+    return tuple(parts)
+
+
+def _set_loc(path: str, data: dict[str, Any]) -> Loc:
+    """`stages[1].grid.train.lr` or `stages.1.grid.train.lr` -> ('stages', 1, 'grid', 'train.lr')."""
+    parts = re.sub(r"\[(\d+)\]", r".\1", path).split(".")
+    if not all(parts):
+        raise UserError.field(f"--set {path}", path, "a dotted field path such as base.train.epochs")
+    if parts[0] == "stages" and len(parts) > 1:
+        if not parts[1].isdigit():
+            raise UserError.field(f"--set {path}", parts[1], "a stage index, e.g. stages[1].seeds")
+        stages = data.get("stages")
+        index = int(parts[1])
+        level = stages[index] if isinstance(stages, list) and index < len(stages) else None
+        return ("stages", index, *(_axes_loc(parts[2:], level) if len(parts) > 2 else ()))
+    return _axes_loc(parts, data)
+
+
+def _apply_set(data: dict[str, Any], loc: Loc, value: Any, flag: str) -> None:
+    """Set `value` at `loc` in the raw spec dict, creating mappings on the way."""
+    node: Any = data
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            if not isinstance(node, list) or not 0 <= part < len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise UserError.field(f"--set {flag}", part, f"an index below {size} of {format_loc(loc[:i])}")
+        elif not isinstance(node, dict):
+            raise UserError.field(f"--set {flag}", node, f"{format_loc(loc[:i])} to be a mapping")
+        elif i < len(loc) - 1 and node.get(part) is None:
+            node[part] = {}
+        if i == len(loc) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+# --- pydantic errors -> one line ------------------------------------------------------------------------------
+
+
+def _clean_loc(loc: Loc, data: Any, keep_last: bool) -> Loc:
+    """Drop pydantic's union-branch tags from `loc`, keeping only parts present in the data."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        inside_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if inside_list or (isinstance(node, dict) and part in node):
+            out.append(part)
+            node = node[part]
+        elif keep_last and i == len(loc) - 1 and isinstance(node, dict):
+            out.append(part)
+    return tuple(out)
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """Field names of the pydantic model reached by walking `loc` from `model` (for 'expected one of')."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        info = current.model_fields.get(part) if _is_model(current) else None
+        if info is None:
+            continue  # a dict key (condition name, dotted path)
+        current = _submodel(info.annotation)
+    return list(current.model_fields) if _is_model(current) else []
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `InitFrom | None` or `list[Stage]`, if any."""
+    if _is_model(annotation):
+        return annotation
+    for arg in get_args(annotation):
+        if (sub := _submodel(arg)) is not None:
+            return sub
+    return None
+
+
+def _first_error(exc: ValidationError) -> dict[str, Any]:
+    """The error to report: an unknown key first (a typo also causes the 'missing' error of the real key)."""
+    errors = exc.errors(include_url=False)
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
+def _suggest(value: str, names: list[str]) -> str:
+    """' (did you mean X?)' for the closest of `names`, or ''."""
+    close = difflib.get_close_matches(value, names, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _expected(err: dict[str, Any]) -> str:
+    msg = str(err["msg"])
+    for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg[:1].lower() + msg[1:]
+
+
+def validation_error(
+    exc: ValidationError, source: _Source, data: Any, model: type[BaseModel], prefix: Loc = ()
+) -> UserError:
+    """The first pydantic error as one line: `where: path: got X; expected Y` (or 'unknown field; ...')."""
+    err = _first_error(exc)
+    keep = err["type"] in ("missing", "extra_forbidden")
+    loc = _clean_loc(tuple(err["loc"]), data, keep_last=keep)
+    full = (*prefix, *loc)
+    if err["type"] == "extra_forbidden":
+        names = _fields_at(model, loc[:-1])
+        hint = _suggest(str(loc[-1]), names)
+        return source.fail(full, f"unknown field{hint}; expected one of {', '.join(names)}")
+    if err["type"] == "missing":
+        return source.fail(full, "required field is missing; expected a value for it")
+    return source.bad(full, err.get("input"), _expected(err))
+
+
+# --- checks and expansion ------------------------------------------------------------------------------------
+
+
+def _check_path(path: str, source: _Source, loc: Loc) -> None:
+    """A grid/condition/sample key must be a dotted path into TrialConfig (seeds have their own field)."""
+    model: type[BaseModel] | None = TrialConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if model is None:
+            raise source.fail(loc, f"{'.'.join(parts[:i])} is a value, not a section; expected a TrialConfig path")
+        fields = model.model_fields
+        if part not in fields:
+            hint = _suggest(part, list(fields))
+            where = f"{'.'.join(parts[:i])}." if i else ""
+            raise source.fail(loc, f"unknown field {where}{part}{hint}; expected one of {', '.join(fields)}")
+        annotation = fields[part].annotation
+        model = _submodel(annotation)
+        if model is None and any(get_origin(a) is dict for a in get_args(annotation)):
+            break  # a mapping-valued field such as train.l2: its keys are checked with the trial config
+    if path == "train.seed":
+        raise source.fail(loc, "the seed is not an axis; expected the spec's `seeds: [...]` list")
+
+
+def _stages(spec: SweepSpec) -> list[tuple[Stage, Loc]]:
+    """The spec's stages with their locs; a spec without stages is one stage 'main' made of its own axes."""
+    if spec.stages:
+        return [(stage, ("stages", i)) for i, stage in enumerate(spec.stages)]
+    main = Stage(
+        name="main",
+        conditions=spec.conditions,
+        grid=spec.grid,
+        sample=spec.sample,
+        num_samples=spec.num_samples,
+    )
+    return [(main, ())]
+
+
+def format_value(value: Any, digits: int | None = None) -> str:
+    """A short, path-safe rendering of an axis value for condition names."""
+    if isinstance(value, bool) or value is None:
+        text = json.dumps(value)
+    elif isinstance(value, float) and digits:
+        text = f"{value:.{digits}g}"
+        text += "" if any(c in text for c in ".en") else ".0"
+    elif isinstance(value, (str, int, float)):
+        text = str(value)
+    else:
+        text = json.dumps(value, separators=(",", ":"))
+    return text.replace("/", "_").replace(" ", "_")
+
+
+def _short_names(paths: list[str]) -> dict[str, str]:
+    """Shortest unique dotted suffix of each path: feedback.concordance -> concordance."""
+    out = {}
+    for path in paths:
+        parts = path.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if sum(p == tail or p.endswith("." + tail) for p in paths) == 1:
+                out[path] = tail
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One condition of a stage before seeds: its name and where each override came from."""
+
+    name: str
+    overrides: dict[str, Any]
+    origins: dict[str, Loc]
+
+
+def _cells(spec: SweepSpec, stage: Stage, sloc: Loc) -> list[_Cell]:
+    """Named conditions × grid × samples of one stage, named readably and deterministically.
+
+    Names are unique: condition names are mapping keys, rendered grid values are checked distinct, and
+    draws are told apart by `sample=k`.
+    """
+    short = _short_names([*stage.grid, *stage.sample])
+    named = [(name, ovr, (*sloc, "conditions", name)) for name, ovr in stage.conditions.items()] or [("", {}, sloc)]
+    combos = list(itertools.product(*(list(enumerate(values)) for values in stage.grid.values())))
+    fixed = {path: (*sloc, "overrides", path) for path in stage.overrides}
+    cells = []
+    for (cname, covr, cloc), combo, k in itertools.product(named, combos, range(stage.num_samples)):
+        parts = [cname] if cname else []
+        overrides = dict(stage.overrides)
+        origins = dict(fixed)
+        overrides.update(covr)
+        origins.update({p: (*cloc, p) for p in covr})
+        for path, (i, value) in zip(stage.grid, combo, strict=True):
+            overrides[path], origins[path] = value, (*sloc, "grid", path, i)
+            parts.append(f"{short[path]}={format_value(value)}")
+        if stage.num_samples > 1:
+            parts.append(f"sample={k}")
+        for path, dist in stage.sample.items():
+            value = dist.draw(random.Random(f"{spec.sample_seed}:{stage.name}:{k}:{path}"))
+            overrides[path], origins[path] = value, (*sloc, "sample", path)
+            parts.append(f"{short[path]}={format_value(value, digits=4)}")
+        cells.append(_Cell(",".join(parts) or "base", overrides, origins))
+    return cells
+
+
+def _validate_cell(spec: SweepSpec, stage: Stage, cell: _Cell, source: _Source) -> dict[str, Any]:
+    """Apply a cell's overrides (and a stage's init_from) to the base and validate it as a TrialConfig."""
+    config = spec.base.model_dump(mode="json")
+    for path, value in cell.overrides.items():
+        config = set_path(config, path, value)
+    if stage.init_from is not None:
+        if "model.init_from" in cell.overrides:
+            raise source.fail(cell.origins["model.init_from"], "set by the stage's init_from too; expected one")
+        init = {"checkpoint": stage.init_from.symbol(), "layers": stage.init_from.layers}
+        config = set_path(config, "model.init_from", {**init, "freeze": stage.init_from.freeze})
+    try:
+        trial = TrialConfig.model_validate(config)
+    except ValidationError as exc:
+        err = _first_error(exc)
+        err_loc = _clean_loc(tuple(err["loc"]), config, keep_last=err["type"] in ("missing", "extra_forbidden"))
+        dotted = ".".join(str(p) for p in err_loc)
+        origin = next((o for p, o in cell.origins.items() if dotted == p or dotted.startswith(p + ".")), None)
+        if origin is None:  # not from an override: the base itself
+            raise validation_error(exc, source, config, TrialConfig, ("base",)) from None
+        at = "" if dotted in cell.origins else f" at {dotted}"
+        if err["type"] == "extra_forbidden":
+            names = ", ".join(_fields_at(TrialConfig, err_loc[:-1]))
+            raise source.fail(origin, f"unknown field{at}; expected one of {names}") from None
+        raise source.bad(origin, err.get("input"), _expected(err) + at) from None
+    _check_arch(trial, cell, source)
+    return trial.model_dump(mode="json")
+
+
+def _check_arch(trial: TrialConfig, cell: _Cell, source: _Source) -> None:
+    """model.arch must be a preset or a valid layer string; FixConv layers need model.init_from."""
+    from fasweep.models import parse_layers, resolve_arch
+
+    loc = cell.origins.get("model.arch", ("base", "model", "arch"))
+    try:
+        layers = parse_layers(resolve_arch(trial.model.arch))
+    except UserError as exc:
+        detail = str(exc).removeprefix("model.arch").lstrip(": ")
+        raise source.fail(loc, detail) from None
+    if any(layer.kind == "fixconv" for layer in layers) and trial.model.init_from is None:
+        raise source.bad(loc, trial.model.arch, "model.init_from (or a stage init_from) for its FixConv layer")
+
+
+def _check_spec(spec: SweepSpec, source: _Source) -> dict[str, list[_Cell]]:
+    """Checks beyond field types (names, axes, stage references, reference keys); returns each stage's cells."""
+    if spec.stages:
+        for key in ("conditions", "grid", "sample"):
+            if getattr(spec, key):
+                raise source.fail((key,), "not allowed beside `stages`; expected it inside each stage")
+        if spec.num_samples != 1:
+            raise source.fail(("num_samples",), "not allowed beside `stages`; expected it inside each stage")
+    if not _NAME.match(spec.name):
+        raise source.bad(("name",), spec.name, _NAME_HELP)
+    names = [stage.name for stage in spec.stages]
+    for i, name in enumerate(names):
+        if not _NAME.match(name):
+            raise source.bad(("stages", i, "name"), name, _NAME_HELP)
+        if name in names[:i]:
+            raise source.bad(("stages", i, "name"), name, "a stage name not used before")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise source.bad(("seeds",), spec.seeds, "distinct seeds")
+    cells: dict[str, list[_Cell]] = {}
+    for stage, sloc in _stages(spec):
+        _check_axes(stage, sloc, source)
+        if stage.seeds is not None and len(set(stage.seeds)) != len(stage.seeds):
+            raise source.bad((*sloc, "seeds"), stage.seeds, "distinct seeds")
+        if stage.init_from is not None:
+            _check_init(stage, sloc, cells, source)
+        cells[stage.name] = _cells(spec, stage, sloc)
+    _check_reference(spec, cells, source)
+    return cells
+
+
+def _check_axes(stage: Stage, sloc: Loc, source: _Source) -> None:
+    """Axis keys are TrialConfig paths, varied in one place only; grid lists are non-empty and distinct."""
+    for path in stage.overrides:
+        _check_path(path, source, (*sloc, "overrides", path))
+    for name, overrides in stage.conditions.items():
+        if not _CONDITION.match(name):
+            raise source.bad((*sloc, "conditions", name), name, _CONDITION_HELP)
+        for path in overrides:
+            _check_path(path, source, (*sloc, "conditions", name, path))
+    for path, values in stage.grid.items():
+        loc = (*sloc, "grid", path)
+        _check_path(path, source, loc)
+        if not values:
+            raise source.bad(loc, values, "a non-empty list of values")
+        rendered = [format_value(v) for v in values]
+        for i, text in enumerate(rendered):
+            if text in rendered[:i]:
+                raise source.bad((*loc, i), values[i], "distinct values in a grid axis")
+    for path in stage.sample:
+        _check_path(path, source, (*sloc, "sample", path))
+    if stage.num_samples > 1 and not stage.sample:
+        raise source.bad((*sloc, "num_samples"), stage.num_samples, "1 without `sample` axes (use seeds to repeat)")
+    named = {p for overrides in stage.conditions.values() for p in overrides}
+    for kind, paths in (("grid", stage.grid), ("sample", stage.sample)):
+        for path in paths:
+            other = "conditions" if path in named else "grid" if kind == "sample" and path in stage.grid else None
+            if other:
+                raise source.fail((*sloc, kind, path), f"also varied in `{other}`; expected each path in one place")
+
+
+def _check_init(stage: Stage, sloc: Loc, earlier: dict[str, list[_Cell]], source: _Source) -> None:
+    """A stage's init_from names an earlier stage and one of its conditions."""
+    init = stage.init_from
+    assert init is not None
+    if init.stage not in earlier:
+        expected = f"an earlier stage: one of {', '.join(earlier)}" if earlier else "an earlier stage (none precede it)"
+        raise source.bad((*sloc, "init_from", "stage"), init.stage, expected)
+    names = [cell.name for cell in earlier[init.stage]]
+    if init.condition not in names:
+        listed = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+        hint = _suggest(init.condition, names)
+        raise source.bad(
+            (*sloc, "init_from", "condition"), init.condition, f"a condition of {init.stage}{hint}: {listed}"
+        )
+
+
+def _check_reference(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _Source) -> None:
+    """Reference keys name planned conditions (`cond` or `stage/cond`); metrics are `name` or `name@epoch`."""
+    known = {c.name for stage_cells in cells.values() for c in stage_cells}
+    known |= {f"{stage}/{c.name}" for stage, stage_cells in cells.items() for c in stage_cells}
+    for key, metrics in spec.reference.items():
+        if key not in known:
+            hint = _suggest(key, sorted(known))
+            raise source.bad(("reference", key), key, f"a planned condition name{hint}; see `fasweep plan`")
+        for metric in metrics:
+            if not _METRIC.match(metric):
+                raise source.bad(("reference", key, metric), metric, "a metric name, optionally @epoch: test_acc@200")
+
+
+def expand(spec: SweepSpec) -> list[PlannedTrial]:
+    """Every trial of the spec in a stable order: stage, condition (conditions × grid × samples), seed."""
+    source = spec._source or _Source(f"<spec {spec.name}>")
+    cells = _check_spec(spec, source)
+    trials = []
+    for stage, _ in _stages(spec):
+        seeds = stage.seeds or spec.seeds
+        resources = (stage.resources or spec.resources).model_dump()
+        init = stage.init_from.model_dump() if stage.init_from else None
+        for cell in cells[stage.name]:
+            config = _validate_cell(spec, stage, cell, source)
+            for seed in seeds:
+                trials.append(
+                    PlannedTrial(
+                        key=f"{stage.name}/{cell.name}/s{seed}",
+                        stage=stage.name,
+                        condition=cell.name,
+                        seed=seed,
+                        overrides=dict(cell.overrides),
+                        config=set_path(config, "train.seed", seed),
+                        resources=resources,
+                        init_from=init,
+                    )
+                )
+    keys = [t.key for t in trials]
+    if len(set(keys)) < len(keys):  # only names with commas inside values can collide, e.g. a condition "a,x=1"
+        clash = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise UserError(f"{source.name}: two trials are both keyed {clash!r}; expected distinct condition names")
+    return trials
+
+
+# --- entry points ---------------------------------------------------------------------------------------------
+
+
+def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>") -> SweepSpec:
+    """Validate a spec from YAML text (plus --set overrides); errors are one-line UserErrors with lines."""
+    source = _Source(name)
+    data = _read_yaml(text, source)
+    for path, value in (sets or {}).items():
+        loc = _set_loc(path, data)
+        source.sets[loc] = path
+        _apply_set(data, loc, value, path)
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, source, data, SweepSpec) from None
+    spec._source = source
+    expand(spec)  # every trial config validated now, errors pointing at their YAML line
+    return spec
+
+
+def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep spec file, with `--set` overrides (dotted spec paths -> values) applied first."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError.field("spec", str(path), "an existing YAML file, e.g. sweeps/quickstart.yaml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError.field("spec", str(path), f"a readable UTF-8 YAML file ({exc.__class__.__name__})") from None
+    return parse_spec(text, sets, name=str(path))
+
+
+def dump_spec(spec: SweepSpec) -> str:
+    """The resolved spec as YAML (defaults filled in); `parse_spec(dump_spec(s))` gives the same plan."""
+    data = spec.model_dump(mode="json")
+    first = ("name", "experiment", "description", "base")
+    data = {**{k: data[k] for k in first}, **data}
+    data["stages"] = [{"name": s.pop("name"), **s} for s in data["stages"]]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def summarize(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
+    """`30 trials (10 conditions × 3 seeds)`, per stage when the spec has several."""
+    parts = []
+    for stage, _ in _stages(spec):
+        mine = [t for t in trials if t.stage == stage.name]
+        n_cond, n_seeds = len({t.condition for t in mine}), len(stage.seeds or spec.seeds)
+        text = f"{n_cond} condition{'s' * (n_cond != 1)} × {n_seeds} seed{'s' * (n_seeds != 1)}"
+        parts.append(f"{stage.name}: {text}" if spec.stages else text)
+    return f"{len(trials)} trial{'s' * (len(trials) != 1)} ({'; '.join(parts)})"
+
+
+def gpus_needed(spec: SweepSpec, trials: list[PlannedTrial]) -> float:
+    """GPUs the busiest stage uses with all its trials (up to `max_concurrent`) running at once."""
+    peak = 0.0
+    for stage, _ in _stages(spec):
+        mine = [t for t in trials if t.stage == stage.name]
+        running = min(len(mine), spec.max_concurrent or len(mine))
+        peak = max(peak, running * (stage.resources or spec.resources).gpu)
+    return peak

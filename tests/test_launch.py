@@ -1,0 +1,320 @@
+"""fasweep launch/status end to end: a real local Ray, a real MLflow SQLite store, real train() on digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fasweep.cli import main
+from fasweep.launch import launch
+from fasweep.tracking import SweepTracker, TrackingError, TrialInfo
+
+REPO = Path(__file__).resolve().parents[1]
+SIGN_CONCORDANCE = REPO / "sweeps" / "sign_concordance.yaml"
+QUICKSTART = REPO / "sweeps" / "quickstart.yaml"
+TINY = ["--set", "base.data.name=digits", "--set", "resources.gpu=0", "--set", "max_retries=0"]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray for the module (launch() reuses it); its GCS address for drivers in subprocesses."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store_db(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the module (each test uses its own experiment; creating a store takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def store(store_db, tmp_path, monkeypatch) -> str:
+    """The module's MLflow store; tmp_path is the working directory (the Tune storage goes there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return store_db
+
+
+def runs(uri: str, experiment: str, role: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`fasweep.role` = '{role}'") if exp else []
+
+
+def steps(uri: str, run, key: str = "test_acc") -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, key))
+
+
+def cli(*args: str) -> int:
+    """Run the CLI in this process; its exit code."""
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def write_spec(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_address, store, tmp_path, capsys):
+    sets = [
+        *TINY,
+        *("--set", "base.model.arch=Dense64 Dense10", "--set", "base.train.epochs=2"),
+        *("--set", "grid.feedback.concordance=[1.0, 0.0]", "--set", "grid.feedback.magnitude=[uniform]"),
+        *("--set", "grid.model.batchnorm=[false]", "--set", "grid.train.batch_manhattan=[false]"),
+        *("--set", "seeds=[0, 1]", "--set", "max_concurrent=2"),
+    ]
+    assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, *sets) == 0
+    parents, children = runs(store, "sign_concordance", "parent"), runs(store, "sign_concordance", "trial")
+    assert len(parents) == 1 and parents[0].data.tags["fasweep.status"] == "finished"
+    parent = parents[0]
+    launch_id = parent.data.tags["fasweep.launch"]
+    assert parent.info.run_name == f"sign_concordance@{launch_id}"
+    assert parent.data.tags["fasweep.n_trials"] == "4"
+    assert "feedback.concordance" in parent.data.tags["fasweep.axes"]
+    client = MlflowClient(store)
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["spec.yaml"]
+
+    keys = sorted(c.data.tags["fasweep.trial_key"] for c in children)
+    grid = "concordance={},magnitude=uniform,batchnorm=false,batch_manhattan=false"
+    assert keys == sorted(f"main/{grid.format(c)}/s{s}" for c in ("1.0", "0.0") for s in (0, 1))
+    for child in children:
+        tags, params = child.data.tags, child.data.params
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["fasweep.launch"] == launch_id and tags["fasweep.status"] == "finished"
+        assert child.info.run_name == f"{tags['fasweep.condition']}-s{tags['fasweep.seed']}"
+        assert params["feedback.mode"] == "sign_concordant" and params["data.name"] == "digits"
+        assert params["feedback.concordance"] == tags["fasweep.condition"].split(",")[0].split("=")[1]
+        assert params["train.seed"] == tags["fasweep.seed"]
+        assert steps(store, child) == [1, 2] and steps(store, child, "train_loss") == [1, 2]
+        assert any(k.startswith("angle/") for k in child.data.metrics)
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"checkpoint", "curves.png"}
+    accuracy = {c.data.tags["fasweep.condition"].split(",")[0]: c.data.metrics["test_acc"] for c in children}
+    assert accuracy["concordance=1.0"] > 0.5  # digits, 2 epochs: clearly learning (chance is 0.1)
+    assert (tmp_path / "fasweep-runs" / "sign_concordance" / launch_id / "main").is_dir()
+
+    capsys.readouterr()
+    assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, "--resume", *sets) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+    assert len(runs(store, "sign_concordance", "parent")) == 1
+    assert len(runs(store, "sign_concordance", "trial")) == 4
+
+    assert cli("status", "sign_concordance", "--tracking-uri", store) == 0
+    shown = capsys.readouterr().out
+    assert launch_id in shown and "4 finished" in shown
+
+
+def test_diverging_condition_is_recorded_as_diverged_while_the_rest_finish(ray_address, store, tmp_path):
+    spec = write_spec(
+        tmp_path / "div.yaml",
+        """
+name: divergence
+base:
+  data: {name: digits}
+  model: {arch: Dense32 Dense10}
+  train: {optimizer: sgd, lr: 0.05, epochs: 3, alignment_every: 0}
+conditions:
+  sane: {train.lr: 0.05}
+  huge: {train.lr: 1.0e+20}
+seeds: [0]
+max_retries: 0
+""",
+    )
+    result = launch(spec, tracking_uri=store)
+    assert result.status == "finished" and result.counts == {"diverged": 1, "finished": 1}
+    by_condition = {c.data.tags["fasweep.condition"]: c for c in runs(store, "divergence", "trial")}
+    huge, sane = by_condition["huge"], by_condition["sane"]
+    assert huge.data.tags["fasweep.status"] == "diverged" and huge.data.metrics["diverged"] == 1.0
+    assert steps(store, huge, "train_loss") == [1]
+    assert sane.data.tags["fasweep.status"] == "finished" and steps(store, sane) == [1, 2, 3]
+    assert sane.data.metrics["diverged"] == 0.0 and sane.data.metrics["test_acc"] > 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:{port}", "sqlite:////nonexistent-dir/mlflow.db"])
+def test_unreachable_tracking_store_fails_fast_before_any_trial(store, tmp_path, capsys, uri):
+    uri = uri.format(port=free_port())
+    start = time.monotonic()
+    assert cli("launch", str(QUICKSTART), "--tracking-uri", uri, *TINY) == 2
+    assert time.monotonic() - start < 20
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking URI") and uri in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fasweep-runs").exists()
+
+
+def test_two_stage_spec_starts_the_second_stage_from_the_best_first_stage_checkpoint(ray_address, store, tmp_path):
+    spec = write_spec(
+        tmp_path / "staged.yaml",
+        """
+name: staged
+base:
+  data: {name: digits}
+  model: {arch: Dense32 Dense10}
+  train: {epochs: 2, alignment_every: 0}
+seeds: [0, 1]
+max_retries: 0
+stages:
+  - name: pre
+    conditions:
+      A: {train.lr: 0.003}
+  - name: fine
+    seeds: [0]
+    conditions:
+      B: {model.arch: Dense32 Dense10(R)}
+    init_from: {stage: pre, condition: A, layers: [0], freeze: true, select: best, metric: test_acc}
+""",
+    )
+    result = launch(spec, tracking_uri=store)
+    assert result.status == "finished" and result.counts == {"finished": 3}
+    children = runs(store, "staged", "trial")
+    pre = [c for c in children if c.data.tags["fasweep.stage"] == "pre"]
+    (fine,) = [c for c in children if c.data.tags["fasweep.stage"] == "fine"]
+    best = max(pre, key=lambda c: c.data.metrics["test_acc"])
+    source = f"runs:/{best.info.run_id}/checkpoint/checkpoint.pt"
+    assert fine.data.params["model.init_from.checkpoint"] == source
+    assert fine.data.params["model.init_from.freeze"] == "True"
+
+    def weights(run) -> dict[str, torch.Tensor]:
+        path = MlflowClient(store).download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path))
+        return torch.load(path, weights_only=True)["model"]
+
+    loaded, trained = weights(best), weights(fine)
+    assert torch.equal(trained["dense0.weight"], loaded["dense0.weight"])  # copied, then frozen
+    assert torch.equal(trained["dense0.bias"], loaded["dense0.bias"])
+    worst = min(pre, key=lambda c: c.data.metrics["test_acc"])
+    assert not torch.equal(weights(worst)["dense0.weight"], loaded["dense0.weight"])  # seeds differ: a real choice
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_sweep_then_resumed_runs_every_trial_exactly_once(ray_address, store, tmp_path):
+    sets = [*TINY, "--set", "base.train.epochs=4", "--set", "seeds=[0, 1]", "--set", "max_concurrent=1"]
+    command = [sys.executable, "-c", "from fasweep.cli import main; main()", "launch", str(QUICKSTART)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen(
+        [*command, "--tracking-uri", store, "--address", ray_address, *sets],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        finished: list = []
+        while not finished:
+            assert driver.poll() is None and time.monotonic() < deadline, "the launch ended before it was killed"
+            time.sleep(0.2)
+            try:
+                finished = [
+                    c for c in runs(store, "quickstart", "trial") if c.data.tags["fasweep.status"] == "finished"
+                ]
+            except Exception:  # the store is being created by the driver
+                continue
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started
+        driver.wait()
+    before = runs(store, "quickstart", "trial")
+    assert len([c for c in before if c.data.tags["fasweep.status"] == "finished"]) < 6
+
+    result = launch(QUICKSTART, sets=_sets(sets), tracking_uri=store, resume=True)
+    assert result.status == "finished" and result.counts == {"finished": 6}
+    parents = runs(store, "quickstart", "parent")
+    assert len(parents) == 1 and parents[0].data.tags["fasweep.status"] == "finished"
+    children = runs(store, "quickstart", "trial")
+    assert sorted(c.data.tags["fasweep.trial_key"] for c in children) == sorted(
+        f"main/{c}/s{s}" for c in ("DS0", "DSR1", "DSR2-U") for s in (0, 1)
+    )
+    first = {c.data.tags["fasweep.trial_key"]: c for c in before}
+    for child in children:
+        assert steps(store, child) == [1, 2, 3, 4] and steps(store, child, "train_loss") == [1, 2, 3, 4]
+        earlier = first.get(child.data.tags["fasweep.trial_key"])
+        if earlier is not None:
+            assert earlier.info.run_id == child.info.run_id  # the child run was continued, not duplicated
+            if earlier.data.tags["fasweep.status"] == "finished":  # and a finished trial was not run again
+                assert earlier.info.end_time == child.info.end_time
+
+
+def _sets(flags: list[str]) -> dict:
+    from fasweep.cli import parse_sets
+
+    return parse_sets(flags[1::2])
+
+
+@pytest.mark.slow
+def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fails_loudly(tmp_path, monkeypatch):
+    """Queued writes are retried while the MLflow server is down and land once it is back; past its retry
+    budget a writer raises a TrackingError naming the store and how to recover."""
+    import requests
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    command += ["--artifacts-destination", str(tmp_path / "artifacts")]
+
+    def serve() -> subprocess.Popen:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    return server
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        os.killpg(server.pid, signal.SIGKILL)
+        raise AssertionError("mlflow server did not start")
+
+    def tracker(name: str, budget_s: float) -> SweepTracker:
+        t = SweepTracker(uri, name, name, budget_s=budget_s)
+        t.open_parent("L1", axes=[], n_trials=1, spec_yaml=f"name: {name}\n", plan_hash="x")
+        t.register([TrialInfo("main/A/s0", "main", "A", 0, {"train": {"epochs": 3}, "feedback": {"mode": "bp"}})])
+        t.trial_started("main/A/s0")
+        t.trial_epoch("main/A/s0", {"epoch": 1.0, "test_acc": 0.5})
+        t.flush()
+        return t
+
+    server = serve()
+    try:
+        patient, impatient = tracker("restart", 120), tracker("down", 2)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        for t in (patient, impatient):
+            t.trial_epoch("main/A/s0", {"epoch": 2.0, "test_acc": 0.6})
+            t.trial_epoch("main/A/s0", {"epoch": 3.0, "test_acc": 0.7})
+            t.trial_ended("main/A/s0", last={"epoch": 3.0, "test_acc": 0.7, "diverged": 0.0})
+        with pytest.raises(TrackingError, match=r"--resume"):
+            impatient.flush()
+        impatient.close()
+        server = serve()  # the patient writer has been retrying all along
+        patient.flush()
+        patient.finish_parent("finished")
+        patient.close()
+        (child,) = runs(uri, "restart", "trial")
+        assert child.data.tags["fasweep.status"] == "finished"
+        history = MlflowClient(uri).get_metric_history(child.info.run_id, "test_acc")
+        assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.7)]
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

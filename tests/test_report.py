@@ -1,0 +1,528 @@
+"""fasweep report on real MLflow stores: one filled by writing runs in the agreed layout, one by a real sweep.
+
+Every number the report prints is recomputed here independently from `mlflow.search_runs` / metric histories.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from matplotlib.image import imread
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from fasweep.cli import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EPOCHS = 4
+CONCORDANCE = [0.0, 0.5, 1.0]
+MAGNITUDE = ["uniform", "batch_random"]
+GRID_SPEC = {
+    "name": "grid",
+    "base": {"data": {"name": "digits"}, "feedback": {"mode": "sign_concordant"}, "train": {"epochs": EPOCHS}},
+    "grid": {"feedback.concordance": CONCORDANCE, "feedback.magnitude": MAGNITUDE},
+    "seeds": [0, 1, 2],
+    "reference": {"concordance=1.0,magnitude=uniform": {"test_acc": 0.8}},
+}
+TABLE_SPEC = {
+    "name": "dense_table",
+    "base": {"data": {"name": "digits"}, "train": {"epochs": EPOCHS}},
+    "conditions": {"DS0": {"model.arch": "DS0"}, "DSR1": {"model.arch": "DSR1"}},
+    "grid": {"train.loss": ["cross_entropy", "hinge"]},
+    "seeds": [0, 1],
+    "reference": {"DSR1,loss=hinge": {"test_acc": 0.4883}},
+}
+
+
+def write_sweep(
+    uri: str,
+    root: Path,
+    spec: dict[str, Any],
+    launch: str,
+    trials: list[dict[str, Any]],
+    *,
+    axes: list[str],
+    start: int = 0,
+) -> str:
+    """Write one launch of a sweep in the MLflow layout of fasweep.tracking (Interfaces); return the parent id.
+
+    Each trial dict: condition, seed, params, metrics {key: [value per epoch]}, optional status and stage.
+    """
+    client = MlflowClient(uri)
+    name = spec["name"]
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=(root / name).as_uri())
+    t0 = 1_800_000_000_000 + start
+    tags = {"fasweep.sweep": name, "fasweep.launch": launch}
+    parent = client.create_run(
+        exp_id,
+        start_time=t0,
+        run_name=f"{name}@{launch}",
+        tags={
+            **tags,
+            "fasweep.role": "parent",
+            "fasweep.status": "finished",
+            "fasweep.axes": json.dumps(axes),
+            "fasweep.n_trials": str(len(trials)),
+        },
+    ).info.run_id
+    spec_dir = root / "specs" / f"{name}-{launch}"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    client.log_artifact(parent, str(spec_dir / "spec.yaml"))
+    for i, trial in enumerate(trials):
+        status, stage = trial.get("status", "finished"), trial.get("stage", "main")
+        run = client.create_run(
+            exp_id,
+            start_time=t0 + 1 + i,
+            run_name=f"{trial['condition']}-s{trial['seed']}",
+            tags={
+                **tags,
+                "mlflow.parentRunId": parent,
+                "fasweep.role": "trial",
+                "fasweep.stage": stage,
+                "fasweep.condition": trial["condition"],
+                "fasweep.seed": str(trial["seed"]),
+                "fasweep.trial_key": f"{stage}/{trial['condition']}/s{trial['seed']}",
+                "fasweep.status": status,
+            },
+        ).info.run_id
+        metrics = [
+            Metric(key, float(v), t0 + 100 * epoch, epoch)
+            for key, values in trial["metrics"].items()
+            for epoch, v in enumerate(values, start=1)
+        ]
+        client.log_batch(run, metrics=metrics, params=[Param(k, str(v)) for k, v in trial["params"].items()])
+        if status != "running":
+            client.set_terminated(run, "FAILED" if status == "error" else "FINISHED")
+    return parent
+
+
+STAGED_SPEC = {
+    "name": "staged",
+    "base": {"data": {"name": "digits"}, "model": {"arch": "Dense32 Dense10"}, "train": {"epochs": EPOCHS}},
+    "seeds": [0, 1],
+    "stages": [
+        {"name": "pre", "conditions": {"bp": {"feedback.mode": "bp"}}},
+        {"name": "post", "conditions": {"bp": {"feedback.mode": "bp"}, "random": {"feedback.mode": "random"}}},
+    ],
+    "reference": {"post/random": {"test_acc": 0.5}, "bp": {"test_acc": 0.7}},
+}
+
+
+def _curves(rng: np.random.Generator, epochs: int = EPOCHS) -> dict[str, list[float]]:
+    """Random (not monotone) curves, so the best epoch differs from the final one."""
+    return {
+        "test_acc": rng.uniform(0.2, 0.9, epochs).tolist(),
+        "train_acc": rng.uniform(0.2, 0.9, epochs).tolist(),
+        "train_loss": rng.uniform(0.5, 2.0, epochs).tolist(),
+        "test_loss": rng.uniform(0.5, 2.0, epochs).tolist(),
+        "angle/dense0": rng.uniform(20, 90, epochs).tolist(),
+        "angle/dense2": rng.uniform(20, 90, epochs).tolist(),
+    }
+
+
+def grid_trials(seeds: list[int], rng: np.random.Generator, *, odd: bool = False) -> list[dict[str, Any]]:
+    """concordance × magnitude × seeds; with `odd`, one trial diverged (3 epochs, NaN loss) and one running."""
+    out = []
+    for c in CONCORDANCE:
+        for m in MAGNITUDE:
+            for s in seeds:
+                params = {"feedback.mode": "sign_concordant", "feedback.concordance": c, "feedback.magnitude": m}
+                trial = {"condition": f"concordance={c},magnitude={m}", "seed": s, "metrics": _curves(rng)}
+                trial["params"] = {**params, "train.seed": s, "train.loss": "cross_entropy"}
+                out.append(trial)
+    if odd:
+        diverged, running = out[1], out[2 * len(seeds)]
+        diverged["status"] = "diverged"
+        diverged["metrics"] = {k: v[:3] for k, v in diverged["metrics"].items()}
+        diverged["metrics"]["train_loss"][-1] = math.nan
+        running["status"] = "running"
+        running["metrics"] = {k: v[:2] for k, v in running["metrics"].items()}
+    return out
+
+
+def table_trials(rng: np.random.Generator) -> list[dict[str, Any]]:
+    """A seed-report table sweep: conditions DS0/DSR1 × train.loss axis, 2 seeds, started in reverse order."""
+    trials = [
+        {
+            "condition": f"{arch},loss={loss}",
+            "seed": s,
+            "metrics": _curves(rng),
+            "params": {"model.arch": arch, "train.loss": loss, "train.seed": s},
+        }
+        for arch in ("DS0", "DSR1")
+        for loss in ("cross_entropy", "hinge")
+        for s in (0, 1)
+    ]
+    return trials[::-1]  # started in reverse: the report must still follow the plan's order
+
+
+def staged_trials(rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Two stages (pre: bp; post: bp, random), 2 seeds; the second post/random seed stopped by the scheduler."""
+    out = [
+        {
+            "stage": stage,
+            "condition": mode,
+            "seed": s,
+            "metrics": _curves(rng),
+            "params": {"feedback.mode": mode, "train.seed": s},
+        }
+        for stage, modes in (("pre", ["bp"]), ("post", ["bp", "random"]))
+        for mode in modes
+        for s in (0, 1)
+    ]
+    out[-1]["status"] = "stopped"
+    out[-1]["metrics"] = {k: v[:2] for k, v in out[-1]["metrics"].items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def layout_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite store with sweep `grid` (launch A: 3 seeds; newer launch B: 2 seeds, one diverged, one
+    running), the table sweep `dense_table` (a train.loss axis) and the two-stage sweep `staged`."""
+    root = tmp_path_factory.mktemp("layout")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    rng = np.random.default_rng(0)
+    axes = ["feedback.concordance", "feedback.magnitude"]
+    write_sweep(uri, root, GRID_SPEC, "launch-A", grid_trials([0, 1, 2], rng), axes=axes)
+    write_sweep(uri, root, GRID_SPEC, "launch-B", grid_trials([0, 1], rng, odd=True), axes=axes, start=10_000)
+    write_sweep(uri, root, TABLE_SPEC, "launch-T", table_trials(rng), axes=["model.arch", "train.loss"])
+    write_sweep(uri, root, STAGED_SPEC, "launch-S", staged_trials(rng), axes=["feedback.mode"])
+    return uri
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The real CLI in-process: (exit code, stdout, stderr)."""
+    try:
+        main(["report", *args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def report_json(capsys: pytest.CaptureFixture[str], uri: str, *args: str) -> dict[str, Any]:
+    code, out, err = run_cli(capsys, *args, "--tracking-uri", uri, "--format", "json", "--no-log")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def trial_runs(uri: str, sweep: str, launches: list[str] | None = None) -> pd.DataFrame:
+    """The sweep's child runs straight from mlflow.search_runs (the independent side of every check)."""
+    mlflow.set_tracking_uri(uri)
+    df = mlflow.search_runs(experiment_names=[sweep], filter_string="tags.`fasweep.role` = 'trial'")
+    return df if launches is None else df[df["tags.fasweep.launch"].isin(launches)]
+
+
+def by_condition(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["condition"]: r for r in records}
+
+
+def test_condition_table_equals_search_runs(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    body = report_json(capsys, layout_store, "grid")
+    assert body["launches"] == ["launch-B"]
+    [table] = body["tables"]
+    rows = by_condition(table["records"])
+    df = trial_runs(layout_store, "grid", ["launch-B"])
+    assert set(rows) == set(df["tags.fasweep.condition"])
+    for cond, group in df.groupby("tags.fasweep.condition"):
+        acc = group["metrics.test_acc"]
+        row = rows[cond]
+        assert row["n"] == len(acc) == 2
+        assert row["mean"] == pytest.approx(acc.mean(), abs=1e-12)
+        assert row["sd"] == pytest.approx(acc.std(ddof=1), abs=1e-12)
+        assert row["diverged"] == int((group["tags.fasweep.status"] == "diverged").sum())
+        assert row["partial"] == int((group["tags.fasweep.status"] == "running").sum())
+        assert row["final_epoch"] == EPOCHS  # every condition has a seed that ran all epochs
+    assert sum(r["diverged"] for r in rows.values()) == 1
+    assert rows["concordance=0.0,magnitude=uniform"]["diverged"] == 1
+
+
+def test_best_epoch_and_value_equal_metric_history(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = by_condition(report_json(capsys, layout_store, "grid", "--at", "best")["tables"][0]["records"])
+    client = MlflowClient(layout_store)
+    df = trial_runs(layout_store, "grid", ["launch-B"])
+    for cond, group in df.groupby("tags.fasweep.condition"):
+        histories = [{m.step: m.value for m in client.get_metric_history(r, "test_acc")} for r in group["run_id"]]
+        best = [max(h.values()) for h in histories]
+        assert rows[cond]["mean"] == pytest.approx(sum(best) / len(best), abs=1e-12)
+        assert rows[cond]["final_epoch"] == max(max(h) for h in histories)
+        mean_curve = {e: np.mean([h[e] for h in histories if e in h]) for e in set().union(*histories)}
+        assert rows[cond]["best_epoch"] == max(mean_curve, key=mean_curve.get)
+
+
+def test_reference_and_delta(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = by_condition(report_json(capsys, layout_store, "grid")["tables"][0]["records"])
+    ref_row = rows["concordance=1.0,magnitude=uniform"]
+    assert ref_row["reference"] == 0.8
+    assert ref_row["delta"] == pytest.approx(ref_row["mean"] - 0.8, abs=1e-12)
+    assert all(
+        r["reference"] is None and r["delta"] is None for c, r in rows.items() if c not in GRID_SPEC["reference"]
+    )
+    code, out, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--no-log")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("| concordance=1.0,magnitude=uniform"))
+    assert f"| 0.8000 | {ref_row['mean'] - 0.8:+.4f} |" in line
+
+
+def test_pivot_by_two_axes(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("grid", "--by", "feedback.concordance", "--by", "feedback.magnitude", "--launch", "all")
+    body = report_json(capsys, layout_store, *args)
+    records = body["tables"][0]["records"]
+    df = trial_runs(layout_store, "grid")
+    assert len(records) == len(CONCORDANCE) * len(MAGNITUDE)
+    for (c, m), group in df.groupby(["params.feedback.concordance", "params.feedback.magnitude"]):
+        [rec] = [r for r in records if r["feedback.concordance"] == c and r["feedback.magnitude"] == m]
+        assert rec["n"] == len(group) == 5  # 3 seeds of launch A + 2 of launch B, pooled
+        assert rec["mean"] == pytest.approx(group["metrics.test_acc"].mean(), abs=1e-12)
+        assert rec["sd"] == pytest.approx(group["metrics.test_acc"].std(ddof=1), abs=1e-12)
+    code, out, _ = run_cli(capsys, *args, "--tracking-uri", layout_store, "--no-log")
+    assert code == 0
+    header = next(x for x in out.splitlines() if x.startswith("| feedback.concordance"))
+    assert header.split("|")[2:4] == [" magnitude=uniform ", " magnitude=batch_random "]
+    first_col = [x.split("|")[1].strip() for x in out.splitlines() if x.startswith("| ") and x != header]
+    assert first_col == ["0.0", "0.5", "1.0"]
+
+
+def test_pivot_pools_other_axes(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    records = report_json(capsys, layout_store, "grid", "--by", "feedback.magnitude")["tables"][0]["records"]
+    df = trial_runs(layout_store, "grid", ["launch-B"])
+    for m, group in df.groupby("params.feedback.magnitude"):
+        [rec] = [r for r in records if r["feedback.magnitude"] == m]
+        assert rec["n"] == len(group) == 6
+        assert rec["mean"] == pytest.approx(group["metrics.test_acc"].mean(), abs=1e-12)
+
+
+def test_launch_selection(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    pooled = report_json(capsys, layout_store, "grid", "--launch", "all")
+    assert sorted(pooled["launches"]) == ["launch-A", "launch-B"]
+    assert {r["n"] for r in pooled["tables"][0]["records"]} == {5}
+    older = report_json(capsys, layout_store, "grid", "--launch", "launch-A")
+    assert {r["n"] for r in older["tables"][0]["records"]} == {3}
+    assert {r["partial"] for r in older["tables"][0]["records"]} == {0}
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--launch", "nope", "--no-log")
+    assert code == 2
+    assert "launch-A" in err and "launch-B" in err and len(err.strip().splitlines()) == 1
+
+
+def test_partial_rows_marked(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--no-log")
+    assert code == 0
+    df = trial_runs(layout_store, "grid", ["launch-B"])
+    running = df[df["tags.fasweep.status"] == "running"]
+    [cond] = running["tags.fasweep.condition"]
+    marked = [x for x in out.splitlines() if x.startswith("| ") and "*" in x.split("|")[2]]
+    assert [x.split("|")[1].strip() for x in marked] == [cond]
+    assert "* partial: 1 trial(s) still running" in out
+    rows = by_condition(report_json(capsys, layout_store, "grid")["tables"][0]["records"])
+    assert rows[cond]["partial"] == 1
+    assert running["metrics.test_acc"].iloc[0] in rows[cond]["values"]  # its latest epoch (2 of 4) counts
+
+
+def test_loss_variants_side_by_side(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "dense_table", "--tracking-uri", layout_store, "--no-log")
+    assert code == 0
+    lines = out.splitlines()
+    header = next(x for x in lines if x.startswith("| condition | cross_entropy"))
+    assert [h.strip() for h in header.split("|")[1:-1]] == [
+        "condition",
+        "cross_entropy",
+        "reference cross_entropy",
+        "delta cross_entropy",
+        "hinge",
+        "reference hinge",
+        "delta hinge",
+    ]
+    assert [x.split("|")[1].strip() for x in lines if x.startswith("| DS")][:2] == ["DS0", "DSR1"]
+    df = trial_runs(layout_store, "dense_table")
+    dsr1 = next(x for x in lines if x.startswith("| DSR1 |")).split("|")
+    hinge = df[(df["params.model.arch"] == "DSR1") & (df["params.train.loss"] == "hinge")]["metrics.test_acc"]
+    assert dsr1[5].strip() == f"{hinge.mean():.4f} ± {hinge.std():.4f} (2)"
+    assert dsr1[6].strip() == "0.4883"
+    assert dsr1[7].strip() == f"{hinge.mean() - 0.4883:+.4f}"
+
+
+def test_plots_html_and_artifacts(layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--out", str(out), "--format", "html")
+    assert code == 0, err
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["angles.png", "curves.png", "test_acc_vs_feedback.concordance.png"]
+    page = (out / "report.html").read_text()
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        image = imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert base64.b64encode(data).decode() in page
+    assert "<table>" in page and "concordance=1.0,magnitude=uniform" in page
+    assert {"report.md", "report.csv", "report.json"} <= {p.name for p in out.iterdir()}
+    client = MlflowClient(layout_store)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("grid").experiment_id],
+        "tags.`fasweep.role` = 'parent' and tags.`fasweep.launch` = 'launch-B'",
+    )[0]
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert set(pngs) | {"report.html", "report.md"} <= logged
+
+
+def test_spec_file_gives_name_and_reference(
+    layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = {**GRID_SPEC, "reference": {"concordance=0.0,magnitude=batch_random": {"test_acc": 0.25}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    rows = by_condition(report_json(capsys, layout_store, str(path))["tables"][0]["records"])
+    assert rows["concordance=0.0,magnitude=batch_random"]["reference"] == 0.25  # the file wins over the artifact
+    assert rows["concordance=1.0,magnitude=uniform"]["reference"] is None
+    code, _, err = run_cli(capsys, str(tmp_path / "missing.yaml"), "--tracking-uri", layout_store)
+    assert code == 2 and "missing.yaml" in err and err.count("\n") == 1
+
+
+def test_stages_and_stopped_trials(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    body = report_json(capsys, layout_store, "staged")
+    [table] = body["tables"]
+    labels = [f"{r['stage']}/{r['condition']}" for r in table["records"]]
+    assert labels == ["pre/bp", "post/bp", "post/random"]  # the plan's order: stages, then conditions
+    refs = {label: r["reference"] for label, r in zip(labels, table["records"], strict=True)}
+    assert refs == {"pre/bp": 0.7, "post/bp": 0.7, "post/random": 0.5}  # `stage/condition` key beats `condition`
+    df = trial_runs(layout_store, "staged")
+    for label, rec in zip(labels, table["records"], strict=True):
+        stage, cond = label.split("/")
+        group = df[(df["tags.fasweep.stage"] == stage) & (df["tags.fasweep.condition"] == cond)]
+        assert rec["mean"] == pytest.approx(group["metrics.test_acc"].mean(), abs=1e-12)
+    assert any("1 trial(s) stopped early by the scheduler" in n for n in table["footnotes"])
+    pivot = report_json(capsys, layout_store, "staged", "--by", "feedback.mode")["tables"][0]["records"]
+    assert [(r["stage"], r["feedback.mode"], r["n"]) for r in pivot] == [
+        ("pre", "bp", 2),
+        ("post", "bp", 2),
+        ("post", "random", 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("nosuch",), "sweep: got 'nosuch'; expected a sweep in"),
+        (("grid", "--metric", "test_accuracy"), "--metric: got 'test_accuracy'; expected a logged metric:"),
+        (("grid", "--by", "feedback.concordnce"), "--by: got 'feedback.concordnce'"),
+        (("grid", "--at", "worst"), "--at: got 'worst'; expected final or best"),
+        (("grid", "--format", "pdf"), "--format: got 'pdf'"),
+    ],
+)
+def test_bad_input_one_line(layout_store: str, capsys: pytest.CaptureFixture[str], args: tuple, needle: str) -> None:
+    code, out, err = run_cli(capsys, *args, "--tracking-uri", layout_store, "--no-log")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    if args[0] == "nosuch":
+        assert "dense_table, grid, staged" in err
+    if "--metric" in args:
+        assert "angle/dense0" in err and "test_acc" in err
+    if "--by" in args:
+        assert "feedback.concordance, feedback.magnitude" in err
+
+
+def test_empty_and_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", missing)
+    assert code == 2 and "does not exist" in err and err.count("\n") == 1
+    assert not (tmp_path / "none.db").exists()
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    MlflowClient(empty).search_experiments()  # creates the schema, no runs
+    capsys.readouterr()  # drop MLflow's own schema-creation log lines
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", empty)
+    assert code == 2 and "no fasweep sweeps in this MLflow store" in err and err.count("\n") == 1
+
+
+# --- a store filled by a real sweep: `fasweep launch` (real Ray, real train() on digits) ---------------------
+
+REAL_SPEC = {
+    "name": "report_real",
+    "description": "tiny digits sweep for the report tests",
+    "base": {
+        "data": {"name": "digits"},
+        "model": {"arch": "Dense32 Dense10"},
+        "train": {"epochs": 2, "batch_size": 64, "device": "cpu"},
+    },
+    "grid": {"feedback.mode": ["bp", "random"], "train.loss": ["cross_entropy", "hinge"]},
+    "seeds": [0, 1],
+    "resources": {"cpu": 1, "gpu": 0},
+    "max_concurrent": 2,
+    "reference": {"mode=bp,loss=cross_entropy": {"test_acc": 0.9}},
+}
+
+
+@pytest.fixture(scope="session")
+def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """Run the real CLI `fasweep launch` of an 8-trial digits sweep once; (tracking URI, spec path)."""
+    root = tmp_path_factory.mktemp("real")
+    spec = root / "report_real.yaml"
+    spec.write_text(yaml.safe_dump({**REAL_SPEC, "storage": str(root / "runs")}))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cmd = [str(Path(sys.executable).parent / "fasweep"), "launch", str(spec), "--tracking-uri", uri, "--num-cpus", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return uri, spec
+
+
+@pytest.mark.slow
+def test_real_sweep_tables_equal_search_runs(real_sweep: tuple[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    uri, spec = real_sweep
+    df = trial_runs(uri, "report_real")
+    assert len(df) == 8 and set(df["tags.fasweep.status"]) == {"finished"}
+    body = report_json(capsys, uri, "report_real")
+    loss_layout, per_condition = body["tables"]
+    rows = by_condition(per_condition["records"])
+    for cond, group in df.groupby("tags.fasweep.condition"):
+        assert rows[cond]["n"] == 2
+        assert rows[cond]["mean"] == pytest.approx(group["metrics.test_acc"].mean(), abs=1e-12)
+        assert rows[cond]["sd"] == pytest.approx(group["metrics.test_acc"].std(ddof=1), abs=1e-12)
+        assert rows[cond]["final_epoch"] == 2
+    bp = rows["mode=bp,loss=cross_entropy"]
+    assert bp["reference"] == 0.9 and bp["delta"] == pytest.approx(bp["mean"] - 0.9, abs=1e-12)
+    side = {(r["row"], r["train.loss"]): r for r in loss_layout["records"]}
+    assert side[("mode=random", "hinge")]["mean"] == rows["mode=random,loss=hinge"]["mean"]
+    pivot = report_json(capsys, uri, str(spec), "--by", "feedback.mode", "--by", "train.loss", "--at", "best")
+    client = MlflowClient(uri)
+    for rec in pivot["tables"][0]["records"]:
+        group = df[
+            (df["params.feedback.mode"] == rec["feedback.mode"]) & (df["params.train.loss"] == rec["train.loss"])
+        ]
+        best = [max(m.value for m in client.get_metric_history(r, "test_acc")) for r in group["run_id"]]
+        assert rec["n"] == len(best) == 2
+        assert rec["mean"] == pytest.approx(float(np.mean(best)), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_real_sweep_plots_logged_on_parent(
+    real_sweep: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri, _ = real_sweep
+    code, out, err = run_cli(capsys, "report_real", "--tracking-uri", uri, "--out", str(tmp_path))
+    assert code == 0, err
+    assert "| mode=bp | " in out  # the seed report's layout: loss variants side by side
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["angles.png", "curves.png", "test_acc_vs_feedback.mode.png"]
+    for png in pngs:
+        assert png.read_bytes().startswith(PNG_SIGNATURE) and imread(png).shape[2] in (3, 4)
+    client = MlflowClient(uri)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("report_real").experiment_id], "tags.`fasweep.role` = 'parent'"
+    )[0]
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {p.name for p in pngs} | {"report.html", "report.md", "report.csv", "report.json"} <= logged

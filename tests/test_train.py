@@ -1,0 +1,186 @@
+"""fasweep.train and `fasweep train`/`fasweep models`: real data (digits, Lillicrap's linear task), real torch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fasweep.cli import main
+from fasweep.config import TrialConfig, validate_trial
+from fasweep.data import load_data
+from fasweep.errors import UserError
+from fasweep.train import CHECKPOINT_NAME, make_loss, make_optimizer, train
+
+TIMING = {"epoch_time_s"}
+
+
+def _config(**sections: dict[str, Any]) -> TrialConfig:
+    base: dict[str, Any] = {"data": {"name": "digits"}, "model": {"arch": "DSR1"}, "train": {"epochs": 2}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return validate_trial(base)
+
+
+def _untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def test_digits_with_random_feedback_learns() -> None:
+    result = train(_config(train={"epochs": 3, "batch_size": 32}))
+    assert result.status == "finished"
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]
+    assert result.final["test_acc"] > 0.85
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert {"train_acc", "test_loss", "lr", "diverged", "epoch_time_s", "angle/dense2"} <= result.final.keys()
+    assert all(isinstance(v, float) and math.isfinite(v) for v in result.final.values())
+
+
+def test_linear_task_fa_angle_below_90_and_matches_explicit_products(tmp_path: Path) -> None:
+    cfg = validate_trial(
+        {
+            "data": {"name": "linear"},
+            "model": {"arch": "Dense20 Dense10", "activation": "linear"},
+            "feedback": {"mode": "random"},
+            "train": {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "lr": 0.02, "momentum": 0.0},
+        }
+    )
+    result = train(cfg, checkpoint_dir=tmp_path)
+    losses = [h["train_loss"] for h in result.history]
+    angles = [h["angle/dense0"] for h in result.history]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0]
+    assert angles[-1] < 90.0 and angles[-1] < angles[0]
+    # the same angle from the final weights by explicit matrix products on the probe batch (256 test pairs)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["model"]
+    data = load_data(cfg.data)
+    x, y = data.x_test[:256].double(), data.y_test[:256].double()
+    w1, b1, w2, b2 = (state[k].double() for k in ("dense0.weight", "dense0.bias", "dense1.weight", "dense1.bias"))
+    b_fb = state["dense1.rule.B"].double()
+    e = 2 * ((x @ w1.T + b1) @ w2.T + b2 - y) / y.numel()  # dMSE/d(output)
+    grad_bp, grad_fa = (e @ w2).T @ x, (e @ b_fb).T @ x
+    cos = (grad_bp * grad_fa).sum() / (grad_bp.norm() * grad_fa.norm())
+    assert math.degrees(math.acos(float(cos))) == pytest.approx(angles[-1], abs=1e-3)
+
+
+def test_resume_after_interruption_continues_bitwise(tmp_path: Path) -> None:
+    cfg = _config(
+        model={"arch": "Dense64(sign_concordant) Dense32(R*) Dense10(R)", "dropout": 0.1, "batchnorm": True},
+        feedback={"magnitude": "batch_random"},
+        train={"epochs": 3, "schedule": "cosine", "batch_size": 50},
+        data={"augment": True, "limit_train": 500},
+    )
+    whole = train(cfg, checkpoint_dir=tmp_path / "whole")
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_after_two(metrics: dict[str, float], ckpt: Path | None) -> None:
+        assert ckpt is not None and ckpt.is_file()
+        if metrics["epoch"] == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(cfg, checkpoint_dir=tmp_path / "cut", on_epoch=crash_after_two)
+    seen: list[float] = []
+    resumed = train(
+        cfg,
+        checkpoint_dir=tmp_path / "cut",
+        resume_from=tmp_path / "cut" / CHECKPOINT_NAME,
+        on_epoch=lambda m, _: seen.append(m["epoch"]),
+    )
+    assert seen == [3.0]
+    assert _untimed(resumed.history) == _untimed(whole.history)
+    a = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = cfg.model_copy(update={"feedback": cfg.feedback.model_copy(update={"mode": "random"})})
+    with pytest.raises(UserError, match=r"resume_from: .* differs in \['feedback.mode'\]"):
+        train(other, resume_from=tmp_path / "cut" / CHECKPOINT_NAME)
+
+
+def test_divergence_ends_the_trial_with_its_history(tmp_path: Path) -> None:
+    calls: list[dict[str, float]] = []
+    cfg = _config(train={"epochs": 5, "optimizer": "sgd", "lr": 1e12, "momentum": 0.0})
+    result = train(cfg, checkpoint_dir=tmp_path, on_epoch=lambda m, _: calls.append(m))
+    assert result.status == "diverged"
+    assert result.history == calls and len(calls) < 5
+    assert result.final["diverged"] == 1.0 and not math.isfinite(result.final["train_loss"])
+    assert all(h["diverged"] == 0.0 for h in result.history[:-1])
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["status"] == "diverged" and len(saved["history"]) == len(calls)
+    again = train(cfg, resume_from=tmp_path / CHECKPOINT_NAME)
+    assert again.status == "diverged" and len(again.history) == len(calls)
+
+
+def test_init_from_freezes_layers_and_keeps_them_unchanged(tmp_path: Path) -> None:
+    source = _config(model={"arch": "Conv3*3/8 Pool3*3 Dense32 Dense10"}, train={"epochs": 1})
+    train(source, checkpoint_dir=tmp_path / "src")
+    src = torch.load(tmp_path / "src" / CHECKPOINT_NAME, weights_only=True)["model"]
+    init = {"checkpoint": str(tmp_path / "src" / CHECKPOINT_NAME), "layers": [0, "dense2"]}
+    target = _config(model={"arch": "FixConv3*3/8 Pool3*3 Dense32(R) Dense10(R)", "init_from": init})
+    train(target, checkpoint_dir=tmp_path / "dst")
+    dst = torch.load(tmp_path / "dst" / CHECKPOINT_NAME, weights_only=True)["model"]
+    for src_key, dst_key in [("conv0", "fixconv0"), ("dense2", "dense2")]:
+        for p in ("weight", "bias"):
+            assert torch.equal(dst[f"{dst_key}.{p}"], src[f"{src_key}.{p}"])
+    assert not torch.equal(dst["dense3.weight"], src["dense3.weight"])
+
+
+def test_l2_per_layer_group_and_loss_choice() -> None:
+    cfg = _config(model={"arch": "Conv3*3/4 Pool3*3 UntieConv3*3/4 Dense10"}, train={"l2": {"conv": 0.1, "dense": 0.3}})
+    from fasweep.models import build_model
+
+    model = build_model(cfg.model, cfg.feedback, (1, 8, 8), 10)
+    decay = {id(p): g["weight_decay"] for g in make_optimizer(model, cfg.train).param_groups for p in g["params"]}
+    expected = {"conv0.weight": 0.1, "untie2.weight": 0.0, "dense3.weight": 0.3, "conv0.bias": 0.0, "dense3.bias": 0.0}
+    assert {n: decay[id(p)] for n, p in model.named_parameters() if n in expected} == expected
+    assert isinstance(make_loss("hinge", "classification"), torch.nn.MultiMarginLoss)
+    assert isinstance(make_loss("cross_entropy", "regression"), torch.nn.MSELoss)
+    with pytest.raises(UserError, match=r"train.loss: got 'hinge'"):
+        make_loss("hinge", "regression")
+
+
+def test_cli_train_writes_metrics_and_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "trial.yaml"
+    config.write_text("data: {name: digits}\ntrain: {epochs: 3, batch_size: 64}\n")
+    argv = ["train", "--config", str(config), "--model", "DSR1", "--epochs", "1", "--out", str(tmp_path / "out")]
+    main([*argv, "--set", "train.lr=0.002", "--set", "feedback.mode=random"])
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1.0
+    saved = torch.load(tmp_path / "out" / CHECKPOINT_NAME, weights_only=True)
+    assert saved["config"]["train"]["lr"] == 0.002 and saved["config"]["feedback"]["mode"] == "random"
+    assert saved["config"]["train"]["batch_size"] == 64
+    assert "finished after 1 epochs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.lr=-1"], "error: train.lr: got -1; expected greater than 0"),
+        (["--set", "train.lrr=1"], "error: train.lrr: got 1; expected one of the known fields: optimizer, lr,"),
+        (["--set", "lr"], "error: --set: got 'lr'; expected PATH=VALUE"),
+        (["--model", "DSR9"], "error: model.arch: got 'DSR9'; expected did you mean"),
+        (["--model", "Dense10 Conv3x/4 Dense10"], "error: model.arch token 1: got 'Conv3x/4'"),
+        (["--config", "nowhere.yaml"], "error: --config: got 'nowhere.yaml'; expected an existing"),
+    ],
+)
+def test_cli_train_rejects_bad_input_with_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--dataset", "digits", "--epochs", "1", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_cli_models_lists_presets_with_parameter_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["models"])
+    out = capsys.readouterr().out
+    ds0 = 3072 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10  # written out for CIFAR-10's 3x32x32 input
+    assert f"{ds0:,}" in out
+    assert "PG-Fix-Untie-R3-U" in out and "Dense512 Dense256(R*) Dense10(R*)" in out
