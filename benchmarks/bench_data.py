@@ -54,10 +54,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-jpeg")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the baseline")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in the main process")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads in the main process (1: no OpenMP stalls on a busy box)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
 
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -99,6 +102,7 @@ def main() -> None:
         }
 
     print(f"CIFAR-10 image folder {args.root}; torch threads {args.threads}, DataLoader workers {args.workers}")
+    print(f"{os.cpu_count()} CPUs, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"cache build (decode {data.x_train.shape[0] + data.x_test.shape[0]} JPEGs + save): {build_s:6.2f} s")
     print(f"cache hit (load):                                 {hit_s:6.2f} s")
     for name, (seconds, seen) in results.items():

@@ -271,10 +271,13 @@ def report(
     if format not in FORMATS:
         raise UserError.field("--format", format, " | ".join(FORMATS))
     uri = resolve_tracking_uri(tracking_uri)
-    result = make_report(target, tracking_uri=uri, metric=metric, at=at, by=by, launch=launch, out=out, log=log)
+    options = {"metric": metric, "at": at, "by": by, "launch": launch, "out": out, "log": log}
+    result = make_report(target, tracking_uri=uri, plots=format == "html", **options)
     typer.echo(render(result, format))
     if out is not None:
         typer.echo(f"wrote {len(result.files)} files to {out} (open {out / 'report.html'})", err=True)
+    if result.logged:
+        typer.echo(result.logged, err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

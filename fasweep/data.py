@@ -164,6 +164,10 @@ def _assemble(cfg: DataConfig, raw: _Raw, device: torch.device, seed: int) -> Te
     x_val = y_val = None
     if cfg.val_fraction > 0:
         n_val = max(1, round(cfg.val_fraction * x_train.shape[0]))
+        if n_val >= x_train.shape[0]:
+            raise UserError.field(
+                "data.val_fraction", cfg.val_fraction, f"a fraction leaving training samples of {x_train.shape[0]}"
+            )
         perm = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))
         val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
         x_val, y_val = x_train[val_idx].to(device), y_train[val_idx].to(device)

@@ -1,10 +1,15 @@
 """Run a sweep on Ray Tune, tracked in MLflow by the driver; resume an interrupted launch.
 
 One Tune trial per planned trial: the param space is only the trial key, the configs travel with
-`tune.with_parameters`. Each trial reports every epoch with its checkpoint, so Tune's retries and
-`--resume` continue mid-trial. Stages run in order, each as its own Tune experiment under
-`<storage>/<sweep>/<launch_id>/<stage>`; a stage's `init_from` is resolved through MLflow after the earlier
-stage ends, and the checkpoint's bytes reach the workers through the Ray object store (no shared filesystem).
+`tune.with_parameters`. Each trial reports every epoch with its checkpoint, so Tune's retries continue
+mid-trial. Stages run in order, each as its own Tune experiment under `<storage>/<sweep>/<launch_id>/<stage>`;
+a stage's `init_from` is resolved through MLflow after the earlier stage ends, and the checkpoint's bytes
+reach the workers through the Ray object store (no shared filesystem).
+
+`--resume` restores the stage's Tune experiment, but MLflow decides what is done: trials complete there are
+skipped, the others restart and continue from the newest checkpoint found in the storage (each checkpoint
+carries an `epoch-NNNNNN` marker). Tune's own restore-from-checkpoint is not used for them because the
+experiment snapshot a killed driver leaves behind can name checkpoints that `num_to_keep` already deleted.
 
 Tune pickles its callbacks with the experiment and brings the old ones back on restore, so the callback
 here is stateless: it forwards every hook to the driver of the launch running in this process (`_ACTIVE`).
@@ -59,11 +64,19 @@ class LaunchResult:
 # --- the trainable (runs on Ray workers) -------------------------------------------------------------
 
 
-def run_trial(config: dict[str, Any], *, configs: dict[str, dict[str, Any]], skip: frozenset[str], init: Any) -> None:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    configs: dict[str, dict[str, Any]],
+    skip: frozenset[str],
+    init: Any,
+    resume: dict[str, list[str]],
+) -> None:
     """Tune trainable: train the planned trial `config['key']`, reporting each epoch with its checkpoint.
 
-    Resumes from Tune's latest checkpoint on a retry or restore; returns at once for `skip` (trials already
-    complete in MLflow). `init` is the stage's init_from checkpoint as bytes (or None).
+    Continues from Tune's checkpoint on a retry, else from the first readable of `resume[key]` (checkpoint
+    dirs on the storage, newest first) on `--resume`; returns at once for `skip` (complete in MLflow).
+    `init` is the stage's init_from checkpoint as bytes (or None).
     """
     import ray
     import torch
@@ -80,20 +93,69 @@ def run_trial(config: dict[str, Any], *, configs: dict[str, dict[str, Any]], ski
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     with tempfile.TemporaryDirectory(prefix="fasweep-trial-") as tmp:
         work = Path(tmp)
-        resume_from = None
         checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            resume_from = Path(checkpoint.to_directory(str(work / "resume"))) / CHECKPOINT_NAME
+        candidates = [checkpoint] if checkpoint is not None else [tune.Checkpoint(p) for p in resume.get(key, [])]
+        resume_from = _first_readable(candidates, work / "resume")
+        reported: list[float] = []
 
         def on_epoch(metrics: dict[str, float], path: Path | None) -> None:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(path.parent)) if path else None)
+            reported.append(metrics["epoch"])
+            tune.report(metrics, checkpoint=_marked(path, metrics["epoch"]) if path else None)
 
-        train(
+        result = train(
             TrialConfig.model_validate(trial_config),
             checkpoint_dir=work / "checkpoint",
             resume_from=resume_from,
             on_epoch=on_epoch,
         )
+        if not reported and result.final and resume_from is not None:  # resumed at its end: report it once more
+            tune.report(result.final, checkpoint=tune.Checkpoint.from_directory(str(resume_from.parent)))
+
+
+def _marked(path: Path, epoch: float) -> Any:
+    """The checkpoint dir of `path` as a Tune checkpoint, with an `epoch-NNNNNN` marker file for --resume."""
+    for old in path.parent.glob("epoch-*"):
+        old.unlink()
+    (path.parent / f"epoch-{int(epoch):06d}").touch()
+    return tune.Checkpoint.from_directory(str(path.parent))
+
+
+def _first_readable(checkpoints: list[Any], dst: Path) -> Path | None:
+    """Download the first checkpoint whose file loads (a killed upload can leave a partial one); its path."""
+    import torch
+
+    for i, checkpoint in enumerate(checkpoints):
+        try:
+            path = Path(checkpoint.to_directory(str(dst / str(i)))) / CHECKPOINT_NAME
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except Exception as exc:
+            log.warning("checkpoint %s unreadable (%s); trying an older one", checkpoint.path, exc)
+    return None
+
+
+def latest_checkpoints(path: str) -> dict[str, list[str]]:
+    """Checkpoint dirs under a stage's Tune experiment `path` (local or URI) by trial-key digest, newest first."""
+    import pyarrow.fs
+
+    try:
+        fs, base = pyarrow.fs.FileSystem.from_uri(path)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True))
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, list[tuple[int, str]]] = {}
+    prefix = path[: len(path) - len(base)] if path.endswith(base) else ""
+    for info in infos:
+        parts = info.path.rsplit("/", 3)
+        if len(parts) == 4 and parts[3].startswith("epoch-") and parts[2].startswith("checkpoint_"):
+            digest = parts[1].rsplit("_", 1)[0].rsplit("-", 1)[-1]
+            found.setdefault(digest, []).append((int(parts[3][6:]), prefix + info.path.rsplit("/", 1)[0]))
+    return {d: [p for _, p in sorted(v, reverse=True)] for d, v in found.items()}
+
+
+def key_digest(key: str) -> str:
+    """A short digest of a trial key, part of its Tune trial dir name (found again by `latest_checkpoints`)."""
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
 def _init_file(data: bytes) -> Path:
@@ -112,8 +174,8 @@ def _trial_name(trial: Any) -> str:
 
 
 def _trial_dirname(trial: Any) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_.=," else "_" for c in _trial_name(trial))
-    return f"{safe[:80]}_{trial.trial_id}"
+    safe = "".join(c if c.isalnum() or c in "-.=," else "_" for c in _trial_name(trial))
+    return f"{safe[:60]}-{key_digest(trial.config['key'])}_{trial.trial_id}"
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -188,6 +250,7 @@ class _Driver:
         self.console = console
         self.metric = metric
         self.skip: frozenset[str] = frozenset()
+        self.resume: dict[str, list[str]] = {}
         self.started: set[str] = set()
         self.ended: set[str] = set()
         self.incomplete: set[str] = set()
@@ -238,9 +301,10 @@ class _Driver:
             key = trial.config["key"]
             if key in self.skip or key in self.ended:
                 continue
-            if key not in self.started and trial.status in ("TERMINATED", "ERROR"):
-                error = _error_line(trial.get_error()) if trial.status == "ERROR" else ""
-                self.end(key, _metrics(trial.last_result or {}), trial.checkpoint, error)
+            if key not in self.started and trial.status == "TERMINATED":
+                newest = self.resume.get(key_digest(key))
+                checkpoint = tune.Checkpoint(newest[0]) if newest else trial.checkpoint
+                self.end(key, _metrics(trial.last_result or {}), checkpoint, "")
             else:
                 self.incomplete.add(key)
         self.show(self.summary(trials))
@@ -482,13 +546,24 @@ def _resolve_init(trials: list[PlannedTrial], driver: _Driver) -> Any:
 def _run_stage(spec: SweepSpec, trials: list[PlannedTrial], driver: _Driver, path: str, resume: bool, init: Any) -> str:
     """One Tune experiment for one stage (restored when `resume` finds it); finished | failed | interrupted."""
     keys = [t.key for t in trials]
-    trainable = tune.with_parameters(run_trial, configs={t.key: t.config for t in trials}, skip=driver.skip, init=init)
+    restore = resume and tune.Tuner.can_restore(path)
+    found = latest_checkpoints(path) if restore else {}
+    driver.resume = found
+    trainable = tune.with_parameters(
+        run_trial,
+        configs={t.key: t.config for t in trials},
+        skip=driver.skip,
+        init=init,
+        resume={k: found[key_digest(k)] for k in keys if key_digest(k) in found and k not in driver.skip},
+    )
     resources = {t.key: {"cpu": t.resources["cpu"], "gpu": t.resources["gpu"]} for t in trials}
     same = len({json.dumps(r, sort_keys=True) for r in resources.values()}) == 1
     trainable = tune.with_resources(trainable, resources[keys[0]] if same else lambda c: resources[c["key"]])
     param_space = {"key": tune.grid_search(keys)}
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=param_space)
+    if restore:  # unfinished and errored trials restart and find their newest checkpoint themselves (see top)
+        restart = tune.ResumeConfig.ResumeType.RESTART
+        again = tune.ResumeConfig(unfinished=restart, errored=restart)
+        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space, _resume_config=again)
     else:
         tuner = tune.Tuner(
             trainable,

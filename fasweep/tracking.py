@@ -169,8 +169,8 @@ class TrialInfo:
 @dataclass
 class _Child:
     run_id: str
-    logged_epoch: int = 0  # highest metric step already in MLflow
     status: str = "running"
+    logged: set[int] | None = None  # metric steps (epochs) already in MLflow; None: not read yet
 
 
 class _Writer:
@@ -330,10 +330,7 @@ class SweepTracker:
         """Read this launch's child runs into the tracker's cache; return trial key -> status."""
         for run in self.children():
             key = run.data.tags.get(f"{TAG}trial_key", "")
-            child = _Child(
-                run.info.run_id, int(run.data.metrics.get("epoch", 0)), run.data.tags.get(f"{TAG}status", "")
-            )
-            self._children[key] = child
+            self._children[key] = _Child(run.info.run_id, run.data.tags.get(f"{TAG}status", ""))
         return {key: child.status for key, child in self._children.items()}
 
     def register(self, trials: Iterable[TrialInfo]) -> None:
@@ -436,11 +433,10 @@ class SweepTracker:
                 f"tags.`{TAG}launch` = {_quote(self.launch_id)} AND tags.`{TAG}trial_key` = {_quote(key)}",
             )
             if found:
-                run = found[0]
-                child = _Child(run.info.run_id, int(run.data.metrics.get("epoch", 0)), "")
+                child = _Child(found[0].info.run_id, "")
             else:
                 run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{info.condition}-s{info.seed}")
-                child = _Child(run.info.run_id)
+                child = _Child(run.info.run_id, logged=set())
             self._children[key] = child
             params = [Param(k, "None" if v is None else str(v)) for k, v in flatten(info.config).items()]
             for i in range(0, len(params), 100):
@@ -455,12 +451,13 @@ class SweepTracker:
         from mlflow.entities import Metric
 
         child = self._ensure_child(key)
-        new = sorted((m for m in epochs if int(m["epoch"]) > child.logged_epoch), key=lambda m: m["epoch"])
-        metrics = [Metric(k, float(v), stamp, int(m["epoch"])) for m in new for k, v in m.items()]
+        if child.logged is None:
+            child.logged = {m.step for m in self.client.get_metric_history(child.run_id, "epoch")}
+        new = {int(m["epoch"]): m for m in epochs if int(m["epoch"]) not in child.logged}
+        metrics = [Metric(k, float(v), stamp, step) for step, m in sorted(new.items()) for k, v in m.items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(child.run_id, metrics=metrics[i : i + 1000])
-        if new:
-            child.logged_epoch = int(new[-1]["epoch"])
+        child.logged |= set(new)
 
     def _end(
         self,
@@ -473,6 +470,7 @@ class SweepTracker:
         from mlflow.entities import RunTag
 
         child = self._ensure_child(key)
+        child.logged = None  # read the logged steps back: backfill exactly what is missing
         with tempfile.TemporaryDirectory(prefix="fasweep-ckpt-") as tmp:
             ckpt = fetch_checkpoint(Path(tmp)) if fetch_checkpoint else None
             history = list(_checkpoint_history(ckpt)) if ckpt else []

@@ -20,10 +20,12 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 BIN = Path(sys.executable).parent
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -33,13 +35,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(check, timeout_s: float, what: str, interval_s: float = 0.5):  # type: ignore[no-untyped-def]
+def wait_for(check: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.5) -> T:
     """Poll `check()` until it returns a truthy value (returned) or raise TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):  # not up yet
+        try:
             if result := check():
                 return result
+        except ProcessLookupError:
+            raise
+        except (OSError, subprocess.SubprocessError, ValueError):  # not up yet
+            pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready within {timeout_s:.0f}s")
         time.sleep(interval_s)
@@ -213,12 +219,11 @@ class RayCluster:
         }
 
     def _node_args(self, index: int) -> list[str]:
-        """Ports of one node: every agent port free, a worker port range of its own."""
+        """Ports of one node: the agent port free (its default is fixed), a worker port range of its own."""
         low = 20000 + 200 * index
         return [
             "--node-ip-address", "127.0.0.1", "--object-store-memory", str(100 * 1024 * 1024),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()),
             "--min-worker-port", str(low), "--max-worker-port", str(low + 199), "--block",
         ]  # fmt: skip
 
@@ -232,16 +237,33 @@ class RayCluster:
         self.head = start(head, self.workdir / "ray-head.log", self.env)
         wait_for(lambda: self._alive_nodes() >= 1, 90, f"Ray head at {self.address}")
         for i in range(1, self.n_workers + 1):
-            self.add_worker(f"w{i}", i)
-        wait_for(lambda: self._alive_nodes() == self.n_workers + 1, 90, f"{self.n_workers} Ray worker nodes")
+            self.add_worker(f"w{i}", i, expect_nodes=i + 1)
 
-    def add_worker(self, name: str, index: int) -> None:
-        """Start worker node `name` (label fasweep-node=name) joining the head."""
+    def add_worker(self, name: str, index: int, expect_nodes: int, tries: int = 2) -> None:
+        """Start worker node `name` (label fasweep-node=name) and wait until the cluster has `expect_nodes` alive.
+
+        Ray gives a raylet 30 s to register; on a loaded machine that can pass, so a node that died starting
+        is started once more.
+        """
         cmd = [
             str(BIN / "ray"), "start", "--address", self.address, "--num-cpus", str(self.cpus),
             "--labels", f"fasweep-node={name}", *self._node_args(index),
         ]  # fmt: skip
-        self.workers[name] = start(cmd, self.workdir / f"ray-{name}.log", self.env)
+        for attempt in range(tries):
+            proc = self.workers[name] = start(cmd, self.workdir / f"ray-{name}.log", self.env)
+
+            def joined(proc: subprocess.Popen[bytes] = proc) -> bool:
+                if proc.poll() is not None:
+                    raise ProcessLookupError(f"ray start for {name} exited")  # retried below
+                return self._alive_nodes() >= expect_nodes
+
+            try:
+                wait_for(joined, 120, f"Ray worker node {name} (log: {self.workdir / f'ray-{name}.log'})")
+                return
+            except (TimeoutError, ProcessLookupError):
+                stop(proc)
+                if attempt == tries - 1:
+                    raise
 
     def kill_worker(self, name: str) -> None:
         """Kill node `name` abruptly (SIGKILL to its raylet and everything in its process group)."""

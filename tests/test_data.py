@@ -216,6 +216,8 @@ def test_validation_split_disjoint_and_deterministic() -> None:
     assert sum(y.shape[0] for _, y in split.batches("val", 500, shuffle=False)) == 2000
     with pytest.raises(UserError, match=r"data\.val_fraction"):
         next(full.batches("val", 10, shuffle=False))
+    with pytest.raises(UserError, match=r"data\.val_fraction: got 0\.5"):
+        load_data(DataConfig(name="linear", val_fraction=0.5, limit_train=1))
 
 
 def test_linear_and_teacher_tasks() -> None:
@@ -278,3 +280,16 @@ def test_download_offline_fails_fast_with_one_line(isolated: Path, monkeypatch: 
         err.value, "mnist", "download failed", str(isolated / "work" / "data" / "mnist"), "data.root="
     )
     assert socket.getdefaulttimeout() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_on_cuda_match_cpu() -> None:
+    cpu, gpu = (load_data(DataConfig(name="digits", augment=True), device=d) for d in ("cpu", "cuda"))
+    assert gpu.x_train.is_cuda and gpu.x_train.dtype == torch.uint8
+    xc, _ = next(cpu.batches("test", 64, shuffle=False))
+    xg, _ = next(gpu.batches("test", 64, shuffle=False))
+    assert torch.allclose(xg.cpu(), xc)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xb, yb = next(gpu.batches("train", 64, shuffle=True, generator=g))
+    assert xb.is_cuda and yb.is_cuda and xb.shape == (64, 1, 8, 8) and xb.dtype == torch.float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,8 +37,13 @@ def ray_address():
 
 @pytest.fixture(scope="module")
 def store_db(tmp_path_factory) -> str:
-    """One SQLite MLflow store for the module (each test uses its own experiment; creating a store takes seconds)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    """One SQLite MLflow store for the module (each test uses its own experiment; creating a store takes seconds).
+
+    Created here, once: two processes creating the same SQLite store at the same time collide in its migrations.
+    """
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
 
 
 @pytest.fixture
@@ -215,15 +221,16 @@ def test_driver_killed_mid_sweep_then_resumed_runs_every_trial_exactly_once(ray_
         [*command, "--tracking-uri", store, "--address", ray_address, *sets],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=(tmp_path / "driver.log").open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240
         finished: list = []
         while not finished:
-            assert driver.poll() is None and time.monotonic() < deadline, "the launch ended before it was killed"
+            log = (tmp_path / "driver.log").read_text
+            assert driver.poll() is None and time.monotonic() < deadline, f"launch ended before the kill:\n{log()}"
             time.sleep(0.2)
             try:
                 finished = [
@@ -232,7 +239,8 @@ def test_driver_killed_mid_sweep_then_resumed_runs_every_trial_exactly_once(ray_
             except Exception:  # the store is being created by the driver
                 continue
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started
         driver.wait()
     before = runs(store, "quickstart", "trial")
     assert len([c for c in before if c.data.tags["fasweep.status"] == "finished"]) < 6

@@ -358,8 +358,9 @@ def test_loss_variants_side_by_side(layout_store: str, capsys: pytest.CaptureFix
 
 def test_plots_html_and_artifacts(layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
-    code, _, err = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--out", str(out), "--format", "html")
+    code, printed, err = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--out", str(out), "--format", "html")
     assert code == 0, err
+    assert "logged as artifacts report/ on parent run" in err
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["angles.png", "curves.png", "test_acc_vs_feedback.concordance.png"]
     page = (out / "report.html").read_text()
@@ -370,6 +371,9 @@ def test_plots_html_and_artifacts(layout_store: str, tmp_path: Path, capsys: pyt
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert base64.b64encode(data).decode() in page
     assert "<table>" in page and "concordance=1.0,magnitude=uniform" in page
+    assert printed.strip() == page.strip()
+    code, printed, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--format", "html", "--no-log")
+    assert code == 0 and printed.count("data:image/png;base64,") == len(pngs)  # html always embeds the plots
     assert {"report.md", "report.csv", "report.json"} <= {p.name for p in out.iterdir()}
     client = MlflowClient(layout_store)
     parent = client.search_runs(
@@ -414,6 +418,27 @@ def test_stages_and_stopped_trials(layout_store: str, capsys: pytest.CaptureFixt
     ]
 
 
+def test_many_conditions_curves_grouped_by_axis() -> None:
+    """Beyond MAX_CURVES conditions the curves pool per value of the plotted axis; up to it, one per condition."""
+    from fasweep.report.collect import Sweep, Trial
+    from fasweep.report.plots import MAX_CURVES, curve_groups
+
+    def sweep(n: int) -> Sweep:
+        trials = [
+            Trial(f"r{c}{s}", "main", f"lr={c},seed_axis={s}", "finished", c, {"train.lr": str(c)}, {"test_acc": 0.5})
+            for c in range(n)
+            for s in range(2)
+        ]
+        order = list(dict.fromkeys(t.label for t in trials))
+        return Sweep("s", "sqlite://", ["p"], ["L"], ["L"], ["train.lr"], {}, order, trials)
+
+    groups, grouping = curve_groups(sweep(MAX_CURVES // 2), "train.lr")
+    assert grouping == "condition" and len(groups) == MAX_CURVES
+    groups, grouping = curve_groups(sweep(MAX_CURVES), "train.lr")
+    assert grouping == "train.lr" and list(groups) == [f"lr={c}" for c in range(MAX_CURVES)]
+    assert all(len(g) == 2 for g in groups.values())
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -446,6 +471,8 @@ def test_empty_and_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture[s
     capsys.readouterr()  # drop MLflow's own schema-creation log lines
     code, _, err = run_cli(capsys, "grid", "--tracking-uri", empty)
     assert code == 2 and "no fasweep sweeps in this MLflow store" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", "http://127.0.0.1:9")  # nothing listens on port 9
+    assert code == 2 and "http://127.0.0.1:9" in err and err.count("\n") == 1
 
 
 # --- a store filled by a real sweep: `fasweep launch` (real Ray, real train() on digits) ---------------------

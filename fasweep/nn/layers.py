@@ -64,7 +64,8 @@ class FALayer(nn.Module):
         weight, bias, op = self.weight, self.bias, self.op
         if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
             return op.forward(x, weight, bias)
-        feedback = self.rule.feedback_for_forward(weight)
+        # B only matters when dL/dx is wanted (not for a first layer fed with data)
+        feedback = self.rule.feedback_for_forward(weight) if x.requires_grad else weight.detach()
         device = x.device.type
         if torch.is_autocast_enabled(device):
             # run the Function in the autocast dtype; the casts outside it carry grads back to fp32
@@ -84,7 +85,7 @@ class LinearOp:
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def input_grad(grad_out: Tensor, matrix: Tensor, input_shape: torch.Size) -> Tensor:
+    def input_grad(grad_out: Tensor, matrix: Tensor, x: Tensor) -> Tensor:
         return grad_out @ matrix
 
     @staticmethod
@@ -111,9 +112,8 @@ class Conv2dOp:
             grad_out, x, weight, bias_sizes, self.stride, self.padding, self.dilation, False, [0, 0], self.groups, mask
         )
 
-    def input_grad(self, grad_out: Tensor, matrix: Tensor, input_shape: torch.Size) -> Tensor:
-        x_meta = grad_out.new_empty(input_shape)  # only the shape is read for the input gradient
-        return self._backward(grad_out, x_meta, matrix, [True, False, False])[0]
+    def input_grad(self, grad_out: Tensor, matrix: Tensor, x: Tensor) -> Tensor:
+        return self._backward(grad_out, x, matrix, [True, False, False])[0]
 
     def param_grads(
         self, grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool, need_bias: bool

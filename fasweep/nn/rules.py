@@ -23,11 +23,11 @@ Magnitude = Literal["uniform", "fixed_random", "batch_random"]
 
 
 class LayerOp(Protocol):
-    """The maths of one layer kind; `input_grad` sends G back through any matrix shaped like W."""
+    """The maths of one layer kind; `input_grad` sends G back through any matrix shaped like W (x: the input)."""
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
 
-    def input_grad(self, grad_out: Tensor, matrix: Tensor, input_shape: torch.Size) -> Tensor: ...
+    def input_grad(self, grad_out: Tensor, matrix: Tensor, x: Tensor) -> Tensor: ...
 
     def param_grads(
         self, grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool, need_bias: bool
@@ -35,7 +35,7 @@ class LayerOp(Protocol):
 
 
 class FeedbackRule(nn.Module):
-    """Base rule. Subclasses override `matrix` (B for this step), and optionally `input_grad`/`after_step`."""
+    """Base rule. Subclasses override `matrix` (B for this step), and optionally `input_grad` and the step hooks."""
 
     mode: ClassVar[str]
     updates_with_weight: ClassVar[bool] = False
@@ -81,10 +81,13 @@ class FeedbackRule(nn.Module):
 
     def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
         """dL/dx as this rule defines it: G sent back through B (W under `exact_backprop`)."""
-        return op.input_grad(grad_out, weight if self.exact else feedback, x.shape)
+        return op.input_grad(grad_out, weight if self.exact else feedback, x)
 
-    def after_step(self, weight: Tensor, delta: Tensor) -> None:
-        """Called by `optimizer_step` after W moved by `delta` (only when `updates_with_weight`)."""
+    def before_step(self, weight: Tensor) -> None:
+        """Called by `optimizer_step` before the optimizer moves W (only when `updates_with_weight`)."""
+
+    def after_step(self, weight: Tensor) -> None:
+        """Called by `optimizer_step` after the optimizer moved W (and clipping), even if the step raised."""
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -139,8 +142,12 @@ class UpdatedRandomFeedback(RandomFeedback):
         return {"init_scale": self.init_scale, "decay": self.decay}
 
     @torch.no_grad()
-    def after_step(self, weight: Tensor, delta: Tensor) -> None:
-        self.B.add_(delta)
+    def before_step(self, weight: Tensor) -> None:
+        self.B.sub_(weight)  # B holds B - W during the step: no copy of W needed
+
+    @torch.no_grad()
+    def after_step(self, weight: Tensor) -> None:
+        self.B.add_(weight)  # = B + (W_after - W_before)
         if self.decay:
             self.B.mul_(1.0 - self.decay)
             weight.mul_(1.0 - self.decay)
@@ -152,6 +159,7 @@ class SignConcordantFeedback(FeedbackRule):
     s is a fixed +-1 mask with exactly round(p * numel) entries +1 (drawn once), so a fraction p of B's
     signs agree with W's. M: `uniform` (sigma everywhere), `fixed_random` (|N(0, sigma)| drawn once) or
     `batch_random` (|N(0, sigma)| redrawn for every batch), sigma as in the module docstring.
+    Buffer `signed_magnitude` holds s * M (s alone for batch_random), so B costs two passes over W.
     """
 
     mode = "sign_concordant"
@@ -175,18 +183,19 @@ class SignConcordantFeedback(FeedbackRule):
         n = weight.numel()
         agree = torch.zeros(n, dtype=torch.bool, device=weight.device)
         agree[torch.randperm(n, device=weight.device)[: round(self.concordance * n)]] = True
-        self.register_buffer("sign_mask", torch.where(agree, 1.0, -1.0).to(weight.dtype).view_as(weight))
-        if self.magnitude == "fixed_random":
-            self.register_buffer("M", self._draw_magnitude(weight.detach()))
+        signs = torch.where(agree, 1.0, -1.0).to(weight.dtype).view_as(weight)
+        if self.magnitude == "uniform":
+            signs *= self.sigma
+        elif self.magnitude == "fixed_random":
+            signs *= self._draw_magnitude(weight.detach())
+        self.register_buffer("signed_magnitude", signs)
 
     def _draw_magnitude(self, weight: Tensor) -> Tensor:
-        return torch.randn_like(weight).abs_() * self.sigma
+        return torch.randn_like(weight).abs_().mul_(self.sigma)
 
     def matrix(self, weight: Tensor) -> Tensor:
-        signed = torch.sign(weight) * self.sign_mask
-        if self.magnitude == "uniform":
-            return signed * self.sigma
-        return signed * (self.M if self.magnitude == "fixed_random" else self._draw_magnitude(weight))
+        b = torch.sign(weight).mul_(self.signed_magnitude)
+        return b.mul_(self._draw_magnitude(weight)) if self.magnitude == "batch_random" else b
 
 
 class DirectFeedback(FeedbackRule):
@@ -212,7 +221,7 @@ class DirectFeedback(FeedbackRule):
 
     def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
         if self.exact:
-            return op.input_grad(grad_out, weight, x.shape)
+            return op.input_grad(grad_out, weight, x)
         error = None if self.context is None else self.context.error
         if error is None or error.shape[0] != x.shape[0]:
             raise RuntimeError("dfa layer has no output error for this batch: call fasweep.nn.finalize(model)")

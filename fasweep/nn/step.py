@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from fasweep.nn.layers import FALayer
 from fasweep.nn.untied import UntiedConv2d
@@ -37,13 +37,15 @@ def optimizer_step(
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.sign_()
-    tracked: list[tuple[FALayer, Tensor]] = [
-        (m, m.weight.detach().clone())
-        for m in model.modules()
-        if isinstance(m, FALayer) and m.rule.updates_with_weight and m.weight.requires_grad
+    tracked = [
+        m for m in model.modules() if isinstance(m, FALayer) and m.rule.updates_with_weight and m.weight.requires_grad
     ]
-    optimizer.step()
-    if weight_clip is not None:
-        clip_weights(model, weight_clip)
-    for layer, before in tracked:
-        layer.rule.after_step(layer.weight, layer.weight.detach() - before)
+    for layer in tracked:
+        layer.rule.before_step(layer.weight)
+    try:
+        optimizer.step()
+        if weight_clip is not None:
+            clip_weights(model, weight_clip)
+    finally:
+        for layer in tracked:
+            layer.rule.after_step(layer.weight)

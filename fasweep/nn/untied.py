@@ -48,11 +48,9 @@ class UntiedOp:
     def _grad_by_position(self, grad_out: Tensor) -> Tensor:
         return grad_out.reshape(grad_out.shape[0], grad_out.shape[1], -1).permute(2, 0, 1)  # (P, N, O)
 
-    def input_grad(self, grad_out: Tensor, matrix: Tensor, input_shape: torch.Size) -> Tensor:
+    def input_grad(self, grad_out: Tensor, matrix: Tensor, x: Tensor) -> Tensor:
         cols = torch.bmm(self._grad_by_position(grad_out), matrix.transpose(1, 2))  # (P, N, C*k*k)
-        return F.fold(
-            cols.permute(1, 2, 0), input_shape[-2:], self.kernel_size, padding=self.padding, stride=self.stride
-        )
+        return F.fold(cols.permute(1, 2, 0), x.shape[-2:], self.kernel_size, padding=self.padding, stride=self.stride)
 
     def param_grads(
         self, grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool, need_bias: bool

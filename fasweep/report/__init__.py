@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, fetch_histories, load_sweep
-from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
+from fasweep.report.plots import angle_curves, angle_keys, curve_groups, learning_curves, metric_vs_axis
 from fasweep.report.tables import (
     Table,
     check_axes,
@@ -50,8 +50,9 @@ class Report:
     metric: str
     at: str
     tables: list[Table]
-    plots: list[Path] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
+    images: dict[str, bytes] = field(default_factory=dict)  # plot file name -> PNG bytes
+    files: list[Path] = field(default_factory=list)  # written under `out`
+    logged: str = ""  # where the report went in MLflow, or why it could not be logged
 
 
 def render(report: Report, fmt: str) -> str:
@@ -62,7 +63,7 @@ def render(report: Report, fmt: str) -> str:
         return render_csv(report.tables)
     if fmt == "json":
         meta = {"sweep": report.sweep.name, "launches": report.sweep.launches, "metric": report.metric}
-        return render_json(report.tables, **meta, at=report.at, plots=[p.name for p in report.plots])
+        return render_json(report.tables, **meta, at=report.at, plots=list(report.images))
     if fmt == "html":
         return _html_page(report)
     raise UserError.field("--format", fmt, " | ".join(FORMATS))
@@ -71,9 +72,9 @@ def render(report: Report, fmt: str) -> str:
 def _html_page(report: Report) -> str:
     sweep = report.sweep
     images = "".join(
-        f"<h2>{html.escape(p.stem)}</h2><img alt='{html.escape(p.name)}' "
-        f"src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
-        for p in report.plots
+        f"<h2>{html.escape(name.removesuffix('.png'))}</h2><img alt='{html.escape(name)}' "
+        f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        for name, data in report.images.items()
     )
     tables = "".join(render_html(t) for t in report.tables)
     title = html.escape(f"fasweep report: {sweep.name}")
@@ -115,9 +116,10 @@ def make_report(
     launch: str = "latest",
     out: Path | None = None,
     log: bool = True,
+    plots: bool = False,
 ) -> Report:
-    """Read the sweep, build its tables; with `out` or `log`, draw the plots, write the files and log them
-    as `report/...` artifacts on the (latest selected) parent run."""
+    """Read the sweep and build its tables; draw the plots when `out`, `log` or `plots` asks for them; write
+    the files to `out`; log them as `report/...` artifacts on the (latest selected) parent run when `log`."""
     if at not in ("final", "best"):
         raise UserError.field("--at", at, "final or best")
     by = list(by or [])
@@ -129,35 +131,48 @@ def make_report(
         raise UserError.field("--metric", metric, f"a logged metric: {', '.join(sweep.metrics)}")
     check_axes(sweep, by)
 
-    draw = out is not None or log
+    draw = out is not None or log or plots
     fetch_histories(tracking_uri, sweep.trials, [metric, "train_loss", *angle_keys(sweep)] if draw else [metric])
-    tables = [pivot_table(sweep, metric, at, by)] if by else []
-    if not by:
-        tables += [t for t in (loss_table(sweep, metric, at),) if t] + [condition_table(sweep, metric, at)]
+    if by:
+        tables = [pivot_table(sweep, metric, at, by)]
+    else:  # the seed report's layout first where the loss is an axis, then one row per condition
+        side_by_side = loss_table(sweep, metric, at)
+        tables = ([side_by_side] if side_by_side else []) + [condition_table(sweep, metric, at)]
     report = Report(sweep, metric, at, tables)
     if draw:
         with tempfile.TemporaryDirectory() as tmp:
             folder = out or Path(tmp)
             _write(report, folder, by)
             if log:
-                MlflowClient(tracking_uri).log_artifacts(sweep.parent_ids[0], str(folder), "report")
+                report.logged = _log(tracking_uri, sweep.parent_ids[0], folder)
             if out is None:
-                report.files = report.plots = []
+                report.files = []
     return report
+
+
+def _log(tracking_uri: str, parent_id: str, folder: Path) -> str:
+    """Log the folder as `report/` on the parent run; a failure only costs the artifacts (the message says why)."""
+    try:
+        MlflowClient(tracking_uri).log_artifacts(parent_id, str(folder), "report")
+    except Exception as exc:  # e.g. a read-only artifact store: the report itself is still printed and written
+        return f"could not log the report on parent run {parent_id}: {type(exc).__name__}: {exc}".splitlines()[0]
+    return f"logged as artifacts report/ on parent run {parent_id}"
 
 
 def _write(report: Report, folder: Path, by: list[str]) -> None:
     """Plots and the four renderings into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     sweep, metric, at = report.sweep, report.metric, report.at
-    report.plots = [learning_curves(sweep, metric, folder / "curves.png")]
-    angles = angle_curves(sweep, folder / "angles.png")
-    report.plots += [angles] if angles else []
     x_axis, line_axis = _plot_axes(sweep, by)
+    groups, grouping = curve_groups(sweep, x_axis)
+    plots = [learning_curves(sweep.name, groups, grouping, metric, folder / "curves.png")]
+    if angles := angle_keys(sweep):
+        plots.append(angle_curves(sweep.name, groups, grouping, angles, folder / "angles.png"))
     if x_axis:
         path = folder / f"{_slug(metric)}_vs_{_slug(x_axis)}.png"
-        report.plots.append(metric_vs_axis(sweep, metric, at, x_axis, line_axis, path))
-    report.files = list(report.plots)
+        plots.append(metric_vs_axis(sweep, metric, at, x_axis, line_axis, path))
+    report.images = {p.name: p.read_bytes() for p in plots}
+    report.files = list(plots)
     for fmt in FORMATS:
         path = folder / f"report.{fmt}"
         path.write_text(render(report, fmt))

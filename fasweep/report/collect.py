@@ -35,10 +35,8 @@ class Trial:
     """One child run: its identity tags, params (flattened TrialConfig, as str) and metric histories."""
 
     run_id: str
-    launch: str
     stage: str
     condition: str
-    seed: int
     status: str
     start_time: int
     params: dict[str, str]
@@ -73,8 +71,8 @@ class Sweep:
 
 def _check_store(uri: str) -> None:
     """One-line error when the store is missing or unreachable; a report never creates an empty SQLite store."""
-    if urlparse(uri).scheme == "sqlite" and not Path(uri.removeprefix("sqlite:///")).is_file():
-        path = uri.removeprefix("sqlite:///")
+    path = Path(uri.removeprefix("sqlite:///"))
+    if urlparse(uri).scheme == "sqlite" and not path.is_file():
         raise UserError.field("--tracking-uri", uri, f"an existing MLflow store; {path} does not exist")
     check_reachable(uri)
 
@@ -119,13 +117,10 @@ def _load_spec_artifact(client: MlflowClient, run_id: str) -> SweepSpec | str:
 def _trial(run: Run) -> Trial:
     tags = run.data.tags
     status = tags.get("fasweep.status") or (RUNNING if run.info.status == "RUNNING" else run.info.status.lower())
-    seed = tags.get("fasweep.seed", run.data.params.get("train.seed", "0"))
     return Trial(
         run_id=run.info.run_id,
-        launch=tags.get("fasweep.launch", ""),
         stage=tags.get("fasweep.stage", "main"),
         condition=tags.get("fasweep.condition", run.info.run_name or run.info.run_id),
-        seed=int(float(seed)),
         status=status,
         start_time=run.info.start_time or 0,
         params=dict(run.data.params),
@@ -140,11 +135,11 @@ def _start(trial: Trial) -> int:
 def _condition_order(spec: SweepSpec | None, trials: list[Trial]) -> list[str]:
     """Labels in the plan's order (`expand(spec)`), then any others by first start time."""
     planned = [] if spec is None else [label(t.stage, t.condition) for t in expand(spec)]
-    rank = {label: i for i, label in enumerate(dict.fromkeys(planned))}
+    rank = {name: i for i, name in enumerate(dict.fromkeys(planned))}
     first: dict[str, int] = {}
     for t in trials:  # sorted by start time
         first.setdefault(t.label, len(first))
-    return sorted(first, key=lambda label: (rank.get(label, len(rank)), first[label]))
+    return sorted(first, key=lambda name: (rank.get(name, len(rank)), first[name]))
 
 
 def load_sweep(

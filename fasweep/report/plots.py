@@ -15,6 +15,8 @@ from matplotlib.ticker import MaxNLocator
 from fasweep.report.collect import Sweep, Trial
 from fasweep.report.tables import group_by, is_number, plan_sorted, sort_values, summarize
 
+MAX_CURVES = 12  # more conditions than this: learning/angle curves are drawn per value of the main axis
+
 
 def _mean_band(trials: list[Trial], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Epochs, mean over seeds and sd over seeds (0 for one seed) of a metric; non-finite points dropped."""
@@ -29,23 +31,27 @@ def _mean_band(trials: list[Trial], key: str) -> tuple[np.ndarray, np.ndarray, n
     return np.array(epochs), np.array(mean), np.array(sd)
 
 
-def _curves(ax: Axes, sweep: Sweep, key: str) -> bool:
-    """One line per condition (mean over seeds) with a ±sd band; False when nobody logged `key`."""
-    groups = group_by(sweep.trials, lambda t: t.label)
-    colors = _colors(len(sweep.condition_order))
-    drew = False
-    for label, color in zip(sweep.condition_order, colors, strict=True):
-        epochs, mean, sd = _mean_band(groups[label], key)
-        if len(epochs) == 0:
-            continue
-        drew = True
-        ax.plot(epochs, mean, color=color, label=label, marker="o" if len(epochs) < 4 else None, ms=3)
-        ax.fill_between(epochs, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+def curve_groups(sweep: Sweep, axis: str | None) -> tuple[dict[str, list[Trial]], str]:
+    """One curve per condition; beyond MAX_CURVES conditions, one per value of `axis` (other axes pooled)."""
+    trials = plan_sorted(sweep)
+    if axis is None or len(sweep.condition_order) <= MAX_CURVES:
+        return group_by(trials, lambda t: t.label), "condition"
+    groups = group_by(trials, lambda t: t.params.get(axis, ""))
+    short = axis.rsplit(".", 1)[-1]
+    return {f"{short}={v}": groups[v] for v in sort_values(groups)}, axis
+
+
+def _curves(ax: Axes, groups: dict[str, list[Trial]], key: str) -> None:
+    """One line per group (mean over its trials) with a ±sd band."""
+    for (name, trials), color in zip(groups.items(), _colors(len(groups)), strict=True):
+        epochs, mean, sd = _mean_band(trials, key)
+        if len(epochs):
+            ax.plot(epochs, mean, color=color, label=name, marker="o" if len(epochs) < 4 else None, ms=3)
+            ax.fill_between(epochs, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
-    return drew
 
 
 def _colors(n: int) -> list[tuple[float, ...]]:
@@ -60,15 +66,20 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def learning_curves(sweep: Sweep, metric: str, path: Path) -> Path:
-    """`metric` and train loss against epoch, one line per condition with a band over seeds."""
-    keys = [metric] + [k for k in ("train_loss",) if k != metric and any(k in t.latest for t in sweep.trials)]
+def _band_title(grouping: str) -> str:
+    return "mean ± sd over seeds" if grouping == "condition" else f"per {grouping}, mean ± sd over its trials"
+
+
+def learning_curves(name: str, groups: dict[str, list[Trial]], grouping: str, metric: str, path: Path) -> Path:
+    """`metric` and train loss against epoch, one line per group with a band."""
+    logged = any("train_loss" in t.latest for trials in groups.values() for t in trials)
+    keys = [metric] + (["train_loss"] if logged and metric != "train_loss" else [])
     fig = Figure(figsize=(5.5 * len(keys) + 2, 4), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys, strict=True):
-        _curves(ax, sweep, key)
+        _curves(ax, groups, key)
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"{sweep.name}: learning curves (mean ± sd over seeds)")
+    fig.suptitle(f"{name}: learning curves ({_band_title(grouping)})")
     return _save(fig, path)
 
 
@@ -77,23 +88,20 @@ def angle_keys(sweep: Sweep) -> list[str]:
     return sorted({k for t in sweep.trials for k in t.latest if k.startswith("angle/")})
 
 
-def angle_curves(sweep: Sweep, path: Path) -> Path | None:
-    """One panel per layer: angle between the rule's update and the BP gradient, per condition; None if none."""
-    keys = angle_keys(sweep)
-    if not keys:
-        return None
+def angle_curves(name: str, groups: dict[str, list[Trial]], grouping: str, keys: list[str], path: Path) -> Path:
+    """One panel per layer: the angle between the rule's weight update and the BP gradient, one line per group."""
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig = Figure(figsize=(4.5 * cols + 2, 3.5 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, key in zip(axes, keys, strict=False):
-        _curves(ax, sweep, key)
+        _curves(ax, groups, key)
         ax.set_title(key.removeprefix("angle/"))
         ax.set_ylabel("angle to BP gradient (°)")
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
-    axes[min(cols, len(keys)) - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"{sweep.name}: alignment angles per layer (mean ± sd over seeds)")
+    axes[cols - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"{name}: alignment angles per layer ({_band_title(grouping)})")
     return _save(fig, path)
 
 
@@ -117,6 +125,7 @@ def metric_vs_axis(sweep: Sweep, metric: str, at: str, x_axis: str, line_axis: s
             yerr=[0.0 if s.n < 2 else s.sd for _, s in points],
             color=color,
             marker="o",
+            ls="-" if numeric else ":",  # categories: the line only guides the eye
             capsize=3,
             label=f"{line_axis}={name}" if line_axis else None,
         )

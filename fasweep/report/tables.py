@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fasweep.errors import UserError
-from fasweep.report.collect import DIVERGED, FAILED, RUNNING, STOPPED, Sweep, Trial, finite
+from fasweep.report.collect import DIVERGED, FAILED, RUNNING, STOPPED, Sweep, Trial, finite, label
 
 LOSS_AXIS = "train.loss"
 PARTIAL_MARK = "*"
@@ -25,17 +25,14 @@ def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in ("loss", "angle", "time"))
 
 
-def trial_value(trial: Trial, metric: str, at: str) -> tuple[float, int] | None:
-    """(value, epoch) of a trial's metric at its final (latest) epoch or at its best epoch; None if never logged."""
-    hist = [(e, v) for e, v in trial.histories.get(metric, []) if math.isfinite(v) or at == "final"]
+def trial_value(trial: Trial, metric: str, at: str) -> float | None:
+    """A trial's metric at its final (latest) epoch, or its best value; None if never logged."""
+    hist = [v for _, v in trial.histories.get(metric, []) if at == "final" or math.isfinite(v)]
     if not hist:
         return None
     if at == "final":
-        epoch, value = hist[-1]
-        return value, epoch
-    pick = min if lower_is_better(metric) else max
-    epoch, value = pick(hist, key=lambda p: (p[1], -p[0]) if pick is max else (p[1], p[0]))
-    return value, epoch
+        return hist[-1]
+    return min(hist) if lower_is_better(metric) else max(hist)
 
 
 @dataclass
@@ -66,8 +63,7 @@ class Stats:
 
 def summarize(trials: list[Trial], metric: str, at: str) -> Stats:
     """Statistics of `metric` over the trials (seeds); best epoch = where the seed-mean curve is best."""
-    picked = [trial_value(t, metric, at) for t in trials]
-    values = [p[0] for p in picked if p is not None]
+    values = [v for v in (trial_value(t, metric, at) for t in trials) if v is not None]
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for t in trials:
         for epoch, v in t.histories.get(metric, []):
@@ -112,12 +108,16 @@ class Table:
     footnotes: list[str] = field(default_factory=list)
 
 
+def _number(value: float) -> float | None:
+    """NaN becomes None (JSON has no NaN)."""
+    return value if math.isfinite(value) else None
+
+
 def _record(s: Stats, reference: float | None = None, **keys: Any) -> dict[str, Any]:
-    none = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731 - JSON has no NaN
     return {
         **keys,
-        "mean": none(s.mean),
-        "sd": none(s.sd),
+        "mean": _number(s.mean),
+        "sd": _number(s.sd),
         "n": s.n,
         "runs": s.runs,
         "final_epoch": s.final_epoch,
@@ -132,6 +132,7 @@ def _record(s: Stats, reference: float | None = None, **keys: Any) -> dict[str, 
 
 
 def group_by(trials: Iterable[Trial], key: Callable[[Trial], Hashable]) -> dict[Any, list[Trial]]:
+    """Trials grouped by `key(trial)`, groups in order of first appearance."""
     out: dict[Any, list[Trial]] = defaultdict(list)
     for t in trials:
         out[key(t)].append(t)
@@ -160,6 +161,9 @@ def _footnotes(sweep: Sweep, metric: str, at: str) -> list[str]:
     errors = sum(t.status == FAILED for t in trials)
     if errors:
         notes.append(f"{errors} trial(s) ended with an error; only the epochs they logged count")
+    if len(sweep.all_launches) > len(sweep.launches):
+        shown = ", ".join(sweep.launches)
+        notes.append(f"launch {shown} of {len(sweep.all_launches)} launches; `--launch all` pools them")
     return notes + sweep.notes
 
 
@@ -168,15 +172,15 @@ def condition_table(sweep: Sweep, metric: str, at: str) -> Table:
     groups = group_by(sweep.trials, lambda t: t.label)
     header = ["condition", f"{metric} ({at})", "n", "final epoch", "best epoch", "diverged", "reference", "delta"]
     rows, records = [], []
-    for label in sweep.condition_order:
-        trials = groups[label]
-        s = summarize(trials, metric, at)
-        ref = reference_for(sweep, trials[0], metric)
-        rec = _record(s, ref, stage=trials[0].stage, condition=trials[0].condition)
+    for name in sweep.condition_order:
+        group = groups[name]
+        s = summarize(group, metric, at)
+        ref = reference_for(sweep, group[0], metric)
+        rec = _record(s, ref, stage=group[0].stage, condition=group[0].condition)
         records.append(rec)
         rows.append(
             [
-                label,
+                name,
                 fmt_stats(s),
                 str(s.n),
                 str(s.final_epoch or "—"),
@@ -201,27 +205,25 @@ def loss_table(sweep: Sweep, metric: str, at: str) -> Table | None:
 
     None when the loss is not varied or the conditions do not pair up across losses.
     """
-    losses = sorted({t.params.get(LOSS_AXIS, "") for t in sweep.trials})
+    trials = plan_sorted(sweep)
+    losses = sort_values(t.params.get(LOSS_AXIS, "") for t in trials)
     if len(losses) < 2:
         return None
-    base = {t.run_id: f"{t.stage}/{_strip_axis(t.condition, LOSS_AXIS)}" for t in sweep.trials}
-    cells = group_by(sweep.trials, lambda t: (base[t.run_id], t.params.get(LOSS_AXIS, "")))
-    if len({t.label for t in sweep.trials}) != len(cells):
+    row_of = {t.run_id: (t.stage, _strip_axis(t.condition, LOSS_AXIS)) for t in trials}
+    cells = group_by(trials, lambda t: (row_of[t.run_id], t.params.get(LOSS_AXIS, "")))
+    if len({t.label for t in trials}) != len(cells):
         return None
-    base_of = {t.label: base[t.run_id] for t in sweep.trials}
-    order = list(dict.fromkeys(base_of[label] for label in sweep.condition_order))
     header = ["condition"] + [h for loss in losses for h in (loss, f"reference {loss}", f"delta {loss}")]
     rows, records = [], []
-    for key in order:
-        stage, name = key.split("/", 1)
-        row = [name if stage == "main" else key]
+    for stage, name in dict.fromkeys(row_of[t.run_id] for t in trials):
+        row = [label(stage, name)]
         for loss in losses:
-            trials = cells.get((key, loss), [])
-            if not trials:
+            group = cells.get(((stage, name), loss))
+            if not group:
                 row += ["—", "—", "—"]
                 continue
-            s = summarize(trials, metric, at)
-            rec = _record(s, reference_for(sweep, trials[0], metric), stage=stage, condition=trials[0].condition)
+            s = summarize(group, metric, at)
+            rec = _record(s, reference_for(sweep, group[0], metric), stage=stage, condition=group[0].condition)
             records.append({**rec, "row": name, LOSS_AXIS: loss})
             row += [fmt_stats(s, with_n=True), fmt(rec["reference"]), fmt(rec["delta"], signed=True)]
         rows.append(row)
@@ -246,7 +248,7 @@ def sort_values(values: Iterable[str]) -> list[str]:
 
 def plan_sorted(sweep: Sweep) -> list[Trial]:
     """The trials in the order of `sweep.condition_order` (the plan's), seeds in start order within."""
-    rank = {label: i for i, label in enumerate(sweep.condition_order)}
+    rank = {name: i for i, name in enumerate(sweep.condition_order)}
     return sorted(sweep.trials, key=lambda t: rank[t.label])
 
 
@@ -260,34 +262,41 @@ def check_axes(sweep: Sweep, by: list[str]) -> None:
 
 
 def pivot_table(sweep: Sweep, metric: str, at: str, by: list[str]) -> Table:
-    """Rows = values of the first axis, columns = value combinations of the others; pooled over the rest.
+    """Rows = values of the first axis (per stage), columns = value combinations of the others.
 
     Each cell is `mean ± sd (n)` over every trial with those param values (seeds and unlisted axes pooled).
     """
     check_axes(sweep, by)
-    stages = len({t.stage for t in sweep.trials}) > 1
     trials = plan_sorted(sweep)
-    ranks = [{v: i for i, v in enumerate(sort_values(t.params.get(a, "") for t in trials))} for a in by]
-    row_key = lambda t: ((t.stage,) if stages else ()) + (t.params.get(by[0], ""),)  # noqa: E731
-    col_key = lambda t: tuple(t.params.get(a, "") for a in by[1:])  # noqa: E731
-    cells = group_by(sweep.trials, lambda t: (row_key(t), col_key(t)))
-    stage_rank = {stage: i for i, stage in enumerate(dict.fromkeys(t.stage for t in trials))}
-    rows_keys = sorted({r for r, _ in cells}, key=lambda r: (stage_rank[r[0]] if stages else 0, ranks[0][r[-1]]))
-    cols = sorted({c for _, c in cells}, key=lambda c: [rank[v] for rank, v in zip(ranks[1:], c, strict=True)])
-    label = lambda c: ",".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(by[1:], c, strict=True))  # noqa: E731
-    header = (["stage"] if stages else []) + [by[0]] + [label(c) or f"{metric} ({at})" for c in cols]
+    stages = list(dict.fromkeys(t.stage for t in trials))
+    staged = len(stages) > 1
+    order = [{v: i for i, v in enumerate(sort_values(t.params.get(a, "") for t in trials))} for a in by]
+
+    def row_key(t: Trial) -> tuple[int, str]:
+        return stages.index(t.stage), t.params.get(by[0], "")
+
+    def col_key(t: Trial) -> tuple[str, ...]:
+        return tuple(t.params.get(a, "") for a in by[1:])
+
+    def col_label(col: tuple[str, ...]) -> str:
+        return ",".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(by[1:], col, strict=True))
+
+    cells = group_by(trials, lambda t: (row_key(t), col_key(t)))
+    rows_keys = sorted({r for r, _ in cells}, key=lambda r: (r[0], order[0][r[1]]))
+    cols = sorted({c for _, c in cells}, key=lambda c: [rank[v] for rank, v in zip(order[1:], c, strict=True)])
+    header = (["stage"] if staged else []) + [by[0]] + [col_label(c) or f"{metric} ({at})" for c in cols]
     rows, records = [], []
-    for r in rows_keys:
-        row = list(r)
+    for stage_index, value in rows_keys:
+        stage = {"stage": stages[stage_index]} if staged else {}
+        row = [*stage.values(), value]
         for c in cols:
-            trials = cells.get((r, c))
-            if not trials:
+            group = cells.get(((stage_index, value), c))
+            if not group:
                 row.append("—")
                 continue
-            s = summarize(trials, metric, at)
+            s = summarize(group, metric, at)
             row.append(fmt_stats(s, with_n=True))
-            keys = {a: trials[0].params.get(a) for a in by}
-            records.append(_record(s, **({"stage": r[0]} if stages else {}), **keys))
+            records.append(_record(s, **stage, **{a: group[0].params.get(a) for a in by}))
         rows.append(row)
     notes = _footnotes(sweep, metric, at)
     notes.insert(1, "cells: mean ± sd (n) over all trials with these values (seeds and other axes pooled)")
