@@ -137,7 +137,7 @@ def postgres(database: str = "mlflow") -> Iterator[str]:
 
 
 class MlflowServer:
-    """`mlflow server` on a PostgreSQL backend with proxied artifacts, restartable on the same port."""
+    """`mlflow server` on a PostgreSQL backend with proxied artifacts; stop() and start() keep its port."""
 
     def __init__(self, backend_uri: str, workdir: Path) -> None:
         self.backend_uri, self.workdir, self.port = backend_uri, workdir, free_port()
@@ -169,12 +169,6 @@ class MlflowServer:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
-
-    def restart(self, down_s: float = 3.0) -> None:
-        """Stop the server, leave it down for `down_s` seconds, start it again on the same port."""
-        self.stop()
-        time.sleep(down_s)
-        self.start()
 
 
 @contextlib.contextmanager

@@ -6,30 +6,38 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 import kubernetes_validate
 import mlflow
 import pytest
+import requests
 import torch
 import yaml
+
+from fasweep.config import TrialConfig
+from fasweep.data import load_data
+from fasweep.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cluster import (
     BIN,
     MlflowServer,
     RayCluster,
+    free_port,
     mlflow_server,
     postgres,
     postgres_bin,
@@ -134,6 +142,7 @@ def strict(schema: Any) -> Any:
     return out
 
 
+@functools.cache
 def crd_schemas() -> dict[str, dict[str, Any]]:
     """kind -> strict v1 openAPIV3Schema of the vendored KubeRay CRDs."""
     out = {}
@@ -306,14 +315,20 @@ def test_mlflow_server_is_locked_down(rendered: list[dict[str, Any]]) -> None:
 EPOCHS = {"spread": 3, "kill": 12, "restart": 8}
 
 
+class Stack(NamedTuple):
+    database: str
+    server: MlflowServer
+    cluster: RayCluster
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MlflowServer, RayCluster]]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """PostgreSQL, `mlflow server` on it, and a Ray head + 2 worker nodes, shared by the tests below."""
     if postgres_bin() is None:
         pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
     work = tmp_path_factory.mktemp("stack")
     with postgres() as db, mlflow_server(db, work) as server, ray_cluster(work, workers=2) as cluster:
-        yield server, cluster
+        yield Stack(db, server, cluster)
 
 
 def write_spec(path: Path, name: str, epochs: int, storage: Path) -> Path:
@@ -424,16 +439,15 @@ def as_rayjob_runs(entrypoint: str, env: dict[str, str]) -> subprocess.Completed
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_rayjob_entrypoint_runs_a_sweep_across_nodes_once(
-    stack: tuple[MlflowServer, RayCluster], tmp_path: Path
-) -> None:
-    """The RayJob's own entrypoint: a fresh sweep spread over both worker nodes, every trial recorded once,
-    checkpoints fetched back through the server; run again (a KubeRay retry) it resumes and adds nothing."""
-    server, cluster = stack
+def test_rayjob_entrypoint_runs_a_sweep_across_nodes_once(stack: Stack, tmp_path: Path) -> None:
+    """The RayJob's own entrypoint: a fresh sweep spread over both worker nodes, every trial recorded once, a
+    checkpoint fetched back through the server scores the logged test accuracy; run again (a KubeRay retry)
+    it resumes and adds nothing."""
+    _, server, cluster = stack
     sweep = "deploy-spread"
     spec = write_spec(tmp_path / f"{sweep}.yaml", sweep, EPOCHS["spread"], tmp_path / "storage")
-    name, path = entrypoint_spec(find(render(OVERLAYS["job"]), "RayJob")["spec"]["entrypoint"])
     entrypoint = find(render(OVERLAYS["job"]), "RayJob")["spec"]["entrypoint"]
+    name, path = entrypoint_spec(entrypoint)
     entrypoint = entrypoint.replace(path, str(spec)).replace(f"status {name} ", f"status {sweep} ")
     env = {
         **launch_env(cluster),
@@ -457,7 +471,15 @@ def test_rayjob_entrypoint_runs_a_sweep_across_nodes_once(
         )
     )
     checkpoint = torch.load(local, map_location="cpu", weights_only=False)
-    assert checkpoint["epoch"] == EPOCHS["spread"] and checkpoint["model"], sorted(checkpoint)
+    assert checkpoint["epoch"] == EPOCHS["spread"]
+    config = TrialConfig.model_validate(checkpoint["config"])
+    data = load_data(config.data)
+    model = build_model(config.model, config.feedback, data.input_shape, data.num_outputs)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    with torch.no_grad():
+        hits = sum((model(x).argmax(1) == y).sum().item() for x, y in data.batches("test", 512, shuffle=False))
+    assert hits / len(data.y_test) == pytest.approx(runs[0].data.metrics["test_acc"], abs=1e-6)
 
     again = as_rayjob_runs(entrypoint, env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -467,17 +489,18 @@ def test_rayjob_entrypoint_runs_a_sweep_across_nodes_once(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_mlflow_server_restart_mid_sweep_loses_no_metric(
-    stack: tuple[MlflowServer, RayCluster], tmp_path: Path
-) -> None:
-    server, cluster = stack
+def test_mlflow_server_restart_mid_sweep_loses_no_metric(stack: Stack, tmp_path: Path) -> None:
+    _, server, cluster = stack
     sweep = "deploy-restart"
     spec = write_spec(tmp_path / f"{sweep}.yaml", sweep, EPOCHS["restart"], tmp_path / "storage")
     log = tmp_path / "launch.log"
     proc = launch(spec, cluster, server, log)
     try:
         wait_for(lambda: epochs_logged(server, sweep) >= 2, 300, "first epochs on the server")
-        server.restart(down_s=3.0)
+        server.stop()
+        assert proc.poll() is None, "the sweep must still be training while the server is down"
+        time.sleep(3.0)
+        server.start()
         finish(proc, log, 400)
     finally:
         stop(proc)
@@ -485,14 +508,53 @@ def test_mlflow_server_restart_mid_sweep_loses_no_metric(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mlflow_server_as_deployed_requires_login_and_known_hosts(stack: Stack, tmp_path: Path) -> None:
+    """The Deployment's own start script (basic-auth app, ini written from env, --allowed-hosts), run here on
+    the test's PostgreSQL: health is open, the API wants the admin login, unknown Host headers are refused."""
+    container = find(render(OVERLAYS["job"]), "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    port = free_port()
+    ini = tmp_path / "basic_auth.ini"
+    script = container["args"][0].replace("/tmp/basic_auth.ini", str(ini)).replace("0.0.0.0", "127.0.0.1")
+    script = script.replace("5000", str(port)).replace("--workers 2", "--workers 1")
+    env = {
+        "PATH": f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "MLFLOW_BACKEND_STORE_URI": stack.database,
+        "MLFLOW_ARTIFACTS_DESTINATION": (tmp_path / "artifacts").as_uri(),
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "s3cret-for-test",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key",
+    }
+    url = f"http://127.0.0.1:{port}"
+    proc = start(["bash", "-c", script], tmp_path / "server.log", env)
+    try:
+
+        def health() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError((tmp_path / "server.log").read_text()[-3000:])
+            return requests.get(f"{url}/health", timeout=5).ok
+
+        wait_for(health, 180, "mlflow server (basic auth)")
+        api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        login = ("admin", "s3cret-for-test")
+        assert requests.get(api, timeout=10).status_code == 401
+        assert requests.get(api, auth=("admin", "wrong"), timeout=10).status_code == 401
+        assert requests.get(api, auth=login, timeout=10).status_code == 200
+        forged = requests.get(api, auth=login, headers={"Host": "evil.example"}, timeout=10)
+        assert forged.status_code == 403
+        assert ini.stat().st_mode & 0o777 == 0o600, "the ini holds the database password"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_worker_node_killed_mid_sweep_trials_resume_elsewhere(
-    stack: tuple[MlflowServer, RayCluster], tmp_path: Path
-) -> None:
+def test_worker_node_killed_mid_sweep_trials_resume_elsewhere(stack: Stack, tmp_path: Path) -> None:
     """Kill node w1 while it trains: its trials continue from their last checkpoint on w2 (Tune's result log
     shows a restore past epoch 1) and MLflow ends with every trial once, every epoch present. Runs last: it
     leaves one worker node."""
-    server, cluster = stack
+    _, server, cluster = stack
     sweep = "deploy-kill"
     storage = tmp_path / "storage"
     spec = write_spec(tmp_path / f"{sweep}.yaml", sweep, EPOCHS["kill"], storage)
