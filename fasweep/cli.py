@@ -62,6 +62,7 @@ def train(
     from rich.table import Table
 
     from fasweep.config import set_path, validate_trial
+    from fasweep.models import parse_layers, resolve_arch
     from fasweep.train import train as run_trial
 
     data: Any = {}
@@ -78,6 +79,7 @@ def train(
     for path, value in [*((k, v) for k, v in flags.items() if v is not None), *parse_sets(set_).items()]:
         data = set_path(data, path, value)
     trial = validate_trial(data)
+    parse_layers(resolve_arch(trial.model.arch))  # a bad layer string fails before the progress bar
     metrics_file = out / "metrics.jsonl" if out is not None else None
     if metrics_file is not None:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,11 @@ mid-trial. Stages run in order, each as its own Tune experiment under `<storage>
 a stage's `init_from` is resolved through MLflow after the earlier stage ends, and the checkpoint's bytes
 reach the workers through the Ray object store (no shared filesystem).
 
-`--resume` restores the stage's Tune experiment, but MLflow decides what is done: trials complete there are
-skipped, the others restart and continue from the newest checkpoint found in the storage (each checkpoint
-carries an `epoch-NNNNNN` marker). Tune's own restore-from-checkpoint is not used for them because the
-experiment snapshot a killed driver leaves behind can name checkpoints that `num_to_keep` already deleted.
+`--resume` reads what is done from MLflow and runs only the rest, as a new Tune experiment of the stage
+(`<stage>.resume-xxxx` beside the first), each trial continuing from its newest checkpoint anywhere under the
+launch's storage (every checkpoint carries an `epoch-NNNNNN` marker). Tune's `Tuner.restore` is not used: the
+experiment snapshot a SIGKILLed driver leaves can name checkpoints `num_to_keep` already deleted (the trial
+then fails to restore), and restarting its trials instead stalls its grid generator under max_concurrent.
 
 Tune pickles its callbacks with the experiment and brings the old ones back on restore, so the callback
 here is stateless: it forwards every hook to the driver of the launch running in this process (`_ACTIVE`).
@@ -65,18 +66,12 @@ class LaunchResult:
 
 
 def run_trial(
-    config: dict[str, Any],
-    *,
-    configs: dict[str, dict[str, Any]],
-    skip: frozenset[str],
-    init: Any,
-    resume: dict[str, list[str]],
+    config: dict[str, Any], *, configs: dict[str, dict[str, Any]], init: Any, resume: dict[str, list[str]]
 ) -> None:
     """Tune trainable: train the planned trial `config['key']`, reporting each epoch with its checkpoint.
 
     Continues from Tune's checkpoint on a retry, else from the first readable of `resume[key]` (checkpoint
-    dirs on the storage, newest first) on `--resume`; returns at once for `skip` (complete in MLflow).
-    `init` is the stage's init_from checkpoint as bytes (or None).
+    dirs on the storage, newest first) on `--resume`. `init` is the stage's init_from checkpoint as bytes.
     """
     import ray
     import torch
@@ -85,8 +80,6 @@ def run_trial(
     from fasweep.train import train
 
     key = config["key"]
-    if key in skip:
-        return
     trial_config = configs[key]
     if init is not None:
         trial_config = set_path(trial_config, "model.init_from.checkpoint", str(_init_file(init)))
@@ -200,7 +193,7 @@ class _Hooks(tune.Callback):
         _driver().step(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        _driver().experiment_end(trials)
+        _driver().step(trials, final=True)
 
 
 _ACTIVE: _Driver | None = None
@@ -249,79 +242,52 @@ class _Driver:
         self.tracker = tracker
         self.console = console
         self.metric = metric
-        self.skip: frozenset[str] = frozenset()
-        self.resume: dict[str, list[str]] = {}
-        self.started: set[str] = set()
-        self.ended: set[str] = set()
-        self.incomplete: set[str] = set()
-        self.last: dict[str, dict[str, float]] = {}
         self.stage = ""
+        self.done_before = 0  # trials of the stage complete before this run (--resume)
+        self.ended: set[str] = set()
+        self.last: dict[str, dict[str, float]] = {}
         self._line = ""
         self._live: Live | None = None
 
     # Tune hooks
     def trial_started(self, trial: Any) -> None:
-        key = trial.config["key"]
-        self.started.add(key)
-        if key not in self.skip:
-            self.tracker.trial_started(key)
+        self.tracker.trial_started(trial.config["key"])
 
     def trial_result(self, trial: Any, result: dict[str, Any]) -> None:
-        key = trial.config["key"]
         metrics = _metrics(result)
-        if key in self.skip or "epoch" not in metrics:
-            return
-        self.last[key] = metrics
-        self.tracker.trial_epoch(key, metrics)
+        if "epoch" in metrics:
+            self.last[trial.config["key"]] = metrics
+            self.tracker.trial_epoch(trial.config["key"], metrics)
 
     def trial_ended(self, trial: Any, result_error: str) -> None:
-        self.end(trial.config["key"], _metrics(trial.last_result or {}), trial.checkpoint, result_error)
-
-    def end(self, key: str, last: dict[str, float], checkpoint: Any, error: str) -> None:
-        """Queue a trial's completion once (from a Tune hook, or from the results after a restore)."""
-        if key in self.skip or key in self.ended:
-            return
+        """Queue a trial's completion (Tune calls no hook for trials it stops at the end of an experiment)."""
+        key = trial.config["key"]
+        last = _metrics(trial.last_result or {})
         self.ended.add(key)
         if last:
             self.last[key] = last
-        self.tracker.trial_ended(key, last=last or None, fetch_checkpoint=_fetcher(checkpoint), error=error)
+        fetch = _fetcher(trial.checkpoint)
+        self.tracker.trial_ended(key, last=last or None, fetch_checkpoint=fetch, error=result_error)
 
-    def step(self, trials: list[Any]) -> None:
-        self.tracker.raise_if_failed()
-        self.show(self.summary(trials))
-
-    def experiment_end(self, trials: list[Any]) -> None:
-        """Complete trials a restored experiment already had as terminated (they call no hooks); note the rest.
-
-        Trials stopped by the end of the experiment (Ctrl+C, an error) are marked TERMINATED by Tune without
-        `on_trial_complete`, so only trials that did not run in this session are taken from Tune's state.
-        """
-        self.incomplete = set()
-        for trial in trials:
-            key = trial.config["key"]
-            if key in self.skip or key in self.ended:
-                continue
-            if key not in self.started and trial.status == "TERMINATED":
-                newest = self.resume.get(key_digest(key))
-                checkpoint = tune.Checkpoint(newest[0]) if newest else trial.checkpoint
-                self.end(key, _metrics(trial.last_result or {}), checkpoint, "")
-            else:
-                self.incomplete.add(key)
+    def step(self, trials: list[Any], final: bool = False) -> None:
+        if not final:  # at the end (also after an error) the failure is raised by the flush that follows
+            self.tracker.raise_if_failed()
         self.show(self.summary(trials))
 
     # progress
     def summary(self, trials: list[Any]) -> str:
         counts = dict.fromkeys(("pending", "running", "done", "diverged", "stopped", "error"), 0)
+        counts["done"] = self.done_before
         for trial in trials:
             key = trial.config["key"]
-            if key in self.skip:
-                counts["done"] += 1
-            elif trial.status in ("PENDING", "PAUSED"):
+            if trial.status in ("PENDING", "PAUSED"):
                 counts["pending"] += 1
             elif trial.status == "RUNNING":
                 counts["running"] += 1
             elif trial.status == "ERROR":
                 counts["error"] += 1
+            elif key not in self.ended:  # stopped by the end of the experiment (Ctrl+C, an error)
+                counts["pending"] += 1
             else:
                 last = self.last.get(key, {})
                 planned = self.tracker.planned_epochs(key)
@@ -501,7 +467,7 @@ def launch(
 def _run_stages(spec: SweepSpec, trials: list[PlannedTrial], driver: _Driver, root: str, resume: bool) -> str:
     """Run the stages in order; the launch status (finished | failed | interrupted)."""
     # Tune's own console output off (the legacy engine honours verbose=0); each checkpoint forces a snapshot
-    # of the experiment state by design (it keeps --resume exact), so its "snapshotting often" warning is noise.
+    # of the experiment state by design, so its "snapshotting often" warning is noise here.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tracker = driver.tracker
@@ -510,12 +476,14 @@ def _run_stages(spec: SweepSpec, trials: list[PlannedTrial], driver: _Driver, ro
         mine = [t for t in trials if t.stage == stage]
         tracker.flush()
         done = {k for k, s in tracker.load_children().items() if s in COMPLETE}
-        if all(t.key in done for t in mine):
+        todo = [t for t in mine if t.key not in done]
+        if not todo:
             driver.say(f"[{stage}] all {len(mine)} trials already complete")
             continue
-        driver.stage, driver.skip = stage, frozenset(t.key for t in mine if t.key in done)
+        driver.stage, driver.done_before = stage, len(mine) - len(todo)
         init = _resolve_init(mine, driver)
-        outcome = _run_stage(spec, mine, driver, f"{root}/{stage}", resume, init)
+        name = f"{stage}.resume-{secrets.token_hex(2)}" if resume else stage
+        outcome = _run_stage(spec, todo, driver, root, name, latest_checkpoints(root) if resume else {}, init)
         if outcome != "finished":
             if stage != stages[-1]:
                 driver.say(f"[{stage}] ended {outcome}; later stages not started (`--resume` continues)")
@@ -543,53 +511,51 @@ def _resolve_init(trials: list[PlannedTrial], driver: _Driver) -> Any:
     return ray.put(data)
 
 
-def _run_stage(spec: SweepSpec, trials: list[PlannedTrial], driver: _Driver, path: str, resume: bool, init: Any) -> str:
-    """One Tune experiment for one stage (restored when `resume` finds it); finished | failed | interrupted."""
+def _run_stage(
+    spec: SweepSpec,
+    trials: list[PlannedTrial],
+    driver: _Driver,
+    root: str,
+    name: str,
+    found: dict[str, list[str]],
+    init: Any,
+) -> str:
+    """One Tune experiment `<root>/<name>` running `trials`; finished | failed | interrupted."""
     keys = [t.key for t in trials]
-    restore = resume and tune.Tuner.can_restore(path)
-    found = latest_checkpoints(path) if restore else {}
-    driver.resume = found
     trainable = tune.with_parameters(
         run_trial,
         configs={t.key: t.config for t in trials},
-        skip=driver.skip,
         init=init,
-        resume={k: found[key_digest(k)] for k in keys if key_digest(k) in found and k not in driver.skip},
+        resume={k: found[key_digest(k)] for k in keys if key_digest(k) in found},
     )
     resources = {t.key: {"cpu": t.resources["cpu"], "gpu": t.resources["gpu"]} for t in trials}
     same = len({json.dumps(r, sort_keys=True) for r in resources.values()}) == 1
     trainable = tune.with_resources(trainable, resources[keys[0]] if same else lambda c: resources[c["key"]])
-    param_space = {"key": tune.grid_search(keys)}
-    if restore:  # unfinished and errored trials restart and find their newest checkpoint themselves (see top)
-        restart = tune.ResumeConfig.ResumeType.RESTART
-        again = tune.ResumeConfig(unfinished=restart, errored=restart)
-        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space, _resume_config=again)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=1,
-                max_concurrent_trials=spec.max_concurrent,
-                scheduler=_scheduler(spec, trials),
-                reuse_actors=same,
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=path.rsplit("/", 1)[1],
-                storage_path=path.rsplit("/", 1)[0],
-                failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=0,
-                callbacks=[_Hooks()],
-            ),
-        )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"key": tune.grid_search(keys)},
+        tune_config=tune.TuneConfig(
+            num_samples=1,
+            max_concurrent_trials=spec.max_concurrent,
+            scheduler=_scheduler(spec, trials),
+            reuse_actors=same,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=root,
+            failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=0,
+            callbacks=[_Hooks()],
+        ),
+    )
     with driver.progress():
         tuner.fit()
     driver.tracker.flush()
     statuses = driver.tracker.load_children()
-    if driver.incomplete:
+    if any(k not in driver.ended for k in keys):
         return "interrupted"
     return "finished" if all(statuses.get(k) in COMPLETE for k in keys) else "failed"
 

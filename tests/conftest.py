@@ -17,13 +17,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    """Keep torch to one or two threads: tests run on 2-core machines beside Ray workers."""
+    """Keep torch to one thread: tests run on 2-core machines beside Ray workers."""
     try:
         import torch
     except ImportError:  # spec tests never need torch
         yield
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
 
 
