@@ -40,7 +40,16 @@ from rich.text import Text
 from fasweep.config import set_path
 from fasweep.errors import UserError
 from fasweep.spec import PlannedTrial, SweepSpec, dump_spec, expand, load_spec, summarize
-from fasweep.tracking import COMPLETE, SweepTracker, TrackingError, TrialInfo, check_reachable, resolve_tracking_uri
+from fasweep.tracking import (
+    COMPLETE,
+    HISTORY_NAME,
+    SweepTracker,
+    TrackingError,
+    TrialInfo,
+    check_reachable,
+    resolve_tracking_uri,
+    trial_status,
+)
 
 log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "__duplicate__"}
@@ -88,12 +97,13 @@ def run_trial(
         work = Path(tmp)
         checkpoint = tune.get_checkpoint()
         candidates = [checkpoint] if checkpoint is not None else [tune.Checkpoint(p) for p in resume.get(key, [])]
-        resume_from = _first_readable(candidates, work / "resume")
+        resume_from, history = _first_readable(candidates, work / "resume")
         reported: list[float] = []
 
         def on_epoch(metrics: dict[str, float], path: Path | None) -> None:
             reported.append(metrics["epoch"])
-            tune.report(metrics, checkpoint=_marked(path, metrics["epoch"]) if path else None)
+            history.append(metrics)
+            tune.report(metrics, checkpoint=_marked(path, history) if path else None)
 
         result = train(
             TrialConfig.model_validate(trial_config),
@@ -102,29 +112,31 @@ def run_trial(
             on_epoch=on_epoch,
         )
         if not reported and result.final and resume_from is not None:  # resumed at its end: report it once more
-            tune.report(result.final, checkpoint=tune.Checkpoint.from_directory(str(resume_from.parent)))
+            tune.report(result.final, checkpoint=_marked(resume_from, history))
 
 
-def _marked(path: Path, epoch: float) -> Any:
-    """The checkpoint dir of `path` as a Tune checkpoint, with an `epoch-NNNNNN` marker file for --resume."""
+def _marked(path: Path, history: list[dict[str, float]]) -> Any:
+    """The checkpoint dir of `path` as a Tune checkpoint, plus `history.json` (every epoch's metrics, read by
+    the driver without torch) and an `epoch-NNNNNN` marker file (found by `latest_checkpoints`)."""
     for old in path.parent.glob("epoch-*"):
         old.unlink()
-    (path.parent / f"epoch-{int(epoch):06d}").touch()
+    (path.parent / f"epoch-{int(history[-1]['epoch']):06d}").touch()
+    (path.parent / HISTORY_NAME).write_text(json.dumps(history))
     return tune.Checkpoint.from_directory(str(path.parent))
 
 
-def _first_readable(checkpoints: list[Any], dst: Path) -> Path | None:
-    """Download the first checkpoint whose file loads (a killed upload can leave a partial one); its path."""
+def _first_readable(checkpoints: list[Any], dst: Path) -> tuple[Path | None, list[dict[str, float]]]:
+    """Download the first checkpoint whose file loads (a killed upload can leave a partial one): its path and
+    the history stored in it; (None, []) when there is none."""
     import torch
 
     for i, checkpoint in enumerate(checkpoints):
         try:
             path = Path(checkpoint.to_directory(str(dst / str(i)))) / CHECKPOINT_NAME
-            torch.load(path, map_location="cpu", weights_only=True)
-            return path
+            return path, list(torch.load(path, map_location="cpu", weights_only=True)["history"])
         except Exception as exc:
             log.warning("checkpoint %s unreadable (%s); trying an older one", checkpoint.path, exc)
-    return None
+    return None, []
 
 
 def latest_checkpoints(path: str) -> dict[str, list[str]]:
@@ -238,10 +250,10 @@ def _fetcher(checkpoint: Any) -> Any:
 class _Driver:
     """The launch's state on the driver: tracker, trial bookkeeping and the live progress line."""
 
-    def __init__(self, tracker: SweepTracker, console: Console, metric: str) -> None:
+    def __init__(self, tracker: SweepTracker, console: Console, metric: str, mode: str) -> None:
         self.tracker = tracker
         self.console = console
-        self.metric = metric
+        self.metric, self.mode = metric, mode
         self.stage = ""
         self.done_before = 0  # trials of the stage complete before this run (--resume)
         self.ended: set[str] = set()
@@ -289,24 +301,26 @@ class _Driver:
             elif key not in self.ended:  # stopped by the end of the experiment (Ctrl+C, an error)
                 counts["pending"] += 1
             else:
-                last = self.last.get(key, {})
-                planned = self.tracker.planned_epochs(key)
-                kind = (
-                    "diverged"
-                    if last.get("diverged")
-                    else "stopped"
-                    if last.get("epoch", planned) < planned
-                    else "done"
-                )
-                counts[kind] += 1
+                last = [self.last[key]] if key in self.last else []
+                kind = trial_status(last, self.tracker.planned_epochs(key))
+                counts["done" if kind == "finished" else kind] += 1
         text = f"[{self.stage}] " + " · ".join(f"{n} {name}" for name, n in counts.items() if n or name != "stopped")
-        stage = {trial.config["key"] for trial in trials}
-        scored = [(m[self.metric], k) for k, m in self.last.items() if k in stage and self.metric in m]
-        scored = [(v, k) for v, k in scored if not self.last[k].get("diverged")]
-        if scored:
-            value, key = max(scored)
-            text += f" · best {self.metric} {value:.4f} ({key})"
+        best = self.best({trial.config["key"] for trial in trials})
+        if best:
+            text += f" · best {self.metric} {best[1]:.4f} ({best[0]})"
         return text
+
+    def best(self, keys: set[str] | None = None) -> tuple[str, float] | None:
+        """(trial key, value) of the best last reported metric among `keys` (all: None), diverged ones aside."""
+        scored = [
+            (m[self.metric], k)
+            for k, m in self.last.items()
+            if (keys is None or k in keys) and self.metric in m and not m.get("diverged")
+        ]
+        if not scored:
+            return None
+        value, key = (min if self.mode == "min" else max)(scored)
+        return key, value
 
     def show(self, line: str) -> None:
         """Live line on a terminal; in a log, one line per change."""
@@ -426,8 +440,8 @@ def launch(
         run_id=parent.info.run_id if parent is not None else "",
     )
     tracker.register(TrialInfo(t.key, t.stage, t.condition, t.seed, t.config) for t in trials)
-    metric = spec.scheduler.asha.metric if spec.scheduler else "test_acc"
-    driver = _Driver(tracker, console, metric)
+    metric, mode = (spec.scheduler.asha.metric, spec.scheduler.asha.mode) if spec.scheduler else ("test_acc", "max")
+    driver = _Driver(tracker, console, metric, mode)
     verb = "resuming" if resume else "launching"
     driver.say(f"{verb} {spec.name} @ {launch_id}: {summarize(spec, trials)}; MLflow {uri}; storage {root}")
     if address and "://" not in spec.storage:
@@ -435,6 +449,7 @@ def launch(
     started_ray = False
     status = "failed"
     global _ACTIVE
+    unsaved: TrackingError | None = None
     try:
         started_ray = _init_ray(address, num_cpus)
         _ACTIVE = driver
@@ -442,34 +457,38 @@ def launch(
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except Exception:
+        if tracker.error is not None:  # the writer gave up: that is why Tune stopped; say so in one line
+            raise tracker.error from None
+        raise
     finally:
         _ACTIVE = None
         try:
             tracker.flush()
             tracker.finish_parent(status)
         except TrackingError as exc:
-            driver.say(f"error: {exc}")
-        finally:
-            tracker.close()
-            if started_ray:
-                import ray
+            unsaved = exc
+        tracker.close()
+        if started_ray:
+            import ray
 
-                ray.shutdown()
-    counts = tracker.load_children()
+            ray.shutdown()
+    if unsaved is not None:
+        raise unsaved
     by_status: dict[str, int] = {}
-    for s in counts.values():
+    for s in tracker.load_children().values():
         by_status[s] = by_status.get(s, 0) + 1
-    scored = [(m[metric], k) for k, m in driver.last.items() if metric in m and not m.get("diverged")]
-    best = max(scored)[::-1] if scored else None
+    best = driver.best()
     return LaunchResult(spec.name, launch_id, status, tracker.parent_id, spec.experiment, uri, by_status, best, root)
 
 
 def _run_stages(spec: SweepSpec, trials: list[PlannedTrial], driver: _Driver, root: str, resume: bool) -> str:
     """Run the stages in order; the launch status (finished | failed | interrupted)."""
-    # Tune's own console output off (the legacy engine honours verbose=0); each checkpoint forces a snapshot
-    # of the experiment state by design, so its "snapshotting often" warning is noise here.
+    # Tune's own console output off (the legacy engine honours verbose=0); checkpoints force snapshots of the
+    # experiment state by design, so its "snapshotting often" warning is noise here; Tune's result files off.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the log (saves the driver ~30% CPU)
     tracker = driver.tracker
     stages = list(dict.fromkeys(t.stage for t in trials))
     for stage in stages:
@@ -546,7 +565,7 @@ def _run_stage(
             name=name,
             storage_path=root,
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
             verbose=0,
             callbacks=[_Hooks()],
         ),

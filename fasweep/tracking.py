@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ TRIAL_STATUSES = ("running", "finished", "diverged", "stopped", "error")
 COMPLETE = frozenset({"finished", "diverged", "stopped"})  # trial statuses that need no more work
 CURVE_KEYS = ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test_acc")
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
+HISTORY_NAME = "history.json"  # beside checkpoint.pt in each Tune checkpoint: the trial's metrics so far
 RETRY_BUDGET_S = float(os.environ.get("FASWEEP_TRACKING_RETRY_S", "600"))
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 _PERMANENT_CODES |= {"PERMISSION_DENIED", "UNAUTHENTICATED"}
@@ -405,6 +406,11 @@ class SweepTracker:
     def raise_if_failed(self) -> None:
         self._writer.raise_if_failed()
 
+    @property
+    def error(self) -> TrackingError | None:
+        """The write that could not be done, if any (then nothing after it was written)."""
+        return self._writer.error
+
     def close(self) -> None:
         self._writer.close()
 
@@ -473,16 +479,17 @@ class SweepTracker:
         child.logged = None  # read the logged steps back: backfill exactly what is missing
         with tempfile.TemporaryDirectory(prefix="fasweep-ckpt-") as tmp:
             ckpt = fetch_checkpoint(Path(tmp)) if fetch_checkpoint else None
-            history = list(_checkpoint_history(ckpt)) if ckpt else []
+            saved = ckpt.parent / HISTORY_NAME if ckpt else None
+            history = json.loads(saved.read_text()) if saved and saved.is_file() else []
             if last and "epoch" in last:
-                history.append(last)
+                history = [m for m in history if m["epoch"] != last["epoch"]] + [last]
             self._log_epochs(key, history, stamp)
             if ckpt is not None:
                 self.client.log_artifact(child.run_id, str(ckpt), "checkpoint")
         status = "error" if error else trial_status(history, self.planned_epochs(key))
         if status == "error" and not error:
             error = "the trial ended without reporting an epoch"
-        figure = _curves(self.client, child.run_id, key)
+        figure = _curves(history, key)
         if figure is not None:
             self.client.log_figure(child.run_id, figure, "curves.png")
         tags = {f"{TAG}status": status}
@@ -503,21 +510,13 @@ def trial_status(history: list[dict[str, float]], planned_epochs: int) -> str:
     return "stopped" if last["epoch"] < planned_epochs else "finished"
 
 
-def _checkpoint_history(path: Path) -> Iterator[dict[str, float]]:
-    """The per-epoch metrics stored in a fasweep checkpoint file (train() keeps the whole history there)."""
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for metrics in state.get("history", []):
-        yield {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-
-
-def _curves(client: Any, run_id: str, title: str) -> Any | None:
-    """A loss | accuracy figure of the run's per-epoch curves, read back from MLflow (complete after resumes)."""
+def _curves(history: list[dict[str, float]], title: str) -> Any | None:
+    """A loss | accuracy figure of a trial's per-epoch curves (None without any)."""
     from matplotlib.figure import Figure
 
-    series = {k: client.get_metric_history(run_id, k) for k in CURVE_KEYS}
-    series = {k: sorted(v, key=lambda m: m.step) for k, v in series.items() if v}
+    history = sorted(history, key=lambda m: m["epoch"])
+    series = {k: [(m["epoch"], m[k]) for m in history if k in m] for k in CURVE_KEYS}
+    series = {k: v for k, v in series.items() if v}
     if not series:
         return None
     panels = [p for p in ("loss", "acc") if any(k.endswith(p) for k in series)]
@@ -525,7 +524,7 @@ def _curves(client: Any, run_id: str, title: str) -> Any | None:
     for ax, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for name, points in series.items():
             if name.endswith(panel):
-                ax.plot([m.step for m in points], [m.value for m in points], marker="o", ms=3, label=name)
+                ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel(panel)
         ax.legend()

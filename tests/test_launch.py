@@ -289,7 +289,7 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
             try:
                 if requests.get(f"{uri}/health", timeout=1).ok:
                     return server
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or busy starting
                 time.sleep(0.5)
         os.killpg(server.pid, signal.SIGKILL)
         raise AssertionError("mlflow server did not start")
