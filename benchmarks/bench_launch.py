@@ -4,7 +4,7 @@ Prints, in one run: the sweep's wall time (launch() with Ray already up: schedul
 MLflow writes and the final flush included), the sum of the trials' own times (Tune's time_total_s: data load,
 model build, epochs, reports) and of their epochs alone, and the ratios wall / (sum / slots). Target: <= 1.15.
 
-    .venv/bin/python benchmarks/bench_launch.py [--trials 20] [--slots 2] [--epochs 3]
+    .venv/bin/python benchmarks/bench_launch.py [--trials 20] [--slots 2] [--epochs 30]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--slots", type=int, default=2, help="CPUs of the local Ray = concurrent 1-CPU trials")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30, help="30: trials of about 5 s on one core")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -431,6 +431,12 @@ def launch(
     else:
         launch_id = new_launch_id()
     root = storage_root(spec, launch_id)
+    try:
+        started_ray = _init_ray(address, num_cpus)
+    except Exception as exc:
+        tracker.close()
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError.field("--address", address, f"a reachable Ray cluster, e.g. HOST:6379 ({reason})") from None
     tracker.open_parent(
         launch_id,
         axes=spec.axes,
@@ -446,12 +452,10 @@ def launch(
     driver.say(f"{verb} {spec.name} @ {launch_id}: {summarize(spec, trials)}; MLflow {uri}; storage {root}")
     if address and "://" not in spec.storage:
         driver.say(f"note: storage {root} must be a path shared by every Ray node (or s3://) for checkpoints")
-    started_ray = False
     status = "failed"
     global _ACTIVE
     unsaved: TrackingError | None = None
     try:
-        started_ray = _init_ray(address, num_cpus)
         _ACTIVE = driver
         status = _run_stages(spec, trials, driver, root, resume)
     except KeyboardInterrupt:

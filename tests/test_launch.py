@@ -282,17 +282,26 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
     command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
     command += ["--artifacts-destination", str(tmp_path / "artifacts")]
 
-    def serve() -> subprocess.Popen:
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    servers: list[subprocess.Popen] = []
+
+    def serve() -> None:
+        servers.append(
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
                 if requests.get(f"{uri}/health", timeout=1).ok:
-                    return server
+                    return
             except requests.RequestException:  # not listening yet, or busy starting
                 time.sleep(0.5)
-        os.killpg(server.pid, signal.SIGKILL)
         raise AssertionError("mlflow server did not start")
+
+    def stop() -> None:
+        for server in servers:  # the server and its uvicorn and job-runner children
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
     def tracker(name: str, budget_s: float) -> SweepTracker:
         t = SweepTracker(uri, name, name, budget_s=budget_s)
@@ -303,11 +312,10 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
         t.flush()
         return t
 
-    server = serve()
     try:
+        serve()
         patient, impatient = tracker("restart", 120), tracker("down", 2)
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        stop()
         for t in (patient, impatient):
             t.trial_epoch("main/A/s0", {"epoch": 2.0, "test_acc": 0.6})
             t.trial_epoch("main/A/s0", {"epoch": 3.0, "test_acc": 0.7})
@@ -315,7 +323,7 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
         with pytest.raises(TrackingError, match=r"--resume"):
             impatient.flush()
         impatient.close()
-        server = serve()  # the patient writer has been retrying all along
+        serve()  # the patient writer has been retrying all along
         patient.flush()
         patient.finish_parent("finished")
         patient.close()
@@ -324,5 +332,4 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
         history = MlflowClient(uri).get_metric_history(child.info.run_id, "test_acc")
         assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.7)]
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        stop()
