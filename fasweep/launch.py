@@ -381,6 +381,10 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, **options)
     else:
+        # A local Ray talks over loopback only (Ray otherwise swaps 127.0.0.1 for the host's IP address).
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(num_cpus=num_cpus, **options)
     return True
 
@@ -411,10 +415,10 @@ def launch(
     tracker = SweepTracker(uri, spec.experiment, spec.name)
     digest = plan_hash(trials)
     parent = tracker.latest_parent() if resume else None
+    if resume and parent is None:  # a first try (e.g. a RayJob's first attempt) starts fresh
+        console.print(f"no earlier launch of {spec.name} in {uri}: starting a new one", soft_wrap=True)
+        resume = False
     if resume:
-        if parent is None:
-            tracker.close()
-            raise UserError.field("--resume", spec.name, f"an earlier launch of this sweep in {uri}; drop --resume")
         tags = parent.data.tags
         launch_id = tags["fasweep.launch"]
         if tags.get("fasweep.status") == "finished":
