@@ -133,6 +133,10 @@ def postgres(database: str = "mlflow") -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# Loopback servers are asked directly, whatever proxy the environment names.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 # --- MLflow server ----------------------------------------------------------------------------------------------
 
 
@@ -161,7 +165,7 @@ class MlflowServer:
         """True when the server process is up and /health answers 200."""
         if self.proc is None or self.proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited; see {self.log}")
-        with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+        with DIRECT.open(f"{self.url}/health", timeout=2) as resp:
             return resp.status == 200
 
     def stop(self) -> None:

@@ -6,6 +6,7 @@ import gzip
 import math
 import shutil
 import socket
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,8 @@ def test_download_offline_fails_fast_with_one_line(isolated: Path, monkeypatch: 
         monkeypatch.setenv(var, dead)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
+    # urlopen's global opener keeps the proxies it was built with: drop the one built here afterwards
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with pytest.raises(UserError) as err:
         load_data(DataConfig(name="mnist", download=True))
     assert_one_line_naming(

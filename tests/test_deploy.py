@@ -348,9 +348,11 @@ def write_spec(path: Path, name: str, epochs: int, storage: Path) -> Path:
 
 
 def launch_env(cluster: RayCluster) -> dict[str, str]:
-    """The driver's env: the cluster's (Ray auth token), `fasweep` on PATH as in the image, one torch thread."""
+    """The driver's env: the cluster's (Ray auth token), `fasweep` on PATH as in the image, one torch thread,
+    and Tune's own result.json logs back on (fasweep turns them off) so a test can see restores."""
     path = f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin"
-    return {**cluster.env, "PATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**cluster.env, "PATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**env, "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0"}
 
 
 def launch(spec: Path, cluster: RayCluster, server: MlflowServer, log: Path) -> subprocess.Popen[bytes]:

@@ -356,6 +356,80 @@ def test_loss_variants_side_by_side(layout_store: str, capsys: pytest.CaptureFix
     assert dsr1[7].strip() == f"{hinge.mean() - 0.4883:+.4f}"
 
 
+EPOCH_SPEC = {
+    **TABLE_SPEC,
+    "name": "early",
+    "reference": {
+        "DSR1,loss=hinge": {"test_acc": 0.5, "test_acc@3": 0.4, "test_acc@4": 0.45},
+        "DS0,loss=cross_entropy": {"test_acc@3": 0.3},
+        "DS0,loss=hinge": {"train_loss@2": 1.0},
+    },
+}
+
+
+def test_references_at_earlier_epochs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`<metric>@<N>` references: the metric at epoch N over the trials that reached it, beside reference and delta."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = table_trials(np.random.default_rng(1))
+    short = [t for t in trials if t["condition"] == "DSR1,loss=hinge"]  # neither seed reaches epoch 4
+    for trial, status, epochs in zip(short, ("running", "stopped"), (2, 3), strict=True):
+        trial["status"], trial["metrics"] = status, {k: v[:epochs] for k, v in trial["metrics"].items()}
+    write_sweep(uri, tmp_path, EPOCH_SPEC, "launch-E", trials, axes=["model.arch", "train.loss"])
+    body = report_json(capsys, uri, "early")
+    loss_layout, per_condition = body["tables"]
+    client = MlflowClient(uri)
+    df = trial_runs(uri, "early")
+    for cond, group in df.groupby("tags.fasweep.condition"):
+        histories = [{m.step: m.value for m in client.get_metric_history(r, "test_acc")} for r in group["run_id"]]
+        [side] = [r for r in loss_layout["records"] if r["condition"] == cond]
+        for rec in (by_condition(per_condition["records"])[cond], side):
+            for epoch in (3, 4):
+                at = [h[epoch] for h in histories if epoch in h]
+                ref = EPOCH_SPEC["reference"].get(cond, {}).get(f"test_acc@{epoch}")
+                assert rec[f"test_acc@{epoch}.n"] == len(at)
+                assert sorted(rec[f"test_acc@{epoch}.values"]) == pytest.approx(sorted(at), abs=1e-12)
+                assert rec[f"test_acc@{epoch}.mean"] == (pytest.approx(np.mean(at), abs=1e-12) if at else None)
+                assert rec[f"test_acc@{epoch}.sd"] == (pytest.approx(np.std(at, ddof=1)) if len(at) > 1 else None)
+                assert rec[f"test_acc@{epoch}.reference"] == ref
+                delta = rec[f"test_acc@{epoch}.delta"]
+                assert delta == (None if ref is None or not at else pytest.approx(np.mean(at) - ref, abs=1e-12))
+    assert not any(k.startswith("train_loss@") for r in per_condition["records"] for k in r)  # another metric's
+    code, out, _ = run_cli(capsys, "early", "--tracking-uri", uri, "--no-log")
+    assert code == 0
+    lines = out.splitlines()
+    header = [h.strip() for h in next(x for x in lines if x.startswith("| condition | test_acc")).split("|")[1:-1]]
+    assert header[-6:] == [
+        "test_acc@3",
+        "reference test_acc@3",
+        "delta test_acc@3",
+        "test_acc@4",
+        "reference test_acc@4",
+        "delta test_acc@4",
+    ]
+    row = [c.strip() for c in next(x for x in lines if x.startswith("| DSR1,loss=hinge |")).split("|")[1:-1]]
+    stopped_id = df[df["tags.fasweep.status"] == "stopped"]["run_id"].iloc[0]
+    at3 = {m.step: m.value for m in client.get_metric_history(stopped_id, "test_acc")}[3]  # the running seed: 2 epochs
+    assert row[-6:] == [
+        f"{at3:.4f} (1)",
+        "0.4000",
+        f"{at3 - 0.4:+.4f}",
+        "— (0)",
+        "0.4500",
+        "—",
+    ]
+    side_header = next(x for x in lines if x.startswith("| condition | cross_entropy"))
+    assert (
+        "| hinge | reference hinge | delta hinge | hinge@3 | reference hinge@3 | delta hinge@3 | hinge@4 |"
+        in side_header
+    )
+    code, csv_text, _ = run_cli(capsys, "early", "--tracking-uri", uri, "--no-log", "--format", "csv")
+    assert code == 0 and "test_acc@4.delta" in csv_text.splitlines()[0]
+    code, page, _ = run_cli(capsys, "early", "--tracking-uri", uri, "--no-log", "--format", "html")
+    assert code == 0 and "<th>delta test_acc@4</th>" in page
+    train_loss = report_json(capsys, uri, "early", "--metric", "train_loss")["tables"][-1]["records"]
+    assert [r["train_loss@2.reference"] for r in train_loss if r["condition"] == "DS0,loss=hinge"] == [1.0]
+
+
 def test_plots_html_and_artifacts(layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     code, printed, err = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--out", str(out), "--format", "html")

@@ -9,7 +9,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,11 @@ def lower_is_better(metric: str) -> bool:
     return any(word in metric for word in ("loss", "angle", "time"))
 
 
-def trial_value(trial: Trial, metric: str, at: str) -> float | None:
-    """A trial's metric at its final (latest) epoch, or its best value; None if never logged."""
+def trial_value(trial: Trial, metric: str, at: str | int) -> float | None:
+    """A trial's metric at its final (latest) epoch, its best value, or at epoch `at` (an int: step `at` of the
+    history); None if never logged (or the trial has not reached that epoch)."""
+    if isinstance(at, int):
+        return dict(trial.histories.get(metric, [])).get(at)
     hist = [v for _, v in trial.histories.get(metric, []) if at == "final" or math.isfinite(v)]
     if not hist:
         return None
@@ -61,8 +64,9 @@ class Stats:
         return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
 
 
-def summarize(trials: list[Trial], metric: str, at: str) -> Stats:
-    """Statistics of `metric` over the trials (seeds); best epoch = where the seed-mean curve is best."""
+def summarize(trials: list[Trial], metric: str, at: str | int) -> Stats:
+    """Statistics of `metric` over the trials (seeds) at `at` (final, best or an epoch); best epoch = where the
+    seed-mean curve is best. At a given epoch a running trial's value is final (not partial)."""
     values = [v for v in (trial_value(t, metric, at) for t in trials) if v is not None]
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for t in trials:
@@ -74,7 +78,7 @@ def summarize(trials: list[Trial], metric: str, at: str) -> Stats:
         values=list(finite(values)),
         runs=len(trials),
         diverged=sum(t.status == DIVERGED for t in trials),
-        partial=sum(t.status == RUNNING for t in trials),
+        partial=0 if isinstance(at, int) else sum(t.status == RUNNING for t in trials),
         errors=sum(t.status == FAILED for t in trials),
         final_epoch=max(by_epoch) if by_epoch else None,
         best_epoch=pick(sorted(curve), key=curve.__getitem__) if curve else None,
@@ -148,10 +152,45 @@ def reference_for(sweep: Sweep, trial: Trial, metric: str) -> float | None:
     return None
 
 
-def _footnotes(sweep: Sweep, metric: str, at: str) -> list[str]:
+def reference_epochs(sweep: Sweep, metric: str) -> list[int]:
+    """The epochs N of the spec's `<metric>@<N>` reference keys (numbers published at earlier epochs), sorted."""
+    keys = (key.rpartition("@") for refs in sweep.reference.values() for key in refs)
+    return sorted({int(n) for name, _, n in keys if name == metric and n.isdigit()})
+
+
+def _compared(sweep: Sweep, group: list[Trial], metric: str, at: str | int) -> tuple[Stats, dict[str, Any], list[str]]:
+    """`metric` of a group at `at` (final, best or epoch N, reference key `<metric>@<N>`) beside the reference:
+    its stats, record and cells `mean ± sd (n)`, reference, delta."""
+    s = summarize(group, metric, at)
+    rec = _record(s, reference_for(sweep, group[0], metric if isinstance(at, str) else f"{metric}@{at}"))
+    return s, rec, [fmt_stats(s, with_n=True), fmt(rec["reference"]), fmt(rec["delta"], signed=True)]
+
+
+def _triple(name: str) -> list[str]:
+    """Headers of a measured/reference/delta column triple."""
+    return [name, f"reference {name}", f"delta {name}"]
+
+
+def _at_epochs(sweep: Sweep, group: list[Trial], metric: str, epochs: list[int]) -> tuple[list[str], dict[str, Any]]:
+    """The `<metric>@<N>` column triples of a group and their record fields (`<metric>@<N>.mean`, ...)."""
+    cells: list[str] = []
+    fields: dict[str, Any] = {}
+    for epoch in epochs:
+        _, rec, triple = _compared(sweep, group, metric, epoch)
+        cells += triple
+        fields |= {f"{metric}@{epoch}.{k}": rec[k] for k in ("mean", "sd", "n", "values", "reference", "delta")}
+    return cells, fields
+
+
+def _footnotes(sweep: Sweep, metric: str, at: str, epochs: Sequence[int] = ()) -> list[str]:
     trials = sweep.trials
     when = "final (latest)" if at == "final" else "best"
     notes = [f"{metric} at the {when} epoch of each trial; mean ± sd over seeds"]
+    if epochs:
+        notes.append(
+            f"{metric}@N: {metric} at epoch N of the trials that reached it, mean ± sd (n), beside the spec's "
+            f"{metric}@N reference; N = {', '.join(map(str, epochs))}"
+        )
     running = sum(t.status == RUNNING for t in trials)
     if running:
         notes.append(f"{PARTIAL_MARK} partial: {running} trial(s) still running; their latest epoch is used")
@@ -170,27 +209,19 @@ def _footnotes(sweep: Sweep, metric: str, at: str) -> list[str]:
 def condition_table(sweep: Sweep, metric: str, at: str) -> Table:
     """One row per condition (per stage): mean ± sd over seeds, n, epochs, diverged, reference and delta."""
     groups = group_by(sweep.trials, lambda t: t.label)
+    epochs = reference_epochs(sweep, metric)
     header = ["condition", f"{metric} ({at})", "n", "final epoch", "best epoch", "diverged", "reference", "delta"]
+    header += [h for e in epochs for h in _triple(f"{metric}@{e}")]
     rows, records = [], []
     for name in sweep.condition_order:
         group = groups[name]
-        s = summarize(group, metric, at)
-        ref = reference_for(sweep, group[0], metric)
-        rec = _record(s, ref, stage=group[0].stage, condition=group[0].condition)
-        records.append(rec)
-        rows.append(
-            [
-                name,
-                fmt_stats(s),
-                str(s.n),
-                str(s.final_epoch or "—"),
-                str(s.best_epoch or "—"),
-                str(s.diverged),
-                fmt(ref),
-                fmt(rec["delta"], signed=True),
-            ]
-        )
-    return Table(f"{sweep.name}: {metric} per condition", header, rows, records, _footnotes(sweep, metric, at))
+        s, rec, (_, ref, delta) = _compared(sweep, group, metric, at)
+        cells, fields = _at_epochs(sweep, group, metric, epochs)
+        records.append({"stage": group[0].stage, "condition": group[0].condition, **rec, **fields})
+        epoch_cols = [str(s.final_epoch or "—"), str(s.best_epoch or "—")]
+        rows.append([name, fmt_stats(s), str(s.n), *epoch_cols, str(s.diverged), ref, delta, *cells])
+    notes = _footnotes(sweep, metric, at, epochs)
+    return Table(f"{sweep.name}: {metric} per condition", header, rows, records, notes)
 
 
 def _strip_axis(condition: str, axis: str) -> str:
@@ -213,22 +244,26 @@ def loss_table(sweep: Sweep, metric: str, at: str) -> Table | None:
     cells = group_by(trials, lambda t: (row_of[t.run_id], t.params.get(LOSS_AXIS, "")))
     if len({t.label for t in trials}) != len(cells):
         return None
-    header = ["condition"] + [h for loss in losses for h in (loss, f"reference {loss}", f"delta {loss}")]
+    epochs = reference_epochs(sweep, metric)
+    names = [[loss] + [f"{loss}@{e}" for e in epochs] for loss in losses]
+    header = ["condition"] + [h for per_loss in names for name in per_loss for h in _triple(name)]
     rows, records = [], []
     for stage, name in dict.fromkeys(row_of[t.run_id] for t in trials):
         row = [label(stage, name)]
         for loss in losses:
             group = cells.get(((stage, name), loss))
             if not group:
-                row += ["—", "—", "—"]
+                row += ["—"] * 3 * (1 + len(epochs))
                 continue
-            s = summarize(group, metric, at)
-            rec = _record(s, reference_for(sweep, group[0], metric), stage=stage, condition=group[0].condition)
-            records.append({**rec, "row": name, LOSS_AXIS: loss})
-            row += [fmt_stats(s, with_n=True), fmt(rec["reference"]), fmt(rec["delta"], signed=True)]
+            _, rec, triple = _compared(sweep, group, metric, at)
+            at_epochs, fields = _at_epochs(sweep, group, metric, epochs)
+            records.append(
+                {"stage": stage, "condition": group[0].condition, **rec, **fields, "row": name, LOSS_AXIS: loss}
+            )
+            row += triple + at_epochs
         rows.append(row)
     title = f"{sweep.name}: {metric} by condition and loss (the seed report's layout)"
-    return Table(title, header, rows, records, _footnotes(sweep, metric, at))
+    return Table(title, header, rows, records, _footnotes(sweep, metric, at, epochs))
 
 
 def is_number(text: str) -> bool:
