@@ -389,6 +389,23 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+def _check_fits(trials: list[PlannedTrial], *, local: bool) -> None:
+    """Refuse, before any compute, a trial that asks for more CPUs/GPUs than a local Ray has (it would wait
+    forever); a remote cluster may autoscale, so there the trials simply queue."""
+    import ray
+
+    if not local:
+        return
+    total = ray.cluster_resources()
+    for kind in ("cpu", "gpu"):
+        need = max(t.resources[kind] for t in trials)
+        have = total.get(kind.upper(), 0.0)
+        if need > have:
+            raise UserError.field(
+                f"resources.{kind}", need, f"at most {have:g} on this machine's Ray (--set resources.{kind}={have:g})"
+            )
+
+
 def launch(
     spec_path: str | Path,
     *,
@@ -441,6 +458,15 @@ def launch(
         tracker.close()
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError.field("--address", address, f"a reachable Ray cluster, e.g. HOST:6379 ({reason})") from None
+    try:
+        _check_fits(trials, local=address is None)
+    except UserError:
+        tracker.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     tracker.open_parent(
         launch_id,
         axes=spec.axes,

@@ -169,6 +169,14 @@ def test_unreachable_tracking_store_fails_fast_before_any_trial(store, tmp_path,
     assert not (tmp_path / "fasweep-runs").exists()
 
 
+def test_a_trial_larger_than_the_local_ray_fails_fast_instead_of_waiting(ray_address, store, tmp_path, capsys):
+    assert cli("launch", str(QUICKSTART), "--tracking-uri", store, *TINY, "--set", "resources.gpu=1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: resources.gpu: got 1") and "--set resources.gpu=0" in err
+    assert len(err.strip().splitlines()) == 1
+    assert runs(store, "quickstart", "parent") == []
+
+
 def test_two_stage_spec_starts_the_second_stage_from_the_best_first_stage_checkpoint(ray_address, store, tmp_path):
     spec = write_spec(
         tmp_path / "staged.yaml",
