@@ -55,7 +55,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=REPO.parent / "shared" / "data" / "cifar10-jpeg")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the baseline")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads in the main process (1: no OpenMP stalls on a busy box)"
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads in the main process, both pipelines (default: all cores; use 1 on a busy machine)",
     )
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()

@@ -78,7 +78,7 @@ def train(
     flags = {"model.arch": model, "data.name": dataset, "train.epochs": epochs, "feedback.mode": feedback}
     for path, value in [*((k, v) for k, v in flags.items() if v is not None), *parse_sets(set_).items()]:
         data = set_path(data, path, value)
-    trial = validate_trial(data)
+    trial = validate_trial(data, where=str(config) if config is not None else "")
     parse_layers(resolve_arch(trial.model.arch))  # a bad layer string fails before the progress bar
     metrics_file = out / "metrics.jsonl" if out is not None else None
     if metrics_file is not None:

@@ -1,12 +1,13 @@
 """TrialConfig: the one contract between the sweep, Ray, the trainer, MLflow params and `fasweep train`.
 
-Pure Pydantic (no torch import), so `fasweep.spec` can validate specs without loading PyTorch.
+Pure Pydantic (no torch import), so `fasweep.spec` can validate specs without loading PyTorch. Also turns a
+Pydantic error into the one-line UserError that both `fasweep train` and the spec validator print.
 """
 
 from __future__ import annotations
 
 import copy
-import re
+import difflib
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -139,40 +140,84 @@ def set_path(d: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     return out
 
 
-_UNION_TAG = re.compile(r"^(float|int|str|bool|none|list\[.*|dict\[.*|literal\[.*|function-.*)$", re.IGNORECASE)
+# --- pydantic errors -> one line (shared by `fasweep train` and the spec validator) ----------------------------
+
+Loc = tuple[str | int, ...]
 
 
-def _clean_loc(loc: tuple[str | int, ...]) -> list[str | int]:
-    """A Pydantic error location without union-member tags: ('train', 'l2', 'float') -> ['train', 'l2']."""
-    return [p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p)) and p != "[key]"]
-
-
-def _known_fields(loc: list[str | int]) -> list[str]:
-    """Field names of the config model at `loc` inside TrialConfig (empty when `loc` is not a model)."""
-    model: Any = TrialConfig
+def format_loc(loc: Loc) -> str:
+    """('stages', 1, 'grid', 'train.lr') -> 'stages[1].grid.train.lr'."""
+    out = ""
     for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = next((a for a in (field.annotation, *get_args(field.annotation)) if hasattr(a, "model_fields")), None)
-    return list(getattr(model, "model_fields", {}))
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def suggest(value: str, names: list[str]) -> str:
+    """' (did you mean X?)' for the closest of `names`, or ''."""
+    close = difflib.get_close_matches(value, names, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def unknown_field(key: str, names: list[str], shown: str = "") -> str:
+    """`unknown field[ SHOWN] (did you mean X?); expected one of NAMES` for a `key` where `names` are the fields."""
+    return f"unknown field{' ' * bool(shown)}{shown}{suggest(key, names)}; expected one of {', '.join(names)}"
+
+
+def submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `InitFrom | None` or `list[Stage]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((sub for arg in get_args(annotation) if (sub := submodel(arg)) is not None), None)
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """Field names of the model reached by walking `loc` from `model` (list indices and dict keys are skipped)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        info = current.model_fields.get(part) if current is not None and isinstance(part, str) else None
+        if info is not None:
+            current = submodel(info.annotation)
+    return list(current.model_fields) if current is not None else []
+
+
+def _data_loc(loc: Loc, data: Any, keep_last: bool) -> Loc:
+    """`loc` without pydantic's union-branch tags: the parts present in `data` (and a missing/unknown last key)."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        inside_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if inside_list or (isinstance(node, dict) and part in node):
+            out.append(part)
+            node = node[part]
+        elif keep_last and i == len(loc) - 1 and isinstance(node, dict):
+            out.append(part)
+    return tuple(out)
+
+
+def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Loc, str]:
+    """The error to report, as its loc in `data` and `got X; expected Y` (or `unknown field ...; expected one of`).
+
+    An unknown key goes first (a typo also causes the 'missing' error of the real key), then the deepest error
+    (inside a union, the branch that got furthest).
+    """
+    err = max(exc.errors(include_url=False), key=lambda e: (e["type"] == "extra_forbidden", len(e["loc"])))
+    loc = _data_loc(tuple(err["loc"]), data, keep_last=err["type"] in ("missing", "extra_forbidden"))
+    if err["type"] == "extra_forbidden":
+        return loc, unknown_field(str(loc[-1]), _fields_at(model, loc[:-1]))
+    if err["type"] == "missing":
+        return loc, "required field is missing; expected a value for it"
+    msg = str(err["msg"])
+    for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return loc, f"got {err.get('input')!r}; expected {msg[:1].lower()}{msg[1:]}"
 
 
 def validate_trial(data: dict[str, Any], *, where: str = "") -> TrialConfig:
-    """Validate a TrialConfig dict; a Pydantic error becomes one UserError line `field.path: got X; expected Y`."""
+    """Validate a TrialConfig dict; a Pydantic error becomes one UserError line `[where: ]path: got X; expected Y`."""
     try:
         return TrialConfig.model_validate(data)
     except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: -len(e["loc"]))
-        paths = [".".join(str(p) for p in _clean_loc(e["loc"])) for e in errors]
-        err, loc, path = errors[0], _clean_loc(errors[0]["loc"]), paths[0] or "(config)"
-        others = {p for p in paths if not path.startswith(p)}
-        more = f" (+{len(others)} more)" if others else ""
-        if err["type"] == "missing":
-            prefix = f"{where}: " if where else ""
-            raise UserError(f"{prefix}{path}: missing; expected a value (required field){more}") from None
-        if err["type"] == "extra_forbidden":
-            expected = "one of the known fields: " + ", ".join(_known_fields(loc[:-1]))
-        else:
-            expected = re.sub(r"^(Input should be |Value error, )", "", err["msg"])
-        raise UserError.field(path, err["input"], expected + more, where=where) from None
+        loc, message = explain(exc, data, TrialConfig)
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}{format_loc(loc) or '<top>'}: {message}") from None

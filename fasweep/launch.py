@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -258,6 +259,7 @@ class _Driver:
         self.done_before = 0  # trials of the stage complete before this run (--resume)
         self.ended: set[str] = set()
         self.last: dict[str, dict[str, float]] = {}
+        self.peak: dict[str, float] = {}  # best value of `metric` each trial reached so far (diverged ones aside)
         self._line = ""
         self._live: Live | None = None
 
@@ -269,6 +271,7 @@ class _Driver:
         metrics = _metrics(result)
         if "epoch" in metrics:
             self.last[trial.config["key"]] = metrics
+            self._note_peak(trial.config["key"], metrics)
             self.tracker.trial_epoch(trial.config["key"], metrics)
 
     def trial_ended(self, trial: Any, result_error: str) -> None:
@@ -278,6 +281,7 @@ class _Driver:
         self.ended.add(key)
         if last:
             self.last[key] = last
+            self._note_peak(key, last)
         fetch = _fetcher(trial.checkpoint)
         self.tracker.trial_ended(key, last=last or None, fetch_checkpoint=fetch, error=result_error)
 
@@ -310,13 +314,16 @@ class _Driver:
             text += f" · best {self.metric} {best[1]:.4f} ({best[0]})"
         return text
 
+    def _note_peak(self, key: str, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.metric)
+        if value is None or metrics.get("diverged") or not math.isfinite(value):
+            return
+        old = self.peak.get(key)
+        self.peak[key] = value if old is None else (min if self.mode == "min" else max)(old, value)
+
     def best(self, keys: set[str] | None = None) -> tuple[str, float] | None:
-        """(trial key, value) of the best last reported metric among `keys` (all: None), diverged ones aside."""
-        scored = [
-            (m[self.metric], k)
-            for k, m in self.last.items()
-            if (keys is None or k in keys) and self.metric in m and not m.get("diverged")
-        ]
+        """(trial key, value) of the best `metric` reached so far among `keys` (all: None), diverged ones aside."""
+        scored = [(v, k) for k, v in self.peak.items() if keys is None or k in keys]
         if not scored:
             return None
         value, key = (min if self.mode == "min" else max)(scored)

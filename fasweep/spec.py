@@ -8,7 +8,6 @@ torch: validating and planning a sweep is instant.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import math
@@ -21,10 +20,9 @@ from typing import Any, Literal, Self, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from fasweep.config import Strict, TrialConfig, set_path
+from fasweep.config import Loc, Strict, TrialConfig, explain, format_loc, set_path, submodel, suggest, unknown_field
 from fasweep.errors import UserError
 
-Loc = tuple[str | int, ...]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
 _CONDITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-.=,]*$")
 _METRIC = re.compile(r"^(?P<metric>[A-Za-z0-9_/.\-]+?)(?:@(?P<epoch>[1-9]\d*))?$")
@@ -227,14 +225,6 @@ class _Source:
         return UserError(f"{self.where(loc)}: got {value!r}; expected {expected}")
 
 
-def format_loc(loc: Loc) -> str:
-    """('stages', 1, 'grid', 'train.lr') -> 'stages[1].grid.train.lr'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _line_of(root: yaml.Node | None, loc: Loc) -> int | None:
     """1-based line of the node at `loc` (a mapping entry's key line), or of its deepest existing ancestor."""
     node, line = root, (root.start_mark.line + 1 if root is not None else None)
@@ -354,86 +344,6 @@ def _apply_set(data: dict[str, Any], loc: Loc, value: Any, flag: str) -> None:
             node = node[part]
 
 
-# --- pydantic errors -> one line ------------------------------------------------------------------------------
-
-
-def _clean_loc(loc: Loc, data: Any, keep_last: bool) -> Loc:
-    """Drop pydantic's union-branch tags from `loc`, keeping only parts present in the data."""
-    out: list[str | int] = []
-    node = data
-    for i, part in enumerate(loc):
-        inside_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        if inside_list or (isinstance(node, dict) and part in node):
-            out.append(part)
-            node = node[part]
-        elif keep_last and i == len(loc) - 1 and isinstance(node, dict):
-            out.append(part)
-    return tuple(out)
-
-
-def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
-    """Field names of the pydantic model reached by walking `loc` from `model` (for 'expected one of')."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int) or current is None:
-            continue
-        info = current.model_fields.get(part) if _is_model(current) else None
-        if info is None:
-            continue  # a dict key (condition name, dotted path)
-        current = _submodel(info.annotation)
-    return list(current.model_fields) if _is_model(current) else []
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation such as `InitFrom | None` or `list[Stage]`, if any."""
-    if _is_model(annotation):
-        return annotation
-    for arg in get_args(annotation):
-        if (sub := _submodel(arg)) is not None:
-            return sub
-    return None
-
-
-def _first_error(exc: ValidationError) -> dict[str, Any]:
-    """The error to report: an unknown key first (a typo also causes the 'missing' error of the real key)."""
-    errors = exc.errors(include_url=False)
-    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-
-
-def _suggest(value: str, names: list[str]) -> str:
-    """' (did you mean X?)' for the closest of `names`, or ''."""
-    close = difflib.get_close_matches(value, names, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _expected(err: dict[str, Any]) -> str:
-    msg = str(err["msg"])
-    for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
-        msg = msg.removeprefix(prefix)
-    return msg[:1].lower() + msg[1:]
-
-
-def validation_error(
-    exc: ValidationError, source: _Source, data: Any, model: type[BaseModel], prefix: Loc = ()
-) -> UserError:
-    """The first pydantic error as one line: `where: path: got X; expected Y` (or 'unknown field; ...')."""
-    err = _first_error(exc)
-    keep = err["type"] in ("missing", "extra_forbidden")
-    loc = _clean_loc(tuple(err["loc"]), data, keep_last=keep)
-    full = (*prefix, *loc)
-    if err["type"] == "extra_forbidden":
-        names = _fields_at(model, loc[:-1])
-        hint = _suggest(str(loc[-1]), names)
-        return source.fail(full, f"unknown field{hint}; expected one of {', '.join(names)}")
-    if err["type"] == "missing":
-        return source.fail(full, "required field is missing; expected a value for it")
-    return source.bad(full, err.get("input"), _expected(err))
-
-
 # --- checks and expansion ------------------------------------------------------------------------------------
 
 
@@ -446,11 +356,9 @@ def _check_path(path: str, source: _Source, loc: Loc) -> None:
             raise source.fail(loc, f"{'.'.join(parts[:i])} is a value, not a section; expected a TrialConfig path")
         fields = model.model_fields
         if part not in fields:
-            hint = _suggest(part, list(fields))
-            where = f"{'.'.join(parts[:i])}." if i else ""
-            raise source.fail(loc, f"unknown field {where}{part}{hint}; expected one of {', '.join(fields)}")
+            raise source.fail(loc, unknown_field(part, list(fields), ".".join(parts[: i + 1])))
         annotation = fields[part].annotation
-        model = _submodel(annotation)
+        model = submodel(annotation)
         if model is None and any(get_origin(a) is dict for a in get_args(annotation)):
             break  # a mapping-valued field such as train.l2: its keys are checked with the trial config
     if path == "train.seed":
@@ -550,17 +458,12 @@ def _validate_cell(spec: SweepSpec, stage: Stage, cell: _Cell, source: _Source) 
     try:
         trial = TrialConfig.model_validate(config)
     except ValidationError as exc:
-        err = _first_error(exc)
-        err_loc = _clean_loc(tuple(err["loc"]), config, keep_last=err["type"] in ("missing", "extra_forbidden"))
-        dotted = ".".join(str(p) for p in err_loc)
+        loc, message = explain(exc, config, TrialConfig)
+        dotted = ".".join(map(str, loc))
         origin = next((o for p, o in cell.origins.items() if dotted == p or dotted.startswith(p + ".")), None)
         if origin is None:  # not from an override: the base itself
-            raise validation_error(exc, source, config, TrialConfig, ("base",)) from None
-        at = "" if dotted in cell.origins else f" at {dotted}"
-        if err["type"] == "extra_forbidden":
-            names = ", ".join(_fields_at(TrialConfig, err_loc[:-1]))
-            raise source.fail(origin, f"unknown field{at}; expected one of {names}") from None
-        raise source.bad(origin, err.get("input"), _expected(err) + at) from None
+            raise source.fail(("base", *loc), message) from None
+        raise source.fail(origin, message if dotted in cell.origins else f"{format_loc(loc)}: {message}") from None
     _check_arch(trial, cell, source)
     return trial.model_dump(mode="json")
 
@@ -649,7 +552,7 @@ def _check_init(stage: Stage, sloc: Loc, earlier: dict[str, list[_Cell]], source
     names = [cell.name for cell in earlier[init.stage]]
     if init.condition not in names:
         listed = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-        hint = _suggest(init.condition, names)
+        hint = suggest(init.condition, names)
         raise source.bad(
             (*sloc, "init_from", "condition"), init.condition, f"a condition of {init.stage}{hint}: {listed}"
         )
@@ -661,7 +564,7 @@ def _check_reference(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _So
     known |= {f"{stage}/{c.name}" for stage, stage_cells in cells.items() for c in stage_cells}
     for key, metrics in spec.reference.items():
         if key not in known:
-            hint = _suggest(key, sorted(known))
+            hint = suggest(key, sorted(known))
             raise source.bad(("reference", key), key, f"a planned condition name{hint}; see `fasweep plan`")
         for metric in metrics:
             if not _METRIC.match(metric):
@@ -713,7 +616,7 @@ def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<s
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, source, data, SweepSpec) from None
+        raise source.fail(*explain(exc, data, SweepSpec)) from None
     spec._source = source
     expand(spec)  # every trial config validated now, errors pointing at their YAML line
     return spec

@@ -161,7 +161,10 @@ def test_cli_train_writes_metrics_and_checkpoint(tmp_path: Path, capsys: pytest.
     ("args", "message"),
     [
         (["--set", "train.lr=-1"], "error: train.lr: got -1; expected greater than 0"),
-        (["--set", "train.lrr=1"], "error: train.lrr: got 1; expected one of the known fields: optimizer, lr,"),
+        (
+            ["--set", "train.lrr=1"],
+            "error: train.lrr: unknown field (did you mean lr?); expected one of optimizer, lr,",
+        ),
         (["--set", "lr"], "error: --set: got 'lr'; expected PATH=VALUE"),
         (["--model", "DSR9"], "error: model.arch: got 'DSR9'; expected did you mean"),
         (["--model", "Dense10 Conv3x/4 Dense10"], "error: model.arch token 1: got 'Conv3x/4'"),
