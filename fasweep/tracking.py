@@ -4,10 +4,11 @@ Layout (read by `fasweep.report`): a parent run `<sweep>@<launch_id>` tagged `fa
 child run `<condition>-s<seed>` per trial tagged `fasweep.role=trial` and `mlflow.parentRunId`, with the
 flattened TrialConfig as params, per-epoch metrics (step = epoch) and `checkpoint/checkpoint.pt` + `curves.png`.
 
-Writes go through one background thread in order; each write is retried with backoff for a bounded time
-(a tracking-server restart is survived), after which the launch fails loudly with a `TrackingError`. Every
-write is idempotent (runs are looked up by tags before creating, metric steps already logged are skipped,
-metric timestamps are fixed when queued), so a retried or resumed write never duplicates anything.
+Writes go through one background thread in order (epochs reported within `HOLD_S` are written together); each
+write is retried with backoff for a bounded time (a tracking-server restart is survived), after which the launch
+fails loudly with a `TrackingError`. Every write is idempotent (runs are looked up by tags before creating, metric
+steps already logged are skipped, metric timestamps are fixed when an epoch is reported), so a retried or resumed
+write never duplicates anything.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ CURVE_KEYS = ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "te
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 HISTORY_NAME = "history.json"  # beside checkpoint.pt in each Tune checkpoint: the trial's metrics so far
 RETRY_BUDGET_S = float(os.environ.get("FASWEEP_TRACKING_RETRY_S", "600"))
+HOLD_S = 0.25  # a metrics write waits this long for more epochs to join it (one SQL transaction per trial per batch)
 _PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 _PERMANENT_CODES |= {"PERMISSION_DENIED", "UNAUTHENTICATED"}
 
@@ -239,6 +241,9 @@ class SweepTracker:
     experiment_id: str = field(init=False)
     _trials: dict[str, TrialInfo] = field(default_factory=dict, init=False)
     _children: dict[str, _Child] = field(default_factory=dict, init=False)
+    _pending: dict[str, list[tuple[dict[str, float], int]]] = field(default_factory=dict, init=False)
+    _drain_queued: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         # Our retry loop is the policy; MLflow's default (7 retries, 120 s timeouts) would hide outages for minutes.
@@ -381,9 +386,26 @@ class SweepTracker:
         self._writer.submit(f"start run {key}", lambda: self._ensure_child(key, reopen=True))
 
     def trial_epoch(self, key: str, metrics: dict[str, float]) -> None:
-        """Queue: log one epoch's metrics (step = epoch) unless that step is already logged."""
-        stamp = int(time.time() * 1000)
-        self._writer.submit(f"log metrics {key}", lambda: self._log_epochs(key, [metrics], stamp))
+        """Queue one epoch's metrics (step = epoch, timestamp fixed now). Epochs reported within `HOLD_S` of it (or
+        before the writer gets to them) are written together, one log_batch per trial."""
+        with self._lock:
+            self._pending.setdefault(key, []).append((metrics, int(time.time() * 1000)))
+            if self._drain_queued:
+                return
+            self._drain_queued = True
+        taken: dict[str, list[tuple[dict[str, float], int]]] = {}
+
+        def drain() -> None:  # a retry keeps what it took (and takes what came since): nothing is lost
+            if not taken:
+                time.sleep(HOLD_S)
+            with self._lock:
+                for k, epochs in self._pending.items():
+                    taken.setdefault(k, []).extend(epochs)
+                self._pending, self._drain_queued = {}, False
+            for k, epochs in taken.items():
+                self._log_epochs(k, epochs)
+
+        self._writer.submit("log metrics", drain)
 
     def trial_ended(
         self,
@@ -397,6 +419,10 @@ class SweepTracker:
         curves.png, then set the status tag (last, so a `finished` run always has its artifacts). The status is
         `error` with an error, else read off the complete history (see `trial_status`)."""
         stamp = int(time.time() * 1000)
+        with self._lock:
+            epochs = self._pending.pop(key, [])
+        if epochs:
+            self._writer.submit(f"log metrics {key}", lambda: self._log_epochs(key, epochs))
         self._writer.submit(f"end run {key}", lambda: self._end(key, last, fetch_checkpoint, error, stamp))
 
     def flush(self) -> None:
@@ -453,14 +479,15 @@ class SweepTracker:
             child.status = "running"
         return child
 
-    def _log_epochs(self, key: str, epochs: list[dict[str, float]], stamp: int) -> None:
+    def _log_epochs(self, key: str, epochs: list[tuple[dict[str, float], int]]) -> None:
+        """Log (metrics, timestamp) epochs in one batch, skipping the steps already logged."""
         from mlflow.entities import Metric
 
         child = self._ensure_child(key)
         if child.logged is None:
             child.logged = {m.step for m in self.client.get_metric_history(child.run_id, "epoch")}
-        new = {int(m["epoch"]): m for m in epochs if int(m["epoch"]) not in child.logged}
-        metrics = [Metric(k, float(v), stamp, step) for step, m in sorted(new.items()) for k, v in m.items()]
+        new = {int(m["epoch"]): (m, stamp) for m, stamp in epochs if int(m["epoch"]) not in child.logged}
+        metrics = [Metric(k, float(v), stamp, step) for step, (m, stamp) in sorted(new.items()) for k, v in m.items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(child.run_id, metrics=metrics[i : i + 1000])
         child.logged |= set(new)
@@ -483,7 +510,7 @@ class SweepTracker:
             history = json.loads(saved.read_text()) if saved and saved.is_file() else []
             if last and "epoch" in last:
                 history = [m for m in history if m["epoch"] != last["epoch"]] + [last]
-            self._log_epochs(key, history, stamp)
+            self._log_epochs(key, [(m, stamp) for m in history])
             if ckpt is not None:
                 self.client.log_artifact(child.run_id, str(ckpt), "checkpoint")
         status = "error" if error else trial_status(history, self.planned_epochs(key))
@@ -520,7 +547,8 @@ def _curves(history: list[dict[str, float]], title: str) -> Any | None:
     if not series:
         return None
     panels = [p for p in ("loss", "acc") if any(k.endswith(p) for k in series)]
-    figure = Figure(figsize=(5 * len(panels), 3.5), layout="constrained")
+    figure = Figure(figsize=(5 * len(panels), 3.5))  # fixed margins: no layout engine re-measuring text
+    figure.subplots_adjust(left=0.13 / len(panels), right=1 - 0.02 / len(panels), bottom=0.14, top=0.88, wspace=0.25)
     for ax, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for name, points in series.items():
             if name.endswith(panel):

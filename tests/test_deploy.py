@@ -328,14 +328,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(db, server, cluster)
 
 
-def write_spec(path: Path, name: str, epochs: int, storage: Path) -> Path:
+def write_spec(path: Path, name: str, epochs: int, storage: Path, batch_size: int = 32) -> Path:
     """A small digits sweep: 2 conditions x 2 seeds, one CPU per trial, a retry per trial."""
     spec = {
         "name": name,
         "base": {
             "data": {"name": "digits"},
             "model": {"arch": "DS0"},
-            "train": {"epochs": epochs, "batch_size": 32, "device": "cpu"},
+            "train": {"epochs": epochs, "batch_size": batch_size, "device": "cpu"},
         },
         "conditions": {"bp": {"feedback.mode": "bp"}, "random": {"model.arch": "DSR1"}},
         "seeds": [0, 1],
@@ -384,6 +384,17 @@ def epochs_logged(server: MlflowServer, sweep: str) -> int:
     """Epochs logged so far, summed over the trials of `sweep`."""
     client = mlflow.MlflowClient(server.url)
     return sum(len(client.get_metric_history(r.info.run_id, "train_loss")) for r in trial_runs(server, sweep))
+
+
+def both_nodes_mid_trial(server: MlflowServer, cluster: RayCluster, sweep: str, epochs: int) -> bool:
+    """Both workers busy and every running trial past its first checkpoint, with epochs still to go: a node
+    killed now takes a trial down mid-way (not one that has just started or is about to end)."""
+    if cluster.busy_nodes() != {"w1", "w2"}:
+        return False
+    client = mlflow.MlflowClient(server.url)
+    running = [r for r in trial_runs(server, sweep) if r.data.tags.get("fasweep.status") == "running"]
+    done = [len(client.get_metric_history(r.info.run_id, "train_loss")) for r in running]
+    return len(done) == 2 and all(2 <= n <= epochs - 4 for n in done)
 
 
 def assert_every_trial_once_with_every_epoch(server: MlflowServer, sweep: str, epochs: int) -> list[Any]:
@@ -555,11 +566,12 @@ def test_worker_node_killed_mid_sweep_trials_resume_elsewhere(stack: Stack, tmp_
     _, server, cluster = stack
     sweep = "deploy-kill"
     storage = tmp_path / "storage"
-    spec = write_spec(tmp_path / f"{sweep}.yaml", sweep, EPOCHS["kill"], storage)
+    # small batches: epochs long enough (~1 s) that the kill lands mid-trial, past a checkpoint
+    spec = write_spec(tmp_path / f"{sweep}.yaml", sweep, EPOCHS["kill"], storage, batch_size=4)
     log = tmp_path / "launch.log"
     proc = launch(spec, cluster, server, log)
     try:
-        wait_for(lambda: "w1" in cluster.busy_nodes() and epochs_logged(server, sweep) >= 4, 300, "w1 mid-trial")
+        wait_for(lambda: both_nodes_mid_trial(server, cluster, sweep, EPOCHS["kill"]), 300, "w1 mid-trial")
         cluster.kill_worker("w1")
         finish(proc, log, 450)
     finally:
