@@ -388,11 +388,15 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, **options)
     else:
-        # A local Ray talks over loopback only (Ray otherwise swaps 127.0.0.1 for the host's IP address).
+        # A local Ray talks over loopback only (Ray otherwise swaps 127.0.0.1 for the host's IP address). The
+        # switch is read while the node starts; restored after, so a later ray.init(address=...) is unaffected.
         from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(num_cpus=num_cpus, **options)
+        saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            ray.init(num_cpus=num_cpus, **options)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
     return True
 
 
