@@ -130,14 +130,13 @@ def models() -> None:
 @app.command()
 def validate(specs: list[Path], set_: SetOpt = None) -> None:
     """Validate sweep specs; print one line per spec (exit code 2 when any is bad)."""
-    from fasweep.spec import expand, load_spec, summarize
+    from fasweep.spec import load_spec
 
     sets = parse_sets(set_)
     bad = 0
     for path in specs:
         try:
-            sweep = load_spec(path, sets)
-            typer.echo(f"ok {path}: {summarize(sweep, expand(sweep))}")
+            typer.echo(f"ok {path}: {load_spec(path, sets).summary()}")
         except UserError as exc:
             bad += 1
             typer.echo(f"error: {exc}", err=True)
@@ -151,10 +150,10 @@ def plan(spec: Path, set_: SetOpt = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fasweep.spec import expand, format_value, gpus_needed, load_spec, summarize
+    from fasweep.spec import format_value, load_spec
 
-    sweep = load_spec(spec, parse_sets(set_))
-    trials = expand(sweep)
+    planned = load_spec(spec, parse_sets(set_))
+    sweep, trials = planned.spec, planned.trials
     staged = bool(sweep.stages)
     table = Table(title=f"{sweep.name} (experiment {sweep.experiment})", title_justify="left")
     for column in ["stage"] * staged + ["condition", "overrides", "seed", "cpu", "gpu"] + ["init_from"] * staged:
@@ -169,8 +168,8 @@ def plan(spec: Path, set_: SetOpt = None) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     concurrency = f"max_concurrent {sweep.max_concurrent}" if sweep.max_concurrent else "no max_concurrent"
-    gpus = gpus_needed(sweep, trials)
-    console.print(f"{summarize(sweep, trials)}; GPUs at full concurrency: {gpus:g} ({concurrency})")
+    gpus = planned.gpus_needed()
+    console.print(f"{planned.summary()}; GPUs at full concurrency: {gpus:g} ({concurrency})")
     console.print(f"storage {sweep.storage}; retries {sweep.max_retries}; axes: {', '.join(sweep.axes) or 'none'}")
 
 
@@ -180,6 +179,9 @@ def launch(
     address: Annotated[str | None, typer.Option(help="Ray cluster address; default: a local Ray")] = None,
     tracking_uri: TrackingOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the latest launch of this spec")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="take the sweep's lease from a running launch whose driver is gone")
+    ] = False,
     set_: SetOpt = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray (default: all cores)")] = None,
 ) -> None:
@@ -187,7 +189,13 @@ def launch(
     from fasweep.launch import launch as run_launch
 
     result = run_launch(
-        spec, sets=parse_sets(set_), address=address, tracking_uri=tracking_uri, resume=resume, num_cpus=num_cpus
+        spec,
+        sets=parse_sets(set_),
+        address=address,
+        tracking_uri=tracking_uri,
+        resume=resume,
+        force=force,
+        num_cpus=num_cpus,
     )
     if result.status == "nothing-to-resume":
         return
@@ -206,7 +214,9 @@ def status(sweep: Annotated[str | None, typer.Argument()] = None, tracking_uri: 
     from rich.console import Console
     from rich.table import Table
 
-    from fasweep.tracking import check_reachable, resolve_tracking_uri, sweep_summaries
+    from fasweep.runs.layout import Tag
+    from fasweep.runs.reader import sweep_summaries
+    from fasweep.runs.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
@@ -216,22 +226,26 @@ def status(sweep: Annotated[str | None, typer.Argument()] = None, tracking_uri: 
         console.print(f"no sweeps{f' named {sweep!r}' if sweep else ''} in {uri}")
         raise SystemExit(1 if sweep else 0)
     table = Table(title=f"sweeps in {uri}", title_justify="left")
-    for column in ("sweep", "launch", "started (UTC)", "status", "trials", "by status", "best test_acc"):
+    for column in ("sweep", "launch", "started (UTC)", "status", "trials", "by status", "best"):
         table.add_column(column, overflow="fold")
     for s in launches:
         counts = " ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
-        best = f"{s.best[1]:.4f} {s.best[0]}" if s.best else ""
-        table.add_row(s.sweep, s.launch_id, s.started, s.status, f"{len(s.trials)}/{s.n_trials}", counts, best)
+        rule = s.launch.best
+        best = f"{rule.metric} {s.best.metrics[rule.metric]:.4f} {s.best.key}" if s.best else ""
+        trials = f"{len(s.trials)}/{s.launch.n_trials}"
+        table.add_row(s.launch.sweep, s.launch.launch_id, s.launch.started, s.launch.status, trials, counts, best)
     console.print(table)
     if sweep:
         latest = launches[0]
-        trials = Table(title=f"{sweep} @ {latest.launch_id}: trials", title_justify="left")
-        for column in ("trial", "status", "epochs", "test_acc"):
-            trials.add_column(column, justify="right" if column in ("epochs", "test_acc") else "left")
+        metric = latest.launch.best.metric
+        listing = Table(title=f"{sweep} @ {latest.launch.launch_id}: trials", title_justify="left")
+        for column in ("trial", "status", "epochs", metric, "resumed from"):
+            listing.add_column(column, justify="left" if column in ("trial", "status") else "right")
         for t in latest.trials:
-            acc = "" if t["test_acc"] is None else f"{t['test_acc']:.4f}"
-            trials.add_row(t["key"], t["status"], str(t["epoch"]), acc)
-        console.print(trials)
+            value = t.metrics.get(metric)
+            shown = "" if value is None else f"{value:.4f}"
+            listing.add_row(t.key, t.status, str(t.epoch), shown, t.tags.get(Tag.RESUMED_FROM, ""))
+        console.print(listing)
 
 
 @app.command()
@@ -239,7 +253,7 @@ def ui(tracking_uri: TrackingOpt = None, port: int = 5000) -> None:
     """Start the MLflow UI on the configured tracking store (a tracking server already is one: open its URL)."""
     import os
 
-    from fasweep.tracking import check_reachable, resolve_tracking_uri
+    from fasweep.runs.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
@@ -265,15 +279,23 @@ def report(
     by: Annotated[list[str] | None, typer.Option(help="pivot axes, e.g. --by feedback.concordance")] = None,
     launch: Annotated[str, typer.Option(help="latest, all (pooled) or a launch id")] = "latest",
     log: Annotated[bool, typer.Option("--log/--no-log", help="log the report as artifacts on the parent run")] = True,
+    baseline: Annotated[
+        str | None, typer.Option(help="compare every condition with this one (spec: compare_to)")
+    ] = None,
+    pairing: Annotated[
+        str | None, typer.Option(help="seed (paired t on shared seeds) or none (Welch); spec: pairing")
+    ] = None,
+    ci: Annotated[str, typer.Option(help="95% intervals: t (Student) or bootstrap")] = "t",
 ) -> None:
-    """Tables and plots of a sweep's runs, with reference numbers beside them."""
+    """Tables and plots of a sweep's runs: 95% intervals, comparisons with a baseline, reference numbers beside."""
     from fasweep.report import FORMATS, make_report, render
-    from fasweep.tracking import resolve_tracking_uri
+    from fasweep.runs.store import resolve_tracking_uri
 
     if format not in FORMATS:
         raise UserError.field("--format", format, " | ".join(FORMATS))
     uri = resolve_tracking_uri(tracking_uri)
-    options = {"metric": metric, "at": at, "by": by, "launch": launch, "out": out, "log": log}
+    options = {"metric": metric, "at": at, "by": by, "launch": launch, "out": out, "log": log, "ci": ci}
+    options |= {"baseline": baseline, "pairing": pairing}
     result = make_report(target, tracking_uri=uri, plots=format == "html", **options)
     typer.echo(render(result, format))
     if out is not None:

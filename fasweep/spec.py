@@ -8,6 +8,7 @@ torch: validating and planning a sweep is instant.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_valid
 
 from fasweep.config import Loc, Strict, TrialConfig, explain, format_loc, set_path, submodel, suggest, unknown_field
 from fasweep.errors import UserError
+from fasweep.runs.layout import trial_key
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
 _CONDITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-.=,]*$")
@@ -135,6 +137,8 @@ class Stage(Axes):
     seeds: list[int] | None = Field(default=None, min_length=1, description="None: the spec's seeds")
     resources: Resources | None = Field(default=None, description="None: the spec's resources")
     init_from: StageInit | None = None
+    compare_to: str | None = Field(default=None, description="the report's baseline in this stage; None: the spec's")
+    pairing: Literal["seed", "none"] | None = Field(default=None, description="None: the spec's pairing")
 
 
 class SweepSpec(Axes):
@@ -155,6 +159,8 @@ class SweepSpec(Axes):
     reference: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="condition (or stage/condition) -> {metric or metric@epoch: value}"
     )
+    compare_to: str | None = Field(default=None, description="condition (or stage/condition) the report compares with")
+    pairing: Literal["seed", "none"] = Field(default="none", description="seed: compare conditions seed by seed")
     _source: _Source | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
@@ -509,6 +515,7 @@ def _check_spec(spec: SweepSpec, source: _Source) -> dict[str, list[_Cell]]:
             _check_init(stage, sloc, cells, source)
         cells[stage.name] = _cells(spec, stage, sloc)
     _check_reference(spec, cells, source)
+    _check_compare_to(spec, cells, source)
     return cells
 
 
@@ -571,7 +578,18 @@ def _check_reference(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _So
                 raise source.bad(("reference", key, metric), metric, "a metric name, optionally @epoch: test_acc@200")
 
 
-def expand(spec: SweepSpec) -> list[PlannedTrial]:
+def _check_compare_to(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _Source) -> None:
+    """`compare_to` (the spec's or a stage's) names a planned condition: `cond` or `stage/cond`."""
+    known = {c.name for stage_cells in cells.values() for c in stage_cells}
+    known |= {f"{stage}/{c.name}" for stage, stage_cells in cells.items() for c in stage_cells}
+    named = [(("compare_to",), spec.compare_to)]
+    named += [(("stages", i, "compare_to"), stage.compare_to) for i, stage in enumerate(spec.stages)]
+    for loc, name in named:
+        if name is not None and name not in known:
+            raise source.bad(loc, name, f"a planned condition name{suggest(name, sorted(known))}; see `fasweep plan`")
+
+
+def _expand(spec: SweepSpec) -> list[PlannedTrial]:
     """Every trial of the spec in a stable order: stage, condition (conditions × grid × samples), seed."""
     source = spec._source or _Source(f"<spec {spec.name}>")
     cells = _check_spec(spec, source)
@@ -585,7 +603,7 @@ def expand(spec: SweepSpec) -> list[PlannedTrial]:
             for seed in seeds:
                 trials.append(
                     PlannedTrial(
-                        key=f"{stage.name}/{cell.name}/s{seed}",
+                        key=trial_key(stage.name, cell.name, seed),
                         stage=stage.name,
                         condition=cell.name,
                         seed=seed,
@@ -605,8 +623,9 @@ def expand(spec: SweepSpec) -> list[PlannedTrial]:
 # --- entry points ---------------------------------------------------------------------------------------------
 
 
-def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>") -> SweepSpec:
-    """Validate a spec from YAML text (plus --set overrides); errors are one-line UserErrors with lines."""
+def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>") -> Plan:
+    """Validate a spec from YAML text (plus --set overrides) and plan it; errors are one-line UserErrors with
+    the YAML line or --set flag."""
     source = _Source(name)
     data = _read_yaml(text, source)
     for path, value in (sets or {}).items():
@@ -618,12 +637,11 @@ def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<s
     except ValidationError as exc:
         raise source.fail(*explain(exc, data, SweepSpec)) from None
     spec._source = source
-    expand(spec)  # every trial config validated now, errors pointing at their YAML line
-    return spec
+    return Plan(spec, tuple(_expand(spec)))  # every trial config validated now, errors pointing at their line
 
 
-def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> SweepSpec:
-    """Read and validate a sweep spec file, with `--set` overrides (dotted spec paths -> values) applied first."""
+def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> Plan:
+    """Read, validate and plan a sweep spec file, with `--set` overrides (dotted spec paths -> values) applied first."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -643,22 +661,44 @@ def dump_spec(spec: SweepSpec) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def summarize(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
-    """`30 trials (10 conditions × 3 seeds)`, per stage when the spec has several."""
-    parts = []
-    for stage, _ in _stages(spec):
-        mine = [t for t in trials if t.stage == stage.name]
-        n_cond, n_seeds = len({t.condition for t in mine}), len(stage.seeds or spec.seeds)
-        text = f"{n_cond} condition{'s' * (n_cond != 1)} × {n_seeds} seed{'s' * (n_seeds != 1)}"
-        parts.append(f"{stage.name}: {text}" if spec.stages else text)
-    return f"{len(trials)} trial{'s' * (len(trials) != 1)} ({'; '.join(parts)})"
+@dataclass(frozen=True)
+class Plan:
+    """A validated spec and every trial it plans, in a stable order: the one value `launch`, `validate`, `plan`
+    and `report` take. `hash` digests the trials (keys, configs, resources): equal plans, equal hashes."""
 
+    spec: SweepSpec
+    trials: tuple[PlannedTrial, ...]
+    hash: str = field(init=False)
 
-def gpus_needed(spec: SweepSpec, trials: list[PlannedTrial]) -> float:
-    """GPUs the busiest stage uses with all its trials (up to `max_concurrent`) running at once."""
-    peak = 0.0
-    for stage, _ in _stages(spec):
-        mine = [t for t in trials if t.stage == stage.name]
-        running = min(len(mine), spec.max_concurrent or len(mine))
-        peak = max(peak, running * (stage.resources or spec.resources).gpu)
-    return peak
+    def __post_init__(self) -> None:
+        data = json.dumps([[t.key, t.config, t.resources] for t in self.trials], sort_keys=True, default=str)
+        object.__setattr__(self, "hash", hashlib.sha256(data.encode()).hexdigest()[:16])
+
+    @property
+    def stages(self) -> list[str]:
+        """Stage names in run order."""
+        return list(dict.fromkeys(t.stage for t in self.trials))
+
+    def stage_trials(self, stage: str) -> list[PlannedTrial]:
+        """The trials of one stage, in plan order."""
+        return [t for t in self.trials if t.stage == stage]
+
+    def summary(self) -> str:
+        """`30 trials (10 conditions × 3 seeds)`, per stage when the spec has several."""
+        parts = []
+        for stage, _ in _stages(self.spec):
+            mine = self.stage_trials(stage.name)
+            n_cond, n_seeds = len({t.condition for t in mine}), len(stage.seeds or self.spec.seeds)
+            text = f"{n_cond} condition{'s' * (n_cond != 1)} × {n_seeds} seed{'s' * (n_seeds != 1)}"
+            parts.append(f"{stage.name}: {text}" if self.spec.stages else text)
+        n = len(self.trials)
+        return f"{n} trial{'s' * (n != 1)} ({'; '.join(parts)})"
+
+    def gpus_needed(self) -> float:
+        """GPUs the busiest stage uses with all its trials (up to `max_concurrent`) running at once."""
+        peak = 0.0
+        for stage, _ in _stages(self.spec):
+            mine = self.stage_trials(stage.name)
+            running = min(len(mine), self.spec.max_concurrent or len(mine))
+            peak = max(peak, running * (stage.resources or self.spec.resources).gpu)
+        return peak

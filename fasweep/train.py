@@ -1,7 +1,8 @@
 """One trial, no Ray: `train(TrialConfig)` trains a net with its learning rule and emits per-epoch metrics.
 
 Seeds everything from `train.seed` (bitwise deterministic on CPU), keeps the data on the device, writes
-an atomic checkpoint every epoch that a resumed trial continues from exactly, and ends a trial whose
+an atomic checkpoint (and a torch-free `history.json` beside it) every epoch that a resumed trial continues
+from exactly, and ends a trial whose
 loss turns non-finite with status `diverged` (the last good weights and the history kept).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +26,8 @@ from fasweep.data import TensorData, load_data
 from fasweep.errors import UserError
 from fasweep.models import build_model, layer_group, parse_layers, resolve_arch
 from fasweep.nn import alignment, optimizer_step
+from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE
 
-CHECKPOINT_NAME = "checkpoint.pt"
 PROBE_SIZE = 256
 # fields a resumed trial may change; any other difference means a different trial
 _RESUMABLE = {"train.epochs", "train.device", "train.alignment_every", "train.compile"}
@@ -93,6 +95,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_history(path: Path, history: list[dict[str, float]]) -> Path:
+    """Every epoch's metrics as JSON (readable without torch), written atomically like the checkpoint."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(history))
     os.replace(tmp, path)
     return path
 
@@ -251,13 +261,14 @@ def train(
     try:
         if state is not None:
             trial.restore(state)
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
         status: Literal["finished", "diverged"] = "finished"
         for number in range(len(trial.history) + 1, config.train.epochs + 1):
             metrics = trial.epoch(number)
             status = "diverged" if metrics["diverged"] else "finished"
             if ckpt is not None:
                 save_checkpoint(ckpt, trial.state(number, status))
+                save_history(ckpt.parent / HISTORY_FILE, trial.history)
             if on_epoch is not None:
                 on_epoch(dict(metrics), ckpt)
             if status == "diverged":

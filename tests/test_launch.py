@@ -17,7 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from fasweep.cli import main
 from fasweep.launch import launch
-from fasweep.tracking import SweepTracker, TrackingError, TrialInfo
+from fasweep.runs.layout import LaunchStatus
+from fasweep.runs.store import TrackingError
+from fasweep.runs.writer import RunWriter, TrialInfo
 
 REPO = Path(__file__).resolve().parents[1]
 SIGN_CONCORDANCE = REPO / "sweeps" / "sign_concordance.yaml"
@@ -311,11 +313,10 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait()
 
-    def tracker(name: str, budget_s: float) -> SweepTracker:
-        t = SweepTracker(uri, name, name, budget_s=budget_s)
-        t.open_parent("L1", axes=[], n_trials=1, spec_yaml=f"name: {name}\n", plan_hash="x")
-        t.register([TrialInfo("main/A/s0", "main", "A", 0, {"train": {"epochs": 3}, "feedback": {"mode": "bp"}})])
-        t.trial_started("main/A/s0")
+    def tracker(name: str, budget_s: float) -> RunWriter:
+        t = RunWriter(uri, name, name, budget_s=budget_s)
+        t.open_parent("L1", {"fasweep.plan_hash": "x"}, spec_yaml=f"name: {name}\n")
+        t.trial_started(TrialInfo("main/A/s0", "main", "A", 0, {"train": {"epochs": 3}, "feedback": {"mode": "bp"}}))
         t.trial_epoch("main/A/s0", {"epoch": 1.0, "test_acc": 0.5})
         t.flush()
         return t
@@ -333,7 +334,7 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
         impatient.close()
         serve()  # the patient writer has been retrying all along
         patient.flush()
-        patient.finish_parent("finished")
+        patient.finish_parent(LaunchStatus.FINISHED)
         patient.close()
         (child,) = runs(uri, "restart", "trial")
         assert child.data.tags["fasweep.status"] == "finished"

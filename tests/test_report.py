@@ -56,7 +56,7 @@ def write_sweep(
     axes: list[str],
     start: int = 0,
 ) -> str:
-    """Write one launch of a sweep in the MLflow layout of fasweep.tracking (Interfaces); return the parent id.
+    """Write one launch of a sweep in the MLflow layout of fasweep.runs.layout; return the parent id.
 
     Each trial dict: condition, seed, params, metrics {key: [value per epoch]}, optional status and stage.
     """

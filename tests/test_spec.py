@@ -15,7 +15,7 @@ import pytest
 from fasweep.cli import main, parse_sets
 from fasweep.config import TrialConfig
 from fasweep.errors import UserError
-from fasweep.spec import dump_spec, expand, gpus_needed, load_spec, parse_spec
+from fasweep.spec import dump_spec, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
@@ -66,8 +66,8 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 def test_spec_never_imports_torch() -> None:
     code = (
-        "import sys; from fasweep.spec import load_spec, expand; "
-        "expand(load_spec('sweeps/untied_fixed_cifar10.yaml')); print('torch' in sys.modules)"
+        "import sys; from fasweep.spec import load_spec; "
+        "load_spec('sweeps/untied_fixed_cifar10.yaml'); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -79,8 +79,8 @@ def test_every_shipped_spec_has_expected_counts() -> None:
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_spec_validates_and_expands(name: str) -> None:
-    spec = load_spec(SWEEPS / f"{name}.yaml")
-    trials = expand(spec)
+    plan = load_spec(SWEEPS / f"{name}.yaml")
+    spec, trials = plan.spec, plan.trials
     n_trials, n_conditions = SHIPPED[name]
     assert len(trials) == n_trials
     assert len({(t.stage, t.condition) for t in trials}) == n_conditions
@@ -106,10 +106,10 @@ def test_shipped_spec_validates_and_expands(name: str) -> None:
 
 def test_dump_spec_round_trips_the_plan() -> None:
     for name in SHIPPED:
-        spec = load_spec(SWEEPS / f"{name}.yaml")
-        again = parse_spec(dump_spec(spec), name="dumped.yaml")
-        assert again.model_dump() == spec.model_dump()
-        assert expand(again) == expand(spec)
+        plan = load_spec(SWEEPS / f"{name}.yaml")
+        again = parse_spec(dump_spec(plan.spec), name="dumped.yaml")
+        assert again.spec.model_dump() == plan.spec.model_dump()
+        assert again.trials == plan.trials and again.hash == plan.hash
 
 
 def test_validate_cli_on_all_shipped_specs() -> None:
@@ -137,10 +137,8 @@ def test_plan_prints_trials_and_counts(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_plan_counts_gpus_per_stage() -> None:
-    spec = load_spec(SWEEPS / "sign_concordance.yaml")
-    assert gpus_needed(spec, expand(spec)) == 2.0  # 8 concurrent × 0.25
-    spec = load_spec(SWEEPS / "weight_clip.yaml")  # no max_concurrent: all 6 at once
-    assert gpus_needed(spec, expand(spec)) == 1.5
+    assert load_spec(SWEEPS / "sign_concordance.yaml").gpus_needed() == 2.0  # 8 concurrent × 0.25
+    assert load_spec(SWEEPS / "weight_clip.yaml").gpus_needed() == 1.5  # no max_concurrent: all 6 at once
 
 
 # --- the malformed corpus -------------------------------------------------------------------------------------
@@ -217,19 +215,19 @@ def test_missing_file_and_bad_set_syntax(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_set_overrides_base_seeds_and_grid() -> None:
     sets = parse_sets(["base.train.epochs=1", "seeds=[0]", "base.data.name=digits"])
-    trials = expand(load_spec(SWEEPS / "quickstart.yaml", sets))
+    trials = load_spec(SWEEPS / "quickstart.yaml", sets).trials
     assert len(trials) == 3
     assert {t.config["train"]["epochs"] for t in trials} == {1}
     assert {t.config["data"]["name"] for t in trials} == {"digits"}
     sets = parse_sets(["grid.feedback.concordance=[1.0,0.0]", "grid.model.batchnorm=[true]"])
-    trials = expand(load_spec(SWEEPS / "sign_concordance.yaml", sets))
+    trials = load_spec(SWEEPS / "sign_concordance.yaml", sets).trials
     assert len(trials) == 2 * 3 * 1 * 2 * 3
     assert trials[0].condition == "concordance=1.0,magnitude=uniform,batchnorm=true,batch_manhattan=true"
 
 
 def test_set_reaches_into_stages_and_dotted_condition_names() -> None:
     sets = parse_sets(["stages[1].seeds=[5]", "stages.1.conditions.dropout-0.1.model.dropout=0.2"])
-    trials = expand(load_spec(SWEEPS / "regularised.yaml", sets))
+    trials = load_spec(SWEEPS / "regularised.yaml", sets).trials
     later = [t for t in trials if t.stage == "regularised"]
     assert {t.seed for t in later} == {5} and len(later) == 4
     assert next(t for t in later if t.condition == "dropout-0.1").config["model"]["dropout"] == 0.2
@@ -248,7 +246,7 @@ def test_set_error_inside_a_trial_names_the_flag() -> None:
 
 
 def _sampled(text: str = SAMPLED) -> dict[str, dict]:
-    return {t.key: t.overrides for t in expand(parse_spec(text))}
+    return {t.key: t.overrides for t in parse_spec(text).trials}
 
 
 def test_sampling_is_deterministic_and_in_range() -> None:
@@ -270,8 +268,8 @@ def test_sampling_is_stable_under_plan_edits_and_hash_seeds() -> None:
     fewer = _sampled(SAMPLED.replace("  model.activation: {choice: [relu, tanh]}\n", ""))
     assert sorted(o["train.lr"] for o in fewer.values()) == sorted(o["train.lr"] for o in plan.values())
     code = (
-        "import sys; from fasweep.spec import parse_spec, expand; "
-        "print(repr([t.overrides['train.lr'] for t in expand(parse_spec(sys.stdin.read()))]))"
+        "import sys; from fasweep.spec import parse_spec; "
+        "print(repr([t.overrides['train.lr'] for t in parse_spec(sys.stdin.read()).trials]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], input=SAMPLED, env=env, capture_output=True, text=True)
@@ -282,16 +280,16 @@ def test_sampling_is_stable_under_plan_edits_and_hash_seeds() -> None:
 def test_loguniform_draws_spread_in_log_space() -> None:
     text = SAMPLED.replace("num_samples: 4", "num_samples: 400").replace("seeds: [0, 1]", "seeds: [0]")
     text = text.replace("  feedback.mode: [bp, random]\n", "  feedback.mode: [bp]\n")
-    logs = [math.log10(t.overrides["train.lr"]) for t in expand(parse_spec(text))]
+    logs = [math.log10(t.overrides["train.lr"]) for t in parse_spec(text).trials]
     below = sum(x < -3 for x in logs) / len(logs)  # log-uniform on [1e-4, 1e-2]: half below 1e-3
     assert 0.4 < below < 0.6
 
 
 def test_condition_names_come_from_grid_values() -> None:
-    trials = expand(parse_spec(SAMPLED))
+    trials = parse_spec(SAMPLED).trials
     assert trials[0].condition.startswith("mode=bp,sample=0,lr=")
     assert re.fullmatch(r"mode=bp,sample=0,lr=[0-9.e-]+,batch_size=1[6-9],activation=(relu|tanh)", trials[0].condition)
-    single = expand(parse_spec("name: one\nbase: {data: {name: digits}}\n"))
+    single = parse_spec("name: one\nbase: {data: {name: digits}}\n").trials
     assert [t.key for t in single] == ["main/base/s0"]
 
 
@@ -299,8 +297,8 @@ def test_condition_names_come_from_grid_values() -> None:
 
 
 def test_stage_init_from_is_symbolic_and_stage_overrides_apply() -> None:
-    spec = load_spec(SWEEPS / "untied_fixed_cifar100.yaml")
-    trials = expand(spec)
+    plan = load_spec(SWEEPS / "untied_fixed_cifar100.yaml")
+    spec, trials = plan.spec, plan.trials
     first = [t for t in trials if t.stage == "pg0"]
     later = [t for t in trials if t.stage == "untied"]
     assert {t.config["train"]["epochs"] for t in first} == {100}
@@ -331,11 +329,11 @@ def test_stages_exclude_top_level_axes() -> None:
 
 
 def test_spec_without_source_still_gives_one_line_errors() -> None:
-    from fasweep.spec import SweepSpec
+    from fasweep.spec import SweepSpec, _expand
 
     spec = SweepSpec.model_validate({"name": "x", "grid": {"train.lrr": [0.1]}})
     with pytest.raises(UserError, match=r"^<spec x>: grid\.train\.lrr: unknown field train\.lrr \(did you mean lr\?\)"):
-        expand(spec)
+        _expand(spec)
 
 
 def test_yaml_anchors_and_merge_keys_are_plain_yaml() -> None:
@@ -348,7 +346,7 @@ conditions:
     <<: *common
     model.arch: DSR1
 """
-    trials = expand(parse_spec(text))
+    trials = parse_spec(text).trials
     assert [(t.condition, t.overrides) for t in trials] == [
         ("a", {"model.arch": "DS0", "train.lr": 0.01}),
         ("b", {"model.arch": "DSR1", "train.lr": 0.01}),

@@ -14,7 +14,8 @@ from fasweep.cli import main
 from fasweep.config import TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
-from fasweep.train import CHECKPOINT_NAME, make_loss, make_optimizer, train
+from fasweep.runs.layout import CHECKPOINT_FILE
+from fasweep.train import make_loss, make_optimizer, train
 
 TIMING = {"epoch_time_s"}
 
@@ -55,7 +56,7 @@ def test_linear_task_fa_angle_below_90_and_matches_explicit_products(tmp_path: P
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0]
     assert angles[-1] < 90.0 and angles[-1] < angles[0]
     # the same angle from the final weights by explicit matrix products on the probe batch (256 test pairs)
-    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["model"]
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
     data = load_data(cfg.data)
     x, y = data.x_test[:256].double(), data.y_test[:256].double()
     w1, b1, w2, b2 = (state[k].double() for k in ("dense0.weight", "dense0.bias", "dense1.weight", "dense1.bias"))
@@ -89,17 +90,17 @@ def test_resume_after_interruption_continues_bitwise(tmp_path: Path) -> None:
     resumed = train(
         cfg,
         checkpoint_dir=tmp_path / "cut",
-        resume_from=tmp_path / "cut" / CHECKPOINT_NAME,
+        resume_from=tmp_path / "cut" / CHECKPOINT_FILE,
         on_epoch=lambda m, _: seen.append(m["epoch"]),
     )
     assert seen == [3.0]
     assert _untimed(resumed.history) == _untimed(whole.history)
-    a = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)["model"]
+    a = torch.load(tmp_path / "whole" / CHECKPOINT_FILE, weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = cfg.model_copy(update={"feedback": cfg.feedback.model_copy(update={"mode": "random"})})
     with pytest.raises(UserError, match=r"resume_from: .* differs in \['feedback.mode'\]"):
-        train(other, resume_from=tmp_path / "cut" / CHECKPOINT_NAME)
+        train(other, resume_from=tmp_path / "cut" / CHECKPOINT_FILE)
 
 
 def test_divergence_ends_the_trial_with_its_history(tmp_path: Path) -> None:
@@ -110,20 +111,20 @@ def test_divergence_ends_the_trial_with_its_history(tmp_path: Path) -> None:
     assert result.history == calls and len(calls) < 5
     assert result.final["diverged"] == 1.0 and not math.isfinite(result.final["train_loss"])
     assert all(h["diverged"] == 0.0 for h in result.history[:-1])
-    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
     assert saved["status"] == "diverged" and len(saved["history"]) == len(calls)
-    again = train(cfg, resume_from=tmp_path / CHECKPOINT_NAME)
+    again = train(cfg, resume_from=tmp_path / CHECKPOINT_FILE)
     assert again.status == "diverged" and len(again.history) == len(calls)
 
 
 def test_init_from_freezes_layers_and_keeps_them_unchanged(tmp_path: Path) -> None:
     source = _config(model={"arch": "Conv3*3/8 Pool3*3 Dense32 Dense10"}, train={"epochs": 1})
     train(source, checkpoint_dir=tmp_path / "src")
-    src = torch.load(tmp_path / "src" / CHECKPOINT_NAME, weights_only=True)["model"]
-    init = {"checkpoint": str(tmp_path / "src" / CHECKPOINT_NAME), "layers": [0, "dense2"]}
+    src = torch.load(tmp_path / "src" / CHECKPOINT_FILE, weights_only=True)["model"]
+    init = {"checkpoint": str(tmp_path / "src" / CHECKPOINT_FILE), "layers": [0, "dense2"]}
     target = _config(model={"arch": "FixConv3*3/8 Pool3*3 Dense32(R) Dense10(R)", "init_from": init})
     train(target, checkpoint_dir=tmp_path / "dst")
-    dst = torch.load(tmp_path / "dst" / CHECKPOINT_NAME, weights_only=True)["model"]
+    dst = torch.load(tmp_path / "dst" / CHECKPOINT_FILE, weights_only=True)["model"]
     for src_key, dst_key in [("conv0", "fixconv0"), ("dense2", "dense2")]:
         for p in ("weight", "bias"):
             assert torch.equal(dst[f"{dst_key}.{p}"], src[f"{src_key}.{p}"])
@@ -151,7 +152,7 @@ def test_cli_train_writes_metrics_and_checkpoint(tmp_path: Path, capsys: pytest.
     main([*argv, "--set", "train.lr=0.002", "--set", "feedback.mode=random"])
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1.0
-    saved = torch.load(tmp_path / "out" / CHECKPOINT_NAME, weights_only=True)
+    saved = torch.load(tmp_path / "out" / CHECKPOINT_FILE, weights_only=True)
     assert saved["config"]["train"]["lr"] == 0.002 and saved["config"]["feedback"]["mode"] == "random"
     assert saved["config"]["train"]["batch_size"] == 64
     assert "finished after 1 epochs" in capsys.readouterr().out

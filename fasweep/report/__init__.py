@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, fetch_histories, load_sweep
 from fasweep.report.plots import angle_curves, angle_keys, curve_groups, learning_curves, metric_vs_axis
+from fasweep.report.stats import CI_METHODS, PAIRINGS
 from fasweep.report.tables import (
     Table,
     check_axes,
@@ -30,7 +31,7 @@ from fasweep.report.tables import (
     render_json,
     render_md,
 )
-from fasweep.spec import SweepSpec, load_spec
+from fasweep.spec import Plan, load_spec
 
 __all__ = ["FORMATS", "Report", "Sweep", "Table", "make_report", "render"]
 
@@ -49,6 +50,7 @@ class Report:
     sweep: Sweep
     metric: str
     at: str
+    ci: str
     tables: list[Table]
     images: dict[str, bytes] = field(default_factory=dict)  # plot file name -> PNG bytes
     files: list[Path] = field(default_factory=list)  # written under `out`
@@ -63,7 +65,7 @@ def render(report: Report, fmt: str) -> str:
         return render_csv(report.tables)
     if fmt == "json":
         meta = {"sweep": report.sweep.name, "launches": report.sweep.launches, "metric": report.metric}
-        return render_json(report.tables, **meta, at=report.at, plots=list(report.images))
+        return render_json(report.tables, **meta, at=report.at, ci=report.ci, plots=list(report.images))
     if fmt == "html":
         return _html_page(report)
     raise UserError.field("--format", fmt, " | ".join(FORMATS))
@@ -85,12 +87,12 @@ def _html_page(report: Report) -> str:
     )
 
 
-def resolve_target(target: str) -> tuple[str, SweepSpec | None]:
-    """A sweep name as is, or a spec file -> (its sweep name, the validated spec: reference and plan order)."""
+def resolve_target(target: str) -> tuple[str, Plan | None]:
+    """A sweep name as is, or a spec file -> (its sweep name, its plan: reference numbers and plan order)."""
     path = Path(target)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        spec = load_spec(path)
-        return spec.name, spec
+        plan = load_spec(path)
+        return plan.spec.name, plan
     return target, None
 
 
@@ -117,14 +119,26 @@ def make_report(
     out: Path | None = None,
     log: bool = True,
     plots: bool = False,
+    ci: str = "t",
+    baseline: str | None = None,
+    pairing: str | None = None,
 ) -> Report:
     """Read the sweep and build its tables; draw the plots when `out`, `log` or `plots` asks for them; write
-    the files to `out`; log them as `report/...` artifacts on the (latest selected) parent run when `log`."""
+    the files to `out`; log them as `report/...` artifacts on the (latest selected) parent run when `log`.
+
+    `ci`: t or bootstrap intervals; `baseline`/`pairing` override the spec's `compare_to`/`pairing`.
+    """
     if at not in ("final", "best"):
         raise UserError.field("--at", at, "final or best")
+    if ci not in CI_METHODS:
+        raise UserError.field("--ci", ci, " or ".join(CI_METHODS))
+    if pairing is not None and pairing not in PAIRINGS:
+        raise UserError.field("--pairing", pairing, " or ".join(PAIRINGS))
     by = list(by or [])
-    name, spec = resolve_target(target)
-    sweep = load_sweep(tracking_uri, name, launch=launch, spec=spec)
+    if by and baseline:
+        raise UserError.field("--baseline", baseline, "no --by: comparisons are made in the per-condition table")
+    name, plan = resolve_target(target)
+    sweep = load_sweep(tracking_uri, name, launch=launch, plan=plan)
     if not sweep.trials:
         raise UserError(f"sweep {name!r} launch {', '.join(sweep.launches)}: no trial runs logged yet")
     if metric not in sweep.metrics:
@@ -134,11 +148,12 @@ def make_report(
     draw = out is not None or log or plots
     fetch_histories(tracking_uri, sweep.trials, [metric, "train_loss", *angle_keys(sweep)] if draw else [metric])
     if by:
-        tables = [pivot_table(sweep, metric, at, by)]
+        tables = [pivot_table(sweep, metric, at, by, ci)]
     else:  # the seed report's layout first where the loss is an axis, then one row per condition
-        side_by_side = loss_table(sweep, metric, at)
-        tables = ([side_by_side] if side_by_side else []) + [condition_table(sweep, metric, at)]
-    report = Report(sweep, metric, at, tables)
+        side_by_side = loss_table(sweep, metric, at, ci)
+        per_condition = condition_table(sweep, metric, at, ci=ci, baseline=baseline, pairing=pairing)
+        tables = ([side_by_side] if side_by_side else []) + [per_condition]
+    report = Report(sweep, metric, at, ci, tables)
     if draw:
         with tempfile.TemporaryDirectory() as tmp:
             folder = out or Path(tmp)

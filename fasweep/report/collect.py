@@ -1,28 +1,23 @@
-"""Read one sweep's runs out of MLflow (parent/child layout written by fasweep.tracking) into plain objects."""
+"""Read one sweep's runs out of MLflow (through the run reader, `fasweep.runs.reader`) into plain objects."""
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from mlflow import MlflowClient
-from mlflow.entities import Run
 
 from fasweep.errors import UserError
-from fasweep.spec import SweepSpec, expand, parse_spec
-from fasweep.tracking import check_reachable, search_all
+from fasweep.runs.layout import SPEC_ARTIFACT, TrialStatus
+from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials
+from fasweep.runs.store import check_reachable
+from fasweep.spec import Plan, SweepSpec, parse_spec
 
-PAGE = 1000  # experiments per page
-RUNNING = "running"
-DIVERGED = "diverged"
-FAILED = "error"
-STOPPED = "stopped"
+RUNNING, DIVERGED, FAILED, STOPPED = TrialStatus.RUNNING, TrialStatus.DIVERGED, TrialStatus.ERROR, TrialStatus.STOPPED
 
 
 def label(stage: str, condition: str) -> str:
@@ -32,7 +27,7 @@ def label(stage: str, condition: str) -> str:
 
 @dataclass
 class Trial:
-    """One child run: its identity tags, params (flattened TrialConfig, as str) and metric histories."""
+    """One trial run: its identity tags, params (flattened TrialConfig, as str) and metric histories."""
 
     run_id: str
     stage: str
@@ -42,6 +37,7 @@ class Trial:
     params: dict[str, str]
     latest: dict[str, float]
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    seed: int = 0
 
     @property
     def label(self) -> str:
@@ -62,6 +58,7 @@ class Sweep:
     condition_order: list[str]
     trials: list[Trial]
     notes: list[str] = field(default_factory=list)
+    spec: SweepSpec | None = None  # the spec file's or the parent's spec.yaml (compare_to, pairing), if readable
 
     @property
     def metrics(self) -> list[str]:
@@ -77,64 +74,56 @@ def _check_store(uri: str) -> None:
     check_reachable(uri)
 
 
-def _experiment_ids(client: MlflowClient) -> list[str]:
-    ids: list[str] = []
-    token: str | None = None
-    while True:
-        page = client.search_experiments(max_results=PAGE, page_token=token)
-        ids.extend(e.experiment_id for e in page)
-        token = page.token
-        if not token:
-            return ids
-
-
-def _select_launches(parents: list[Run], launch: str) -> list[Run]:
-    """Parents of the chosen launch(es); `parents` are newest first."""
-    if launch == "all":
-        return parents
+def select_launches(launches: list[LaunchRecord], launch: str) -> tuple[list[LaunchRecord], list[str]]:
+    """The chosen launch(es) of a sweep (`launches` newest first) and notes. `all` pools only the launches that
+    ran the latest launch's plan (same plan hash): a mean never mixes plans; the others are named in a note."""
     if launch == "latest":
-        return parents[:1]
-    chosen = [p for p in parents if p.data.tags.get("fasweep.launch") == launch]
+        return launches[:1], []
+    if launch == "all":
+        plan = launches[0].plan_hash
+        same = [p for p in launches if p.plan_hash == plan]
+        other = [p.launch_id for p in launches if p.plan_hash != plan]
+        note = (
+            f"--launch all pools the {len(same)} launch(es) of the latest plan ({plan or 'unknown'}); left out, as "
+            f"they ran a different plan: {', '.join(other)} (report them with --launch ID)"
+        )
+        return same, [note] if other else []
+    chosen = [p for p in launches if p.launch_id == launch]
     if not chosen:
-        known = ", ".join(p.data.tags.get("fasweep.launch", "?") for p in parents)
+        known = ", ".join(p.launch_id for p in launches)
         raise UserError.field("--launch", launch, f"latest, all or one of this sweep's launches: {known}")
-    return chosen
+    return chosen, []
 
 
-def _load_spec_artifact(client: MlflowClient, run_id: str) -> SweepSpec | str:
-    """The resolved spec logged on a parent run (`spec.yaml`), or why it could not be read."""
+def _load_spec_artifact(client: MlflowClient, run_id: str) -> Plan | str:
+    """The plan of the resolved spec logged on a parent run (`spec.yaml`), or why it could not be read."""
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            text = Path(client.download_artifacts(run_id, "spec.yaml", tmp)).read_text()
+            text = Path(client.download_artifacts(run_id, SPEC_ARTIFACT, tmp)).read_text()
     except Exception as exc:  # a missing artifact only costs the reference column and the plan order
-        return f"no spec.yaml artifact on the parent run ({type(exc).__name__})"
+        return f"no {SPEC_ARTIFACT} artifact on the parent run ({type(exc).__name__})"
     try:
-        return parse_spec(text, name="spec.yaml artifact")
+        return parse_spec(text, name=f"{SPEC_ARTIFACT} artifact")
     except UserError as exc:
-        return f"the parent's spec.yaml no longer validates ({exc})"
+        return f"the parent's {SPEC_ARTIFACT} no longer validates ({exc})"
 
 
-def _trial(run: Run) -> Trial:
-    tags = run.data.tags
-    status = tags.get("fasweep.status") or (RUNNING if run.info.status == "RUNNING" else run.info.status.lower())
+def _trial(record: TrialRecord) -> Trial:
     return Trial(
-        run_id=run.info.run_id,
-        stage=tags.get("fasweep.stage", "main"),
-        condition=tags.get("fasweep.condition", run.info.run_name or run.info.run_id),
-        status=status,
-        start_time=run.info.start_time or 0,
-        params=dict(run.data.params),
-        latest=dict(run.data.metrics),
+        run_id=record.run_id,
+        stage=record.stage,
+        condition=record.condition,
+        status=record.status,
+        start_time=record.start_time,
+        params=record.params,
+        latest=record.metrics,
+        seed=record.seed,
     )
 
 
-def _start(trial: Trial) -> int:
-    return trial.start_time
-
-
-def _condition_order(spec: SweepSpec | None, trials: list[Trial]) -> list[str]:
-    """Labels in the plan's order (`expand(spec)`), then any others by first start time."""
-    planned = [] if spec is None else [label(t.stage, t.condition) for t in expand(spec)]
+def _condition_order(plan: Plan | None, trials: list[Trial]) -> list[str]:
+    """Labels in the plan's order, then any others by first start time."""
+    planned = [] if plan is None else [label(t.stage, t.condition) for t in plan.trials]
     rank = {name: i for i, name in enumerate(dict.fromkeys(planned))}
     first: dict[str, int] = {}
     for t in trials:  # sorted by start time
@@ -142,60 +131,42 @@ def _condition_order(spec: SweepSpec | None, trials: list[Trial]) -> list[str]:
     return sorted(first, key=lambda name: (rank.get(name, len(rank)), first[name]))
 
 
-def load_sweep(
-    tracking_uri: str,
-    sweep: str,
-    *,
-    launch: str = "latest",
-    spec: SweepSpec | None = None,
-) -> Sweep:
-    """Find the sweep's parent runs by tag, pick the launch(es) and read their child runs.
+def load_sweep(tracking_uri: str, sweep: str, *, launch: str = "latest", plan: Plan | None = None) -> Sweep:
+    """Find the sweep's launches, pick the launch(es) and read their trial runs.
 
-    `spec` (a spec file's contents) wins over the parent's `spec.yaml` artifact for reference numbers.
+    `plan` (a spec file's) wins over the parent's `spec.yaml` artifact for reference numbers and plan order.
     """
     _check_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_ids = _experiment_ids(client)
-    parents = search_all(client, experiment_ids, "tags.`fasweep.role` = 'parent'") if experiment_ids else []
-    if not parents:
+    every = find_launches(client)
+    if not every:
         raise UserError(f"{tracking_uri}: no fasweep sweeps in this MLflow store; run `fasweep launch SPEC` first")
-    mine = [p for p in parents if p.data.tags.get("fasweep.sweep") == sweep]
+    mine = [p for p in every if p.sweep == sweep]
     if not mine:
-        known = ", ".join(sorted({p.data.tags.get("fasweep.sweep", "?") for p in parents}))
+        known = ", ".join(sorted({p.sweep for p in every}))
         raise UserError.field("sweep", sweep, f"a sweep in {tracking_uri}: {known}")
-    mine.sort(key=lambda p: p.info.start_time or 0, reverse=True)
-    chosen = _select_launches(mine, launch)
-    launches = [p.data.tags.get("fasweep.launch", "") for p in chosen]
-
-    children = [
-        run
-        for parent in chosen
-        for run in search_all(
-            client, [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-        )
-        if run.data.tags.get("fasweep.role") == "trial"
-    ]
-    trials = sorted((_trial(r) for r in children), key=_start)
-
-    notes: list[str] = []
-    if spec is None:
-        loaded = _load_spec_artifact(client, chosen[0].info.run_id)
-        spec = loaded if isinstance(loaded, SweepSpec) else None
-        notes += [] if spec else [f"{loaded}: reference numbers unavailable"]
+    chosen, notes = select_launches(mine, launch)
+    trials = sorted((_trial(r) for p in chosen for r in launch_trials(client, p)), key=lambda t: t.start_time)
+    if plan is None:
+        loaded = _load_spec_artifact(client, chosen[0].run_id)
+        plan = loaded if isinstance(loaded, Plan) else None
+        notes += [] if plan else [f"{loaded}: reference numbers unavailable"]
     axes: list[str] = []
     for p in chosen:
-        axes += [a for a in json.loads(p.data.tags.get("fasweep.axes") or "[]") if a not in axes]
+        axes += [a for a in p.axes if a not in axes]
+    spec = plan.spec if plan else None
     return Sweep(
         name=sweep,
         tracking_uri=tracking_uri,
-        parent_ids=[p.info.run_id for p in chosen],
-        launches=launches,
-        all_launches=[p.data.tags.get("fasweep.launch", "") for p in mine],
+        parent_ids=[p.run_id for p in chosen],
+        launches=[p.launch_id for p in chosen],
+        all_launches=[p.launch_id for p in mine],
         axes=axes or (spec.axes if spec else []),
         reference=spec.reference if spec else {},
-        condition_order=_condition_order(spec, trials),
+        condition_order=_condition_order(plan, trials),
         trials=trials,
         notes=notes,
+        spec=spec,
     )
 
 
@@ -216,8 +187,3 @@ def fetch_histories(tracking_uri: str, trials: list[Trial], keys: Iterable[str],
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for (trial, key), hist in zip(jobs, pool.map(get, jobs), strict=True):
             trial.histories[key] = hist
-
-
-def finite(values: Iterable[float]) -> Iterator[float]:
-    """The finite values only (a diverged trial may log NaN/inf)."""
-    return (v for v in values if math.isfinite(v))

@@ -1,0 +1,148 @@
+"""Reaching an MLflow store: the tracking URI, a reachability check, a client, retries, paged searches."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fasweep.errors import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_BUDGET_S = float(os.environ.get("FASWEEP_TRACKING_RETRY_S", "600"))
+_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
+_PERMANENT_CODES |= {"PERMISSION_DENIED", "UNAUTHENTICATED"}
+PAGE = 1000
+
+
+class TrackingError(UserError):
+    """The tracking store stayed unreachable past the retry budget; nothing was dropped silently."""
+
+
+def resolve_tracking_uri(flag: str | None = None) -> str:
+    """Tracking URI precedence: `--tracking-uri` > `$MLFLOW_TRACKING_URI` > `sqlite:///<cwd>/mlflow.db`."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise a one-line UserError unless the tracking store at `uri` answers within about `timeout_s`."""
+    fix = "start the store or pass a reachable --tracking-uri (or set MLFLOW_TRACKING_URI)"
+    scheme = urllib.parse.urlparse(uri).scheme
+    try:
+        if scheme in ("http", "https"):
+            import requests
+
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+            if response.status_code >= 500:
+                raise ConnectionError(f"HTTP {response.status_code}")
+        elif scheme == "sqlite":
+            db = Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri.removeprefix("sqlite://"))
+            if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+                raise ConnectionError(f"directory {db.parent} does not exist or is not writable")
+        elif scheme.split("+")[0] in ("postgresql", "mysql"):
+            _check_database(uri, timeout_s)
+        elif scheme in ("", "file"):
+            root = Path(urllib.parse.urlparse(uri).path if scheme else uri)
+            if not root.parent.is_dir():
+                raise ConnectionError(f"directory {root.parent} does not exist")
+        _with_few_http_retries(lambda: client(uri).search_experiments(max_results=1))
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError.field("tracking URI", uri, f"a reachable MLflow store ({reason}); {fix}") from None
+
+
+def _check_database(uri: str, timeout_s: float) -> None:
+    """Open one connection to a SQL backend store with a connect timeout (MLflow itself retries for minutes)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": max(1, int(timeout_s))})
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def _with_few_http_retries(fn: Callable[[], T]) -> T:
+    """Run `fn` with MLflow's own HTTP retries turned down (our retry loop is the policy)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        return fn()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def client(uri: str) -> Any:
+    """An MlflowClient for `uri` (mlflow imported on first use)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _permanent(exc: BaseException) -> bool:
+    """True for errors a retry cannot fix (bad request, conflicting param), False for outages."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in _PERMANENT_CODES
+
+
+def retry(fn: Callable[[], T], what: str, budget_s: float = RETRY_BUDGET_S, uri: str = "") -> T:
+    """Call `fn` until it succeeds, backing off 0.5 s .. 30 s for at most `budget_s`; then raise TrackingError."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if _permanent(exc) or time.monotonic() + delay > deadline:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise TrackingError(
+                    f"MLflow store {uri or '?'}: {what} failed for {budget_s:.0f}s ({reason}); results are kept in "
+                    "the Ray Tune storage: bring the store back and run `fasweep launch SPEC --resume`"
+                ) from exc
+            log.warning("MLflow %s failed (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def quote(value: str) -> str:
+    """`value` as a quoted string literal of an MLflow search filter."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def search_all(mlflow: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None) -> list:
+    """All runs matching `filter_string` in `experiment_ids` (every page)."""
+    runs: list = []
+    token = None
+    while True:
+        page = mlflow.search_runs(experiment_ids, filter_string, max_results=PAGE, order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def all_experiment_ids(mlflow: Any) -> list[str]:
+    """The ids of every active experiment in the store (every page)."""
+    ids: list[str] = []
+    token: str | None = None
+    while True:
+        page = mlflow.search_experiments(max_results=PAGE, page_token=token)
+        ids.extend(e.experiment_id for e in page)
+        token = page.token
+        if not token:
+            return ids

@@ -1,0 +1,358 @@
+"""The run record's one writer: a launch's parent and trial runs in MLflow, written in order, idempotently, retried.
+
+The driver is the single writer of a launch. Synchronous calls (`open_parent`, `finish_parent`) are for the
+driver's main thread; `trial_*` calls only queue writes applied by one background thread in order (epochs
+reported within `HOLD_S` are written together, one batch per trial). Each write is retried with backoff for a
+bounded time (a tracking-server restart is survived); past it the launch fails loudly with a `TrackingError`.
+Every write is idempotent (runs are looked up by tags before creating, metric steps already logged are skipped,
+metric timestamps are fixed when an epoch is reported), so a retried or resumed write never duplicates anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fasweep.config import flatten
+from fasweep.runs.layout import (
+    CHECKPOINT_ARTIFACT_DIR,
+    CURVES_ARTIFACT,
+    HISTORY_FILE,
+    MLFLOW_STATUS,
+    SPEC_ARTIFACT,
+    LaunchStatus,
+    Role,
+    Tag,
+    TrialStatus,
+    parent_run_name,
+    trial_run_name,
+    trial_status,
+)
+from fasweep.runs.store import RETRY_BUDGET_S, TrackingError, client, quote, retry, search_all
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+HOLD_S = 0.25  # a metrics write waits this long for more epochs to join it (one SQL transaction per trial per batch)
+
+Curves = Callable[[list[dict[str, float]], str], Any]  # (history, title) -> a matplotlib Figure or None
+
+
+@dataclass(frozen=True)
+class TrialInfo:
+    """What the writer needs to open a planned trial's run: identity and its resolved config (the params)."""
+
+    key: str
+    stage: str
+    condition: str
+    seed: int
+    config: dict[str, Any]
+
+    @property
+    def planned_epochs(self) -> int:
+        """`train.epochs` of the trial."""
+        return int(self.config["train"]["epochs"])
+
+
+@dataclass
+class _Run:
+    run_id: str
+    status: str = TrialStatus.RUNNING
+    logged: set[int] | None = None  # metric steps (epochs) already in MLflow; None: not read yet
+
+
+class _Queue:
+    """One background thread applying queued writes in order, each retried; a final failure is kept and re-raised."""
+
+    def __init__(self, uri: str, budget_s: float) -> None:
+        self._uri = uri
+        self._budget_s = budget_s
+        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self.error: TrackingError | None = None
+        self._thread = threading.Thread(target=self._loop, name="fasweep-mlflow-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, what: str, fn: Callable[[], None]) -> None:
+        """Queue a write; after a failure writes are not attempted (the failure is raised by flush)."""
+        self._queue.put((what, fn))
+
+    def flush(self) -> None:
+        """Wait until every queued write is applied (or the writer has failed), then raise its failure if any."""
+        self._queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                what, fn = item
+                if self.error is None:  # after a failure keep draining, never write out of order
+                    try:
+                        retry(fn, what, self._budget_s, self._uri)
+                    except TrackingError as exc:
+                        self.error = exc
+                    except Exception as exc:  # a bug in a write: surface it, don't kill the thread silently
+                        self.error = TrackingError(f"MLflow {what} failed: {type(exc).__name__}: {exc}")
+                        log.exception("MLflow %s failed", what)
+            finally:
+                self._queue.task_done()
+
+
+@dataclass
+class RunWriter:
+    """The writer of one launch of one sweep (see the module docstring). Call `close()` at the end."""
+
+    uri: str
+    experiment: str
+    sweep: str
+    budget_s: float = RETRY_BUDGET_S
+    curves: Curves | None = None  # draws a trial's curves.png from its history
+    launch_id: str = ""
+    parent_id: str = ""
+    experiment_id: str = field(init=False)
+    _runs: dict[str, _Run] = field(default_factory=dict, init=False)
+    _trials: dict[str, TrialInfo] = field(default_factory=dict, init=False)
+    _pending: dict[str, list[tuple[dict[str, float], int]]] = field(default_factory=dict, init=False)
+    _drain_queued: bool = field(default=False, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        # Our retry loop is the policy; MLflow's default (7 retries, 120 s timeouts) would hide outages for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.client = client(self.uri)
+        self._queue = _Queue(self.uri, self.budget_s)
+        self.experiment_id = self.sync("get experiment", self._get_or_create_experiment)
+
+    # --- driver-side, synchronous -------------------------------------------------------------------
+
+    def sync(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one store call now, retried like the queued writes."""
+        return retry(fn, what, self.budget_s, self.uri)
+
+    def _get_or_create_experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # keep a local store self-contained: artifacts beside the DB file
+            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def open_parent(self, launch_id: str, tags: dict[str, str], spec_yaml: str, run_id: str = "") -> None:
+        """Create the parent run of a new launch with `tags` (plus identity and status), or reopen `run_id`."""
+        self.launch_id = launch_id
+        if run_id:
+            self.parent_id = run_id
+            self.sync("reopen parent run", lambda: self._set_status(run_id, LaunchStatus.RUNNING))
+            return
+        tags = {
+            **tags,
+            str(Tag.SWEEP): self.sweep,
+            str(Tag.LAUNCH): launch_id,
+            str(Tag.ROLE): str(Role.PARENT),
+            str(Tag.STATUS): str(LaunchStatus.RUNNING),
+        }
+        name = parent_run_name(self.sweep, launch_id)
+        run = self.sync(
+            "create parent run", lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        )
+        self.parent_id = run.info.run_id
+        self.sync("log spec.yaml", lambda: self.client.log_text(self.parent_id, spec_yaml, SPEC_ARTIFACT))
+
+    def finish_parent(self, status: LaunchStatus) -> None:
+        """Set the parent's status and end its MLflow run accordingly."""
+        self.sync("end parent run", lambda: self._set_status(self.parent_id, status))
+
+    def _set_status(self, run_id: str, status: str, extra: dict[str, str] | None = None) -> None:
+        from mlflow.entities import RunTag
+
+        tags = {str(Tag.STATUS): str(status), **(extra or {})}
+        self.client.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+        if status == TrialStatus.RUNNING:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(run_id, status=MLFLOW_STATUS[status])
+
+    # --- queued writes (called from the Tune loop) ----------------------------------------------------
+
+    def trial_started(self, trial: TrialInfo) -> None:
+        """Queue: find or create the trial's run, log its params, mark it running."""
+        self._trials[trial.key] = trial
+        self._queue.submit(f"start run {trial.key}", lambda: self._ensure_run(trial.key, reopen=True))
+
+    def trial_tags(self, key: str, tags: dict[str, str]) -> None:
+        """Queue: set tags on a started trial's run."""
+        from mlflow.entities import RunTag
+
+        def write() -> None:
+            run_id = self._ensure_run(key).run_id
+            self.client.log_batch(run_id, tags=[RunTag(str(k), v) for k, v in tags.items()])
+
+        self._queue.submit(f"tag run {key}", write)
+
+    def trial_epoch(self, key: str, metrics: dict[str, float]) -> None:
+        """Queue one epoch's metrics (step = epoch, timestamp fixed now). Epochs reported within `HOLD_S` of it (or
+        before the writer gets to them) are written together, one log_batch per trial."""
+        with self._lock:
+            self._pending.setdefault(key, []).append((metrics, int(time.time() * 1000)))
+            if self._drain_queued:
+                return
+            self._drain_queued = True
+        taken: dict[str, list[tuple[dict[str, float], int]]] = {}
+
+        def drain() -> None:  # a retry keeps what it took (and takes what came since): nothing is lost
+            if not taken:
+                time.sleep(HOLD_S)
+            with self._lock:
+                for k, epochs in self._pending.items():
+                    taken.setdefault(k, []).extend(epochs)
+                self._pending, self._drain_queued = {}, False
+            for k, epochs in taken.items():
+                self._log_epochs(k, epochs)
+
+        self._queue.submit("log metrics", drain)
+
+    def trial_ended(
+        self,
+        key: str,
+        *,
+        last: dict[str, float] | None = None,
+        fetch_checkpoint: Callable[[Path], Path | None] | None = None,
+        error: str = "",
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Queue: backfill any missing epochs from the final checkpoint's history, upload the checkpoint and
+        curves.png, then set the status (last, so a `finished` run always has its artifacts): `error` with an
+        error, else read off the complete history (`trial_status`). `tags` are set with the status."""
+        stamp = int(time.time() * 1000)
+        with self._lock:
+            epochs = self._pending.pop(key, [])
+        if epochs:
+            self._queue.submit(f"log metrics {key}", lambda: self._log_epochs(key, epochs))
+        self._queue.submit(f"end run {key}", lambda: self._end(key, last, fetch_checkpoint, error, tags or {}, stamp))
+
+    def status(self, key: str) -> str | None:
+        """The status last written for a trial started through this writer (None: not started)."""
+        run = self._runs.get(key)
+        return run.status if run else None
+
+    def flush(self) -> None:
+        """Wait for every queued write; raise TrackingError if one could not be written."""
+        self._queue.flush()
+
+    def raise_if_failed(self) -> None:
+        """Raise the write that could not be done, if any."""
+        if self._queue.error is not None:
+            raise self._queue.error
+
+    @property
+    def error(self) -> TrackingError | None:
+        """The write that could not be done, if any (then nothing after it was written)."""
+        return self._queue.error
+
+    def close(self) -> None:
+        """Stop the writer thread (after the writes queued so far)."""
+        self._queue.close()
+
+    # --- the writes themselves (writer thread) ------------------------------------------------------
+
+    def _ensure_run(self, key: str, reopen: bool = False) -> _Run:
+        from mlflow.entities import Param, RunTag
+
+        run = self._runs.get(key)
+        info = self._trials[key]
+        tags = {
+            Tag.PARENT_RUN: self.parent_id,
+            Tag.SWEEP: self.sweep,
+            Tag.LAUNCH: self.launch_id,
+            Tag.ROLE: Role.TRIAL,
+            Tag.STAGE: info.stage,
+            Tag.CONDITION: info.condition,
+            Tag.SEED: str(info.seed),
+            Tag.TRIAL_KEY: key,
+            Tag.STATUS: TrialStatus.RUNNING,
+        }
+        tags = {str(k): str(v) for k, v in tags.items()}
+        if run is None:  # a retried create may have succeeded server-side, or a resumed launch made it: look first
+            found = search_all(
+                self.client,
+                [self.experiment_id],
+                f"tags.`{Tag.LAUNCH}` = {quote(self.launch_id)} AND tags.`{Tag.TRIAL_KEY}` = {quote(key)}",
+            )
+            if found:
+                run = _Run(found[0].info.run_id, "")
+            else:
+                name = trial_run_name(info.condition, info.seed)
+                run = _Run(
+                    self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id, logged=set()
+                )
+            self._runs[key] = run
+            params = [Param(k, "None" if v is None else str(v)) for k, v in flatten(info.config).items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run.run_id, params=params[i : i + 100])
+        if reopen and run.status != TrialStatus.RUNNING:
+            self.client.log_batch(run.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.update_run(run.run_id, status="RUNNING")
+            run.status = TrialStatus.RUNNING
+        return run
+
+    def _log_epochs(self, key: str, epochs: list[tuple[dict[str, float], int]]) -> None:
+        """Log (metrics, timestamp) epochs in one batch, skipping the steps already logged."""
+        from mlflow.entities import Metric
+
+        run = self._ensure_run(key)
+        if run.logged is None:
+            run.logged = {m.step for m in self.client.get_metric_history(run.run_id, "epoch")}
+        new = {int(m["epoch"]): (m, stamp) for m, stamp in epochs if int(m["epoch"]) not in run.logged}
+        metrics = [Metric(k, float(v), stamp, step) for step, (m, stamp) in sorted(new.items()) for k, v in m.items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run.run_id, metrics=metrics[i : i + 1000])
+        run.logged |= set(new)
+
+    def _end(
+        self,
+        key: str,
+        last: dict[str, float] | None,
+        fetch_checkpoint: Callable[[Path], Path | None] | None,
+        error: str,
+        tags: dict[str, str],
+        stamp: int,
+    ) -> None:
+        run = self._ensure_run(key)
+        run.logged = None  # read the logged steps back: backfill exactly what is missing
+        with tempfile.TemporaryDirectory(prefix="fasweep-ckpt-") as tmp:
+            ckpt = fetch_checkpoint(Path(tmp)) if fetch_checkpoint else None
+            saved = ckpt.parent / HISTORY_FILE if ckpt else None
+            history = json.loads(saved.read_text()) if saved and saved.is_file() else []
+            if last and "epoch" in last:
+                history = [m for m in history if m["epoch"] != last["epoch"]] + [last]
+            self._log_epochs(key, [(m, stamp) for m in history])
+            if ckpt is not None:
+                self.client.log_artifact(run.run_id, str(ckpt), CHECKPOINT_ARTIFACT_DIR)
+        status = TrialStatus.ERROR if error else trial_status(history, self._trials[key].planned_epochs)
+        if status == TrialStatus.ERROR and not error:
+            error = "the trial ended without reporting an epoch"
+        figure = self.curves(history, key) if self.curves else None
+        if figure is not None:
+            self.client.log_figure(run.run_id, figure, CURVES_ARTIFACT)
+        extra = {str(k): v for k, v in tags.items()} | ({str(Tag.ERROR): error[:5000]} if error else {})
+        self._set_status(run.run_id, status, extra)
+        run.status = status

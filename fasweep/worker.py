@@ -1,0 +1,122 @@
+"""What runs on a Ray worker: the Tune trainable of one planned trial, and the checkpoint folders it leaves.
+
+Each epoch is reported with its checkpoint folder (train()'s `checkpoint.pt` and `history.json`, plus an epoch
+marker), which Tune copies to `<stage experiment>/<trial dir>/checkpoint_NNNNNN/` in the launch's storage, keeping
+the last `KEEP_CHECKPOINTS`. A trial continues from Tune's checkpoint on a retry, else (`--resume`) from the
+newest readable checkpoint `find_checkpoints` found for its key anywhere under the launch's storage; every result
+then carries `RESUMED_KEY`, the epoch it continued from (0: started over), for the driver to record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from fasweep.config import set_path
+from fasweep.runs.layout import CHECKPOINT_FILE, epoch_marker, marked_epoch, trial_dirname
+
+log = logging.getLogger(__name__)
+RESUMED_KEY = "fasweep_resumed_from"  # in every result of a trial that looked for a checkpoint to continue from
+
+
+def run_trial(
+    config: dict[str, Any], *, configs: dict[str, dict[str, Any]], init: Any, resume: dict[str, list[str]] | None
+) -> None:
+    """Tune trainable: train the planned trial `config['key']`, reporting each epoch with its checkpoint.
+
+    `configs`: key -> TrialConfig dict; `init`: the stage's init_from checkpoint as bytes (or None); `resume`:
+    key -> checkpoint folders (newest first) when this is a `--resume` launch, else None.
+    """
+    import ray
+    import torch
+
+    from fasweep.config import TrialConfig
+    from fasweep.train import train
+
+    key = config["key"]
+    trial_config = configs[key]
+    if init is not None:
+        trial_config = set_path(trial_config, "model.init_from.checkpoint", str(_init_file(init)))
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    with tempfile.TemporaryDirectory(prefix="fasweep-trial-") as tmp:
+        work = Path(tmp)
+        retried = tune.get_checkpoint()
+        candidates = [retried.path] if retried is not None else (resume or {}).get(key, [])
+        resume_from, epoch = _first_readable(candidates, work / "resume")
+        info = {RESUMED_KEY: float(epoch)} if retried is not None or resume is not None else {}
+        reported: list[float] = []
+
+        def on_epoch(metrics: dict[str, float], path: Path | None) -> None:
+            reported.append(metrics["epoch"])
+            tune.report({**metrics, **info}, checkpoint=_marked(path, int(metrics["epoch"])) if path else None)
+
+        result = train(
+            TrialConfig.model_validate(trial_config),
+            checkpoint_dir=work / "checkpoint",
+            resume_from=resume_from,
+            on_epoch=on_epoch,
+        )
+        if not reported and result.final and resume_from is not None:  # resumed at its end: report it once more
+            tune.report({**result.final, **info}, checkpoint=_marked(resume_from, epoch))
+
+
+def _marked(path: Path, epoch: int) -> Any:
+    """The checkpoint folder of `path` with its epoch marker, as a Tune checkpoint."""
+    for old in path.parent.iterdir():
+        if marked_epoch(old.name) is not None:
+            old.unlink()
+    (path.parent / epoch_marker(epoch)).touch()
+    return tune.Checkpoint.from_directory(str(path.parent))
+
+
+def _first_readable(folders: list[str], dst: Path) -> tuple[Path | None, int]:
+    """Copy the first checkpoint folder whose checkpoint loads (a killed write can leave a partial one); its
+    local checkpoint file and epoch, or (None, 0) when none does."""
+    import torch
+
+    for i, folder in enumerate(folders):
+        try:
+            path = Path(tune.Checkpoint(folder).to_directory(str(dst / str(i)))) / CHECKPOINT_FILE
+            return path, int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+        except Exception as exc:
+            log.warning("checkpoint %s unreadable (%s); trying an older one", folder, exc)
+    return None, 0
+
+
+def find_checkpoints(root: str, keys: list[str]) -> dict[str, list[str]]:
+    """The checkpoint folders of each trial key under a launch's storage `root` (local or URI, every stage
+    experiment of the launch), newest epoch first; keys without any are left out."""
+    import pyarrow.fs
+
+    try:
+        fs, base = pyarrow.fs.FileSystem.from_uri(root)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True, allow_not_found=True))
+    except (OSError, ValueError):
+        return {}
+    by_dir = {trial_dirname(key): key for key in keys}
+    prefix = root[: len(root) - len(base)] if root.endswith(base) else ""
+    found: dict[str, list[tuple[int, str]]] = {}
+    for info in infos:
+        folder, _, name = info.path.rpartition("/")
+        epoch = marked_epoch(name)
+        trial_dir = folder.rpartition("/")[0].rpartition("/")[2]
+        if epoch is not None and trial_dir in by_dir:
+            found.setdefault(by_dir[trial_dir], []).append((epoch, prefix + folder))
+    return {key: [path for _, path in sorted(items, reverse=True)] for key, items in found.items()}
+
+
+def _init_file(data: bytes) -> Path:
+    """Write an init_from checkpoint to a path named by its content, so a retried trial sees the same config."""
+    path = Path(tempfile.gettempdir()) / "fasweep-init" / f"{hashlib.sha256(data).hexdigest()[:20]}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{secrets.token_hex(4)}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
