@@ -246,6 +246,9 @@ def status(sweep: Annotated[str | None, typer.Argument()] = None, tracking_uri: 
             shown = "" if value is None else f"{value:.4f}"
             listing.add_row(t.key, t.status, str(t.epoch), shown, t.tags.get(Tag.RESUMED_FROM, ""))
         console.print(listing)
+        if latest.best is not None:
+            value = latest.best.metrics[metric]
+            console.print(f"best {metric} {value:.4f}: {latest.best.key}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from fasweep.launch import launch
 from fasweep.runs.layout import LaunchStatus
 from fasweep.runs.store import TrackingError
 from fasweep.runs.writer import RunWriter, TrialInfo
+from fasweep.worker import find_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 SIGN_CONCORDANCE = REPO / "sweeps" / "sign_concordance.yaml"
@@ -89,6 +90,8 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
         *("--set", "seeds=[0, 1]", "--set", "max_concurrent=2"),
     ]
     assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, *sets) == 0
+    closing = capsys.readouterr().out.strip().splitlines()[-2]
+    best_key, best_value = closing.split("; best ")[1].split()
     parents, children = runs(store, "sign_concordance", "parent"), runs(store, "sign_concordance", "trial")
     assert len(parents) == 1 and parents[0].data.tags["fasweep.status"] == "finished"
     parent = parents[0]
@@ -126,6 +129,11 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
     assert cli("status", "sign_concordance", "--tracking-uri", store) == 0
     shown = capsys.readouterr().out
     assert launch_id in shown and "4 finished" in shown
+    assert f"best test_acc {best_value}: {best_key}\n" in shown  # status names the launch's best trial
+    top = max(
+        children, key=lambda c: (c.data.metrics["test_acc"], [-ord(ch) for ch in c.data.tags["fasweep.trial_key"]])
+    )
+    assert best_key == top.data.tags["fasweep.trial_key"]  # the best final test_acc (ties: the smaller key)
 
 
 def test_diverging_condition_is_recorded_as_diverged_while_the_rest_finish(ray_address, store, tmp_path):
@@ -223,54 +231,99 @@ stages:
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_sweep_then_resumed_runs_every_trial_exactly_once(ray_address, store, tmp_path):
-    sets = [*TINY, "--set", "base.train.epochs=4", "--set", "seeds=[0, 1]", "--set", "max_concurrent=1"]
+def test_a_running_launch_holds_the_sweep_and_a_killed_one_resumes_without_repeating_an_epoch(
+    ray_address, store, tmp_path, capsys
+):
+    """While a driver runs, a second launch and a --resume are refused in seconds; SIGKILLed with trials mid-way,
+    --resume takes its lease over and continues every unfinished trial from its newest readable checkpoint (the
+    newest one of a trial truncated: from the one before): proven from the epochs each trial trained again."""
+    epochs = 10
+    sets = [*TINY, "--set", f"base.train.epochs={epochs}", "--set", "seeds=[0, 1]", "--set", "max_concurrent=2"]
+    sets += ["--set", "base.model.arch=Dense256 Dense256 Dense10", "--set", "base.train.batch_size=16"]
     command = [sys.executable, "-c", "from fasweep.cli import main; main()", "launch", str(QUICKSTART)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(
         [*command, "--tracking-uri", store, "--address", ray_address, *sets],
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=(tmp_path / "driver.log").open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    try:
+    log = (tmp_path / "driver.log").read_text
+
+    def wait_for(condition, what: str) -> list:
         deadline = time.monotonic() + 240
-        finished: list = []
-        while not finished:
-            log = (tmp_path / "driver.log").read_text
-            assert driver.poll() is None and time.monotonic() < deadline, f"launch ended before the kill:\n{log()}"
+        while True:
+            assert driver.poll() is None and time.monotonic() < deadline, f"launch ended before {what}:\n{log()}"
             time.sleep(0.2)
             try:
-                finished = [
-                    c for c in runs(store, "quickstart", "trial") if c.data.tags["fasweep.status"] == "finished"
-                ]
+                found = condition(runs(store, "quickstart", "trial"))
             except Exception:  # the store is being created by the driver
                 continue
+            if found:
+                return found
+
+    try:
+        wait_for(lambda children: children, "a trial started")
+        for extra in ([], ["--resume"]):
+            started = time.monotonic()
+            assert cli("launch", str(QUICKSTART), "--tracking-uri", store, *extra, *sets) == 2
+            err = capsys.readouterr().err
+            assert time.monotonic() - started < 15
+            assert "already running as launch" in err and f"pid {driver.pid}" in err, err
+            assert len(err.strip().splitlines()) == 1
+        wait_for(
+            lambda children: [
+                c
+                for c in children
+                if c.data.tags["fasweep.status"] == "running" and c.data.metrics.get("epoch", 0) >= 2
+            ][1:],
+            "two trials were mid-way",
+        )
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started
         driver.wait()
-    before = runs(store, "quickstart", "trial")
-    assert len([c for c in before if c.data.tags["fasweep.status"] == "finished"]) < 6
+    before = {c.data.tags["fasweep.trial_key"]: c for c in runs(store, "quickstart", "trial")}
+    (parent,) = runs(store, "quickstart", "parent")
+    root = tmp_path / "fasweep-runs" / "quickstart" / parent.data.tags["fasweep.launch"]
+    unfinished = [k for k, c in before.items() if c.data.tags["fasweep.status"] == "running"]
+    found = find_checkpoints(str(root), unfinished)
+    assert len(found) >= 2, (found, log())
+    truncated, intact = sorted(found, key=lambda k: -len(found[k]))[:2]
+    assert len(found[truncated]) >= 2
+    newest = Path(found[truncated][0]) / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    fallback = int(torch.load(Path(found[truncated][1]) / "checkpoint.pt", weights_only=True)["epoch"])
+    logged = {k: max(steps(store, c), default=0) for k, c in before.items()}
 
+    capsys.readouterr()
     result = launch(QUICKSTART, sets=_sets(sets), tracking_uri=store, resume=True)
-    assert result.status == "finished" and result.counts == {"finished": 6}
-    parents = runs(store, "quickstart", "parent")
-    assert len(parents) == 1 and parents[0].data.tags["fasweep.status"] == "finished"
-    children = runs(store, "quickstart", "trial")
-    assert sorted(c.data.tags["fasweep.trial_key"] for c in children) == sorted(
-        f"main/{c}/s{s}" for c in ("DS0", "DSR1", "DSR2-U") for s in (0, 1)
-    )
-    first = {c.data.tags["fasweep.trial_key"]: c for c in before}
-    for child in children:
-        assert steps(store, child) == [1, 2, 3, 4] and steps(store, child, "train_loss") == [1, 2, 3, 4]
-        earlier = first.get(child.data.tags["fasweep.trial_key"])
+    out = capsys.readouterr().out
+    assert result.status == "finished" and result.counts == {"finished": 6}, out
+    assert "took over the lease of quickstart" in out
+    children = {c.data.tags["fasweep.trial_key"]: c for c in runs(store, "quickstart", "trial")}
+    assert sorted(children) == sorted(f"main/{c}/s{s}" for c in ("DS0", "DSR1", "DSR2-U") for s in (0, 1))
+    for key, child in children.items():
+        assert steps(store, child) == list(range(1, epochs + 1)), key  # every epoch logged once
+        tags = child.data.tags
+        earlier = before.get(key)
         if earlier is not None:
-            assert earlier.info.run_id == child.info.run_id  # the child run was continued, not duplicated
-            if earlier.data.tags["fasweep.status"] == "finished":  # and a finished trial was not run again
-                assert earlier.info.end_time == child.info.end_time
+            assert earlier.info.run_id == child.info.run_id  # the run was continued, not duplicated
+        if earlier is not None and earlier.data.tags["fasweep.status"] == "finished":
+            assert earlier.info.end_time == child.info.end_time  # a finished trial was not run again
+            assert "fasweep.resumed_from" not in tags
+            continue
+        resumed_from = int(tags["fasweep.resumed_from"])
+        assert int(tags["fasweep.epochs_run"]) == epochs - resumed_from, key  # no finished epoch ran twice
+        assert f"{key} " + (f"continues after epoch {resumed_from}" if resumed_from else "starts over") in out
+        if key == truncated:
+            assert resumed_from == fallback  # the newest checkpoint was unreadable: the one before it
+        elif key in found:
+            assert resumed_from >= max(1, logged[key]), key  # the newest checkpoint: at least what was logged
+        else:
+            assert resumed_from == 0  # never checkpointed: starts over
+    assert intact in found and int(children[intact].data.tags["fasweep.resumed_from"]) >= 2
 
 
 def _sets(flags: list[str]) -> dict:

@@ -55,6 +55,7 @@ def write_sweep(
     *,
     axes: list[str],
     start: int = 0,
+    plan_hash: str = "",
 ) -> str:
     """Write one launch of a sweep in the MLflow layout of fasweep.runs.layout; return the parent id.
 
@@ -76,6 +77,7 @@ def write_sweep(
             "fasweep.status": "finished",
             "fasweep.axes": json.dumps(axes),
             "fasweep.n_trials": str(len(trials)),
+            "fasweep.plan_hash": plan_hash,
         },
     ).info.run_id
     spec_dir = root / "specs" / f"{name}-{launch}"
@@ -142,7 +144,7 @@ def grid_trials(seeds: list[int], rng: np.random.Generator, *, odd: bool = False
             for s in seeds:
                 params = {"feedback.mode": "sign_concordant", "feedback.concordance": c, "feedback.magnitude": m}
                 trial = {"condition": f"concordance={c},magnitude={m}", "seed": s, "metrics": _curves(rng)}
-                trial["params"] = {**params, "train.seed": s, "train.loss": "cross_entropy"}
+                trial["params"] = {**params, "train.seed": s, "train.epochs": EPOCHS, "train.loss": "cross_entropy"}
                 out.append(trial)
     if odd:
         diverged, running = out[1], out[2 * len(seeds)]
@@ -161,7 +163,7 @@ def table_trials(rng: np.random.Generator) -> list[dict[str, Any]]:
             "condition": f"{arch},loss={loss}",
             "seed": s,
             "metrics": _curves(rng),
-            "params": {"model.arch": arch, "train.loss": loss, "train.seed": s},
+            "params": {"model.arch": arch, "train.loss": loss, "train.seed": s, "train.epochs": EPOCHS},
         }
         for arch in ("DS0", "DSR1")
         for loss in ("cross_entropy", "hinge")
@@ -178,7 +180,7 @@ def staged_trials(rng: np.random.Generator) -> list[dict[str, Any]]:
             "condition": mode,
             "seed": s,
             "metrics": _curves(rng),
-            "params": {"feedback.mode": mode, "train.seed": s},
+            "params": {"feedback.mode": mode, "train.seed": s, "train.epochs": EPOCHS},
         }
         for stage, modes in (("pre", ["bp"]), ("post", ["bp", "random"]))
         for mode in modes
@@ -265,18 +267,34 @@ def test_best_epoch_and_value_equal_metric_history(layout_store: str, capsys: py
         assert rows[cond]["best_epoch"] == max(mean_curve, key=mean_curve.get)
 
 
+def t2_interval(values: pd.Series) -> tuple[float, float]:
+    """95% Student t interval of a 2-seed mean: t(0.975, 1 df) is the Cauchy quantile tan(0.475π)."""
+    assert len(values) == 2
+    half = math.tan(0.475 * math.pi) * values.std(ddof=1) / math.sqrt(2)
+    return values.mean() - half, values.mean() + half
+
+
+def side_of(ref: float, interval: tuple[float, float]) -> str:
+    return "above" if ref > interval[1] else "below" if ref < interval[0] else "inside"
+
+
 def test_reference_and_delta(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     rows = by_condition(report_json(capsys, layout_store, "grid")["tables"][0]["records"])
     ref_row = rows["concordance=1.0,magnitude=uniform"]
-    assert ref_row["reference"] == 0.8
+    assert ref_row["reference"] == 0.8 and ref_row["reference_epoch"] == EPOCHS and ref_row["reason"] is None
     assert ref_row["delta"] == pytest.approx(ref_row["mean"] - 0.8, abs=1e-12)
+    df = trial_runs(layout_store, "grid", ["launch-B"])
+    side = side_of(
+        0.8, t2_interval(df[df["tags.fasweep.condition"] == "concordance=1.0,magnitude=uniform"]["metrics.test_acc"])
+    )
+    assert ref_row["verdict"] == side
     assert all(
         r["reference"] is None and r["delta"] is None for c, r in rows.items() if c not in GRID_SPEC["reference"]
     )
     code, out, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--no-log")
     assert code == 0
     line = next(x for x in out.splitlines() if x.startswith("| concordance=1.0,magnitude=uniform"))
-    assert f"| 0.8000 | {ref_row['mean'] - 0.8:+.4f} |" in line
+    assert f"| 0.8000 | {ref_row['mean'] - 0.8:+.4f} (ref {side} CI) |" in line
 
 
 def test_pivot_by_two_axes(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -319,6 +337,24 @@ def test_launch_selection(layout_store: str, capsys: pytest.CaptureFixture[str])
     assert "launch-A" in err and "launch-B" in err and len(err.strip().splitlines()) == 1
 
 
+def test_launch_all_never_pools_launches_of_different_plans(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rng = np.random.default_rng(1)
+    axes = ["feedback.concordance", "feedback.magnitude"]
+    write_sweep(uri, tmp_path, GRID_SPEC, "old", grid_trials([0, 1, 2], rng), axes=axes, plan_hash="h-old")
+    write_sweep(uri, tmp_path, GRID_SPEC, "new1", grid_trials([0], rng), axes=axes, start=10, plan_hash="h-new")
+    write_sweep(uri, tmp_path, GRID_SPEC, "new2", grid_trials([1], rng), axes=axes, start=20, plan_hash="h-new")
+    pooled = report_json(capsys, uri, "grid", "--launch", "all")
+    assert sorted(pooled["launches"]) == ["new1", "new2"]
+    assert {r["n"] for r in pooled["tables"][0]["records"]} == {2}  # never the 3 seeds of the other plan
+    code, out, _ = run_cli(capsys, "grid", "--tracking-uri", uri, "--launch", "all", "--no-log")
+    assert code == 0 and "different plan: old" in out
+    older = report_json(capsys, uri, "grid", "--launch", "old")
+    assert {r["n"] for r in older["tables"][0]["records"]} == {3}
+
+
 def test_partial_rows_marked(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--no-log")
     assert code == 0
@@ -353,7 +389,7 @@ def test_loss_variants_side_by_side(layout_store: str, capsys: pytest.CaptureFix
     hinge = df[(df["params.model.arch"] == "DSR1") & (df["params.train.loss"] == "hinge")]["metrics.test_acc"]
     assert dsr1[5].strip() == f"{hinge.mean():.4f} ± {hinge.std():.4f} (2)"
     assert dsr1[6].strip() == "0.4883"
-    assert dsr1[7].strip() == f"{hinge.mean() - 0.4883:+.4f}"
+    assert dsr1[7].strip() == f"{hinge.mean() - 0.4883:+.4f} (ref {side_of(0.4883, t2_interval(hinge))} CI)"
 
 
 EPOCH_SPEC = {
@@ -393,6 +429,11 @@ def test_references_at_earlier_epochs(tmp_path: Path, capsys: pytest.CaptureFixt
                 assert rec[f"test_acc@{epoch}.reference"] == ref
                 delta = rec[f"test_acc@{epoch}.delta"]
                 assert delta == (None if ref is None or not at else pytest.approx(np.mean(at) - ref, abs=1e-12))
+                unreached = ref is not None and not at
+                assert rec[f"test_acc@{epoch}.reason"] == (f"ran 3 of {epoch} epochs" if unreached else None)
+    short = by_condition(per_condition["records"])["DSR1,loss=hinge"]  # `test_acc`: the planned final epoch, 4
+    assert short["reference"] == 0.5 and short["reference_epoch"] == EPOCHS
+    assert short["delta"] is None and short["verdict"] is None and short["reason"] == "ran 3 of 4 epochs"
     assert not any(k.startswith("train_loss@") for r in per_condition["records"] for k in r)  # another metric's
     code, out, _ = run_cli(capsys, "early", "--tracking-uri", uri, "--no-log")
     assert code == 0
@@ -412,10 +453,10 @@ def test_references_at_earlier_epochs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert row[-6:] == [
         f"{at3:.4f} (1)",
         "0.4000",
-        f"{at3 - 0.4:+.4f}",
+        f"{at3 - 0.4:+.4f}",  # one seed: no interval, no verdict
         "— (0)",
         "0.4500",
-        "—",
+        "ran 3 of 4 epochs",
     ]
     side_header = next(x for x in lines if x.startswith("| condition | cross_entropy"))
     assert (
@@ -428,6 +469,98 @@ def test_references_at_earlier_epochs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0 and "<th>delta test_acc@4</th>" in page
     train_loss = report_json(capsys, uri, "early", "--metric", "train_loss")["tables"][-1]["records"]
     assert [r["train_loss@2.reference"] for r in train_loss if r["condition"] == "DS0,loss=hinge"] == [1.0]
+
+
+def paired_1df(x: list[float], y: list[float]) -> tuple[float, tuple[float, float], float]:
+    """Paired t on 2 seeds (1 df, Cauchy): mean difference, its 95% CI, two-sided p = 1 − 2·atan(|t|)/π."""
+    d = np.subtract(x, y)
+    se = d.std(ddof=1) / math.sqrt(2)
+    half = math.tan(0.475 * math.pi) * se
+    return d.mean(), (d.mean() - half, d.mean() + half), 1 - 2 * math.atan(abs(d.mean() / se)) / math.pi
+
+
+def p_better(x: list[float], y: list[float]) -> float:
+    return sum((a > b) + 0.5 * (a == b) for a in x for b in y) / (len(x) * len(y))
+
+
+def test_json_intervals_and_paired_comparison(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every record has ci_low/ci_high; with --baseline and --pairing seed every other condition has the paired
+    difference, its CI, p, the Holm p over the table and P(X>Y), recomputed from search_runs (the launch's running
+    and diverged trials count with their latest value)."""
+    base = "concordance=1.0,magnitude=uniform"
+    body = report_json(capsys, layout_store, "grid", "--baseline", base, "--pairing", "seed")
+    rows = by_condition(body["tables"][0]["records"])
+    df = trial_runs(layout_store, "grid", ["launch-B"])
+    value = {
+        (c, int(s)): v
+        for c, s, v in zip(df["tags.fasweep.condition"], df["params.train.seed"], df["metrics.test_acc"], strict=True)
+    }
+    y = [value[base, s] for s in (0, 1)]
+    p: dict[str, float] = {}
+    for cond, group in df.groupby("tags.fasweep.condition"):
+        rec = rows[cond]
+        assert (rec["ci_low"], rec["ci_high"]) == pytest.approx(t2_interval(group["metrics.test_acc"]), rel=1e-9)
+        if cond == base:
+            assert "diff" not in rec and "p" not in rec
+            continue
+        x = [value[cond, s] for s in (0, 1)]
+        diff, ci, p[cond] = paired_1df(x, y)
+        assert rec["baseline"] == base and rec["pairing"] == "seed"
+        assert rec["diff"] == pytest.approx(diff, abs=1e-12)
+        assert (rec["diff_ci_low"], rec["diff_ci_high"]) == pytest.approx(ci, rel=1e-9)
+        assert rec["p"] == pytest.approx(p[cond], rel=1e-9)
+        assert rec["p_improve"] == pytest.approx(p_better(x, y))
+    assert len(p) == 5
+    running = 0.0
+    for rank, cond in enumerate(sorted(p, key=p.__getitem__)):
+        running = max(running, min(1.0, (len(p) - rank) * p[cond]))
+        assert rows[cond]["p_holm"] == pytest.approx(running, rel=1e-9)
+    footnotes = " ".join(body["tables"][0]["footnotes"])
+    assert "Holm-adjusted over the 5 tests" in footnotes and "pairing by seed: the paired CIs" in footnotes
+    code, out, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--no-log", "--baseline", base)
+    assert code == 0
+    header = next(x for x in out.splitlines() if x.startswith("| condition"))
+    assert "| 95% CI | n |" in header and f"| diff vs {base} [95% CI] | p | p (Holm) | P(X>Y) |" in header
+    assert next(x for x in out.splitlines() if x.startswith(f"| {base} |")).split("|")[10].strip() == "baseline"
+    code, csv_text, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--no-log", "--format", "csv")
+    assert code == 0 and {"ci_low", "ci_high"} <= set(csv_text.splitlines()[0].split(","))
+
+
+def test_bootstrap_option(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--ci bootstrap` (3 seeds): percentile intervals, inside the seeds' range, where t's 4.3·sd/√3 is not."""
+    body = report_json(capsys, layout_store, "grid", "--launch", "launch-A", "--ci", "bootstrap")
+    assert body["ci"] == "bootstrap"
+    for rec in body["tables"][0]["records"]:
+        low, high = min(rec["values"]) - 1e-12, max(rec["values"]) + 1e-12  # a mean of equal floats may round up
+        assert rec["n"] == 3 and low <= rec["ci_low"] < rec["ci_high"] <= high
+    assert any("percentile bootstrap" in n for n in body["tables"][0]["footnotes"])
+
+
+def test_spec_compare_to_per_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`compare_to` from the parent's spec.yaml: the spec's (bp) in stage pre, the stage's own (random, paired by
+    seed) in stage post; Holm over the one test leaves p unchanged."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {**STAGED_SPEC, "name": "compared", "compare_to": "bp"}
+    spec["stages"] = [spec["stages"][0], {**spec["stages"][1], "compare_to": "random", "pairing": "seed"}]
+    trials = staged_trials(np.random.default_rng(2))
+    write_sweep(uri, tmp_path, spec, "launch-C", trials, axes=["feedback.mode"])
+    rows = {f"{r['stage']}/{r['condition']}": r for r in report_json(capsys, uri, "compared")["tables"][0]["records"]}
+    assert not any("baseline" in r for r in (rows["pre/bp"], rows["post/random"]))
+    post = rows["post/bp"]
+    df = trial_runs(uri, "compared")
+    value = {
+        (t, int(s)): v
+        for t, s, v in zip(df["tags.fasweep.trial_key"], df["params.train.seed"], df["metrics.test_acc"], strict=True)
+    }
+    x, y = ([value[f"post/{c}/s{s}", s] for s in (0, 1)] for c in ("bp", "random"))
+    diff, ci, p = paired_1df(x, y)
+    assert post["baseline"] == "post/random" and post["pairing"] == "seed"
+    assert post["diff"] == pytest.approx(diff, abs=1e-12)
+    assert (post["diff_ci_low"], post["diff_ci_high"]) == pytest.approx(ci, rel=1e-9)
+    assert post["p"] == pytest.approx(p, rel=1e-9) and post["p_holm"] == pytest.approx(p, rel=1e-9)
+    assert post["p_improve"] == pytest.approx(p_better(x, y))
+    code, _, err = run_cli(capsys, "compared", "--tracking-uri", uri, "--no-log", "--baseline", "nope")
+    assert code == 2 and "--baseline: got 'nope'; expected a condition of the sweep" in err and err.count("\n") == 1
 
 
 def test_plots_html_and_artifacts(layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -521,6 +654,8 @@ def test_many_conditions_curves_grouped_by_axis() -> None:
         (("grid", "--by", "feedback.concordnce"), "--by: got 'feedback.concordnce'"),
         (("grid", "--at", "worst"), "--at: got 'worst'; expected final or best"),
         (("grid", "--format", "pdf"), "--format: got 'pdf'"),
+        (("grid", "--ci", "normal"), "--ci: got 'normal'; expected t or bootstrap"),
+        (("grid", "--pairing", "run"), "--pairing: got 'run'; expected none or seed"),
     ],
 )
 def test_bad_input_one_line(layout_store: str, capsys: pytest.CaptureFixture[str], args: tuple, needle: str) -> None:
