@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from fasweep.datasets import DATASET_NAMES
 from fasweep.errors import UserError
+from fasweep.rule_options import OPTIONS, RULE_NAMES, Magnitude, check_option
 
 
 class Strict(BaseModel):
@@ -21,8 +24,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DatasetName = Literal["cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "digits", "linear", "teacher"]
-FeedbackMode = Literal["bp", "random", "random_updated", "sign_concordant", "dfa"]
+DatasetName = Literal[DATASET_NAMES]  # the names in fasweep.datasets
+FeedbackMode = Literal[RULE_NAMES]  # the rules in fasweep.rule_options
 
 
 class DataConfig(Strict):
@@ -64,14 +67,27 @@ class ModelConfig(Strict):
     init_from: InitFrom | None = None
 
 
+def _option(name: str) -> Any:
+    """The Field of rule option `name`: default and description from `fasweep.rule_options`."""
+    return Field(default=OPTIONS[name].default, description=OPTIONS[name].description)
+
+
 class FeedbackConfig(Strict):
-    """The default feedback rule (layers marked (R)/(R*) in the layer string override it) and its options."""
+    """The default feedback rule (layers marked (R)/(R*) in the layer string override it) and the rules' options.
+
+    Every option is checked, whatever the mode (a marked layer may use it), by the check the rules use.
+    """
 
     mode: FeedbackMode = "bp"
-    init_scale: float | None = Field(default=None, gt=0, description="std of random B; None: same as W's init")
-    concordance: float = Field(default=1.0, ge=0.0, le=1.0, description="sign_concordant: fraction p")
-    magnitude: Literal["uniform", "fixed_random", "batch_random"] = "uniform"
-    decay: float = Field(default=0.0, ge=0.0, description="random_updated: decay on W and B (Kolen-Pollack)")
+    init_scale: float | None = _option("init_scale")
+    concordance: float = _option("concordance")
+    magnitude: Magnitude = _option("magnitude")
+    decay: float = _option("decay")
+
+    @field_validator(*OPTIONS)
+    @classmethod
+    def _rule_check(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_option(str(info.field_name), value)
 
 
 class TrainConfig(Strict):
@@ -199,7 +215,7 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
     """The error to report, as its loc in `data` and `got X; expected Y` (or `unknown field ...; expected one of`).
 
     An unknown key goes first (a typo also causes the 'missing' error of the real key), then the deepest error
-    (inside a union, the branch that got furthest).
+    (inside a union, the branch that got furthest). A misspelt choice ends with `(did you mean X?)`.
     """
     err = max(exc.errors(include_url=False), key=lambda e: (e["type"] == "extra_forbidden", len(e["loc"])))
     loc = _data_loc(tuple(err["loc"]), data, keep_last=err["type"] in ("missing", "extra_forbidden"))
@@ -210,7 +226,11 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
     msg = str(err["msg"])
     for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
-    return loc, f"got {err.get('input')!r}; expected {msg[:1].lower()}{msg[1:]}"
+    value = err.get("input")
+    hint = ""
+    if err["type"] == "literal_error" and isinstance(value, str):
+        hint = suggest(value, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
+    return loc, f"got {value!r}; expected {msg[:1].lower()}{msg[1:]}{hint}"
 
 
 def validate_trial(data: dict[str, Any], *, where: str = "") -> TrialConfig:

@@ -2,7 +2,9 @@
 
 `load_data(DataConfig)` returns a `TensorData` whose images stay uint8 NCHW on the training device;
 `TensorData.batches` normalises (and, for training, randomly crops with 4-px padding and flips) whole
-batches with tensor ops, so no per-sample Python runs in the training loop.
+batches with tensor ops, so no per-sample Python runs in the training loop. Which data sets exist is
+`fasweep.datasets`. Files are untrusted: CIFAR pickles go through an allow-list unpickler, a file that
+fails to decode is one UserError naming it, and the cache carries a checksum (a bad one is rebuilt).
 """
 
 from __future__ import annotations
@@ -18,31 +20,24 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from fasweep.config import DataConfig
+from fasweep.datasets import DATASETS
 from fasweep.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CROP_PAD = 4
 DOWNLOAD_TIMEOUT_S = 10.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
-# where torchvision's own classes keep each data set under their `root`
-TORCHVISION_DIRS = {
-    "cifar10": "cifar-10-batches-py",
-    "cifar100": "cifar-100-python",
-    "mnist": "MNIST/raw",
-    "fashion_mnist": "FashionMNIST/raw",
-}
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 REGRESSION_SIZES = {"train": 10_000, "test": 2_000}
@@ -155,6 +150,15 @@ def load_data(cfg: DataConfig, device: str | torch.device = "cpu", seed: int = 0
     else:
         raw = _cached(cfg)
     return _assemble(cfg, raw, torch.device(device), seed)
+
+
+def locate(cfg: DataConfig) -> str:
+    """Where the data set `cfg` names comes from, checked without decoding it: `generated`, `bundled`, or the
+    folder of a local copy (downloading one now when none is found and `data.download` allows it). A data set
+    that is nowhere and cannot be downloaded is the one-line UserError a trial would raise."""
+    if DATASETS[cfg.name].source != "files":
+        return DATASETS[cfg.name].source
+    return str(_find_or_download(cfg).path)
 
 
 def _assemble(cfg: DataConfig, raw: _Raw, device: torch.device, seed: int) -> TensorData:
@@ -284,7 +288,8 @@ def _search_dirs(cfg: DataConfig) -> list[tuple[Path, bool]]:
 
 def _probe(name: str, folder: Path, bare: bool) -> _Source | None:
     """The copy of `name` inside `folder`: torchvision's layout, its raw files, or train/<class>/ images."""
-    candidates = [folder / TORCHVISION_DIRS[name]] if name in TORCHVISION_DIRS else []
+    tv_dir = DATASETS[name].torchvision_dir
+    candidates = [folder / tv_dir] if tv_dir else []
     for where in candidates + ([] if bare else [folder]):
         if name == "cifar10" and (where / "data_batch_1").is_file():
             return _Source("cifar_pickle", where)
@@ -327,7 +332,7 @@ def _find_or_download(cfg: DataConfig) -> _Source:
     found = _locate(cfg)
     if found is not None:
         return found
-    if not cfg.download or cfg.name not in TORCHVISION_DIRS:
+    if not cfg.download or DATASETS[cfg.name].torchvision_dir is None:
         raise _missing(cfg)
     base = os.environ.get("FASWEEP_DATA_DIR") or Path.home() / ".cache" / "fasweep" / "data"
     dest = Path(cfg.root).expanduser() if cfg.root else Path(base) / cfg.name
@@ -384,25 +389,58 @@ def _cache_key(name: str, source: _Source) -> str:
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _checksum(raw: _Raw) -> str:
+    """SHA-256 of every field of `raw` (tensors: dtype, shape and bytes)."""
+    digest = hashlib.sha256()
+    for field in fields(raw):
+        value = getattr(raw, field.name)
+        digest.update(field.name.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(memoryview(np.ascontiguousarray(value.numpy())).cast("B"))
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path) -> _Raw | None:
+    """The data cached at `path`; None when there is none, or it is unreadable or fails its checksum."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        raw = _Raw(**saved["raw"])
+        raw.classes = None if raw.classes is None else tuple(raw.classes)
+        problem = "" if saved["sha256"] == _checksum(raw) else "its checksum does not match"
+    except Exception as exc:  # a truncated or overwritten file fails in many ways: each means "rebuild"
+        problem = f"it is unreadable ({exc.__class__.__name__})"
+    if problem:
+        log.warning("data cache %s is corrupt: %s; rebuilding it", path, problem)
+        return None
+    return raw
+
+
 def _cached(cfg: DataConfig) -> _Raw:
-    """Decode the located source once into a uint8 cache file; later calls (any process) load that file."""
+    """Decode the located source once into a checksummed uint8 cache file; later calls (any process) load it."""
     source = _find_or_download(cfg)
     path = cache_dir() / f"{cfg.name}-{_cache_key(cfg.name, source)}.pt"
+    raw = _read_cache(path)
+    if raw is not None:
+        return raw
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent trials: one decodes, the others wait and load
-        if not path.exists():
+        raw = _read_cache(path)  # written meanwhile by another process?
+        if raw is None:
             start = time.perf_counter()
             raw = _decode(cfg.name, source)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(raw.__dict__, tmp)
+            torch.save({"raw": raw.__dict__, "sha256": _checksum(raw)}, tmp)
             os.replace(tmp, path)
             log.info(
                 "decoded %s from %s in %.1f s, cached at %s", cfg.name, source.path, time.perf_counter() - start, path
             )
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    saved["classes"] = tuple(saved["classes"])
-    return _Raw(**saved)
+    return raw
 
 
 def _decode(name: str, source: _Source) -> _Raw:
@@ -412,7 +450,7 @@ def _decode(name: str, source: _Source) -> _Raw:
         "folder": _read_folder,
     }
     raw = readers[source.kind](source.path)
-    expected = NUM_CLASSES.get(name)
+    expected = DATASETS[name].classes
     if expected is not None and len(raw.classes or ()) != expected:
         raise UserError.field(
             "data.root", str(source.path), f"{expected} classes for {name}, found {len(raw.classes or ())}"
@@ -420,28 +458,71 @@ def _decode(name: str, source: _Source) -> _Raw:
     return _with_stats(raw)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's python batches hold: dicts, lists, str, bytes, numbers and numpy arrays.
+
+    Any other global (the way a crafted pickle calls `os.system` and the like) is refused before it is looked up.
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            *((f"numpy.{core}.multiarray", f) for core in ("core", "_core") for f in ("_reconstruct", "scalar")),
+            *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),  # protocol 5 arrays
+            ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle_cifar(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """One CIFAR python pickle holding a dict with `keys`; a crafted or broken file is one UserError naming it."""
+    expected = f"a CIFAR python pickle of arrays, lists, str and numbers with keys {', '.join(keys)}"
+    try:
+        with open(path, "rb") as fh:
+            batch = _CifarUnpickler(fh, encoding="latin1").load()
+    except Exception as exc:  # untrusted bytes: anything that fails to parse is a bad file
+        reason = " ".join(str(exc).split()) or exc.__class__.__name__
+        raise UserError.field("data.root", str(path), f"{expected} ({reason})") from None
+    if not isinstance(batch, dict) or any(k not in batch for k in keys):
+        raise UserError.field("data.root", str(path), expected)
+    return batch
+
+
 def _read_cifar_pickle(folder: Path) -> _Raw:
     """CIFAR-10/100 in the python pickle layout (`cifar-10-batches-py` / `cifar-100-python`)."""
-
-    def unpickle(file: str) -> dict[str, object]:
-        with open(folder / file, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
-
     if (folder / "data_batch_1").is_file():
-        train = [unpickle(f"data_batch_{i}") for i in range(1, 6)]
-        test, meta, label_key, names_key = unpickle("test_batch"), unpickle("batches.meta"), "labels", "label_names"
+        train_files, test_file, meta_file = [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta"
+        label_key, names_key = "labels", "label_names"
     else:
-        train = [unpickle("train")]
-        test, meta, label_key, names_key = unpickle("test"), unpickle("meta"), "fine_labels", "fine_label_names"
+        train_files, test_file, meta_file = ["train"], "test", "meta"
+        label_key, names_key = "fine_labels", "fine_label_names"
 
-    def tensors(batches: list[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-        return torch.from_numpy(x), torch.from_numpy(y)
+    def tensors(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for file in files:
+            batch = _unpickle_cifar(folder / file, ("data", label_key))
+            try:
+                x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                y = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+                if len(x) != len(y):
+                    raise ValueError(f"{len(x)} images, {len(y)} labels")
+            except (ValueError, TypeError) as exc:
+                expected = f"rows of 3x32x32 uint8 pixels and one label each ({exc})"
+                raise UserError.field("data.root", str(folder / file), expected) from None
+            xs.append(x)
+            ys.append(y)
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    x_train, y_train = tensors(train)
-    x_test, y_test = tensors([test])
-    return _Raw(x_train, y_train, x_test, y_test, tuple(meta[names_key]))  # type: ignore[arg-type]
+    x_train, y_train = tensors(train_files)
+    x_test, y_test = tensors([test_file])
+    names = _unpickle_cifar(folder / meta_file, (names_key,))[names_key]
+    return _Raw(x_train, y_train, x_test, y_test, tuple(str(n) for n in names))
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -493,6 +574,8 @@ def _read_folder(root: Path) -> _Raw:
     if not (root / "test").is_dir():
         raise UserError.field("data.root", str(root), "a test/<class>/ folder beside train/<class>/")
     classes = tuple(p.name for p in _class_dirs(root / "train"))
+    if len(classes) < 2:
+        raise UserError.field("data.root", str(root), f"at least 2 class folders under train/ (found {list(classes)})")
     unknown = sorted({p.name for p in _class_dirs(root / "test")} - set(classes))
     if unknown:
         raise UserError.field("data.root", str(root), f"test classes that also exist in train/ (extra: {unknown})")
@@ -511,20 +594,31 @@ def _read_folder(root: Path) -> _Raw:
     return _Raw(*splits["train"], *splits["test"], classes)
 
 
+def _read_image(path: Path, mode: str | None = None) -> Image.Image:
+    """`path` decoded in full (converted to `mode` if given); a file PIL cannot decode is a UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img if mode is None else img.convert(mode)
+    except Exception as exc:  # untrusted bytes: any decoder failure (truncated, not an image, a bomb) is a bad file
+        reason = " ".join(str(exc).split()) or exc.__class__.__name__
+        raise UserError.field("data.root", str(path), f"a readable image file ({reason})") from None
+
+
 def _decode_images(files: list[Path], chunk: int = 1024) -> torch.Tensor:
     """Decode image files into one (N, C, H, W) uint8 tensor with a thread pool (PIL releases the GIL)."""
-    with Image.open(files[0]) as first:
-        mode = "L" if first.mode in ("1", "L", "I;16", "I") else "RGB"
-        first_size = first.size
+    first = _read_image(files[0])
+    mode = "L" if first.mode in ("1", "L", "I;16", "I") else "RGB"
+    width, height = first.size
     channels = 1 if mode == "L" else 3
-    out = np.empty((len(files), first_size[1], first_size[0], channels), dtype=np.uint8)
+    out = np.empty((len(files), height, width, channels), dtype=np.uint8)
 
     def decode(start: int) -> None:
         for i in range(start, min(start + chunk, len(files))):
-            with Image.open(files[i]) as img:
-                if img.size != first_size:
-                    raise UserError.field("data.root", str(files[i]), f"every image {first_size[0]}x{first_size[1]} px")
-                out[i] = np.asarray(img.convert(mode)).reshape(out.shape[1:])
+            img = _read_image(files[i], mode)
+            if img.size != (width, height):
+                raise UserError.field("data.root", str(files[i]), f"every image {width}x{height} px")
+            out[i] = np.asarray(img).reshape(out.shape[1:])
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(decode, range(0, len(files), chunk)))  # list() re-raises a worker's error

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import math
+import os
+import pickle
 import shutil
 import socket
+import struct
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -15,8 +21,10 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from fasweep import data as data_module
 from fasweep.config import DataConfig
 from fasweep.data import cache_dir, load_data, random_crop_flip
+from fasweep.datasets import DATASETS
 from fasweep.errors import UserError
 
 
@@ -134,19 +142,147 @@ def test_imagefolder_of_pngs(isolated: Path) -> None:
         load_data(DataConfig(name="imagefolder"))
 
 
-def test_cache_is_used_and_invalidated(isolated: Path) -> None:
+def test_cache_is_used_and_invalidated(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_png_folder(isolated / "pngs")
     cfg = DataConfig(name="imagefolder", root=str(root))
     first = load_data(cfg)
-    (cached,) = cache_dir().glob("imagefolder-*.pt")
-    saved = torch.load(cached, weights_only=True)
-    saved["y_train"] = torch.full_like(saved["y_train"], 2)  # mark the cache: a second load must show it
-    torch.save(saved, cached)
-    assert load_data(cfg).y_train.tolist() == [2] * 15 != first.y_train.tolist()
+    with monkeypatch.context() as patch:
+        patch.setattr(data_module, "_decode", lambda *_: pytest.fail("decoded again instead of using the cache"))
+        assert torch.equal(load_data(cfg).x_train, first.x_train)
 
     shutil.copy(root / "train" / "digit3" / "0.png", root / "train" / "digit3" / "new.png")
     changed = load_data(cfg)  # a new file changes the folder, so the cache is rebuilt from the images
     assert changed.x_train.shape[0] == 16 and len(list(cache_dir().glob("imagefolder-*.pt"))) == 2
+
+
+# --- hostile and broken files ----------------------------------------------------------------------------
+
+
+class Py2Pickler(pickle._Pickler):
+    """Protocol 2 with bytes as Python 2 `str` and numpy 1's module names, as in the real CIFAR files."""
+
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def dumps(obj: object, protocol: int | str) -> bytes:
+    if protocol == "py2":
+        buffer = io.BytesIO()
+        Py2Pickler(buffer, protocol=2).dump(obj)
+        return buffer.getvalue().replace(b"numpy._core.", b"numpy.core.")
+    return pickle.dumps(obj, protocol=protocol)
+
+
+def write_cifar10_pickles(folder: Path, protocol: int | str, n: int = 3) -> Path:
+    """CIFAR-10's python layout with `n` random images per batch: 5 train batches, a test batch, the meta file."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for file in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "batch_label": file,
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, n).tolist(),
+            "filenames": [f"{file}_{i}.png" for i in range(n)],
+        }
+        (folder / file).write_bytes(dumps(batch, protocol))
+    meta = {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(dumps(meta, protocol))
+    return folder
+
+
+@pytest.mark.parametrize("protocol", ["py2", 2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_pickles_load_through_the_restricted_unpickler(isolated: Path, protocol: int | str) -> None:
+    root = write_cifar10_pickles(isolated / "cifar-10-batches-py", protocol)
+    data = load_data(DataConfig(name="cifar10", root=str(root), download=False))
+    batches = [pickle.loads((root / f"data_batch_{i}").read_bytes(), encoding="latin1") for i in range(1, 6)]
+    x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(data.x_train.numpy(), x)
+    assert data.y_train.tolist() == [label for b in batches for label in b["labels"]]
+    assert data.classes == tuple(f"class{i}" for i in range(10))
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_cifar_pickle_runs_nothing(isolated: Path) -> None:
+    root = write_cifar10_pickles(isolated / "cifar-10-batches-py", 2)
+    marker = isolated / "pwned"
+    crafted = {"data": np.zeros((3, 3072), np.uint8), "labels": [0, 1, 2], "x": _Payload(marker)}
+    (root / "data_batch_1").write_bytes(pickle.dumps(crafted, protocol=2))
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(name="cifar10", root=str(root), download=False))
+    assert not marker.exists()
+    assert_one_line_naming(err.value, f"data.root: got '{root / 'data_batch_1'}'", "refers to posix.system")
+    (root / "data_batch_1").write_bytes(b"\x80\x02}q\x00(X")  # a truncated pickle: one line too
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(name="cifar10", root=str(root), download=False))
+    assert_one_line_naming(err.value, str(root / "data_batch_1"), "a CIFAR python pickle")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero"])
+def test_corrupt_cache_is_rebuilt(isolated: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    root = write_cifar10_pickles(isolated / "cifar-10-batches-py", 2, n=40)
+    cfg = DataConfig(name="cifar10", root=str(root), download=False)
+    clean = load_data(cfg)
+    (cached,) = cache_dir().glob("cifar10-*.pt")
+    blob = bytearray(cached.read_bytes())
+    if damage == "truncate":
+        del blob[len(blob) // 2 :]
+    else:  # zero pixels inside the stored tensor: the file still loads, only the checksum can tell
+        start = blob.find(clean.x_train.numpy().tobytes()[:64])
+        assert start > 0
+        blob[start + 1000 : start + 5000] = bytes(4000)
+    cached.write_bytes(bytes(blob))
+    with caplog.at_level(logging.WARNING, logger="fasweep.data"):
+        again = load_data(cfg)
+    assert ("checksum does not match" if damage == "zero" else "unreadable") in caplog.text
+    assert "rebuilding" in caplog.text
+    for name in ("x_train", "y_train", "x_test", "y_test", "scale", "shift"):
+        assert torch.equal(getattr(again, name), getattr(clean, name)), name
+    caplog.clear()
+    assert torch.equal(load_data(cfg).x_train, clean.x_train) and "corrupt" not in caplog.text  # repaired
+
+
+def test_corrupt_images_name_the_file(isolated: Path) -> None:
+    root = write_png_folder(isolated / "pngs")
+    bad = root / "train" / "digit5" / "junk.jpg"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(name="imagefolder", root=str(root)))
+    assert_one_line_naming(err.value, f"data.root: got '{bad}'; expected a readable image file")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 7, np.uint8), mode="L").save(buffer, format="JPEG")
+    bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # a JPEG cut short
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(name="imagefolder", root=str(root)))
+    assert_one_line_naming(err.value, f"data.root: got '{bad}'; expected a readable image file (Truncated")
+
+
+def test_image_folder_with_one_class_is_an_error(isolated: Path) -> None:
+    root = write_png_folder(isolated / "pngs", classes=(3,))
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(name="imagefolder", root=str(root)))
+    assert_one_line_naming(err.value, "data.root", "at least 2 class folders under train/", "digit3")
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_every_registered_name_loads_or_says_where_it_looked(name: str) -> None:
+    try:
+        data = load_data(DataConfig(name=name, download=False))
+    except UserError as err:
+        assert DATASETS[name].source == "files" and "\n" not in str(err)
+    else:
+        assert data.name == name and (DATASETS[name].classes in (None, data.num_outputs))
 
 
 def test_batches_normalised_ordered_and_shuffled_deterministically() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -243,6 +244,98 @@ def test_kolen_pollack_decay_makes_b_converge_to_w():
         optimizer_step(layer, optimizer)
     gap = float((layer.rule.B - layer.weight.detach()).norm())
     assert gap == pytest.approx(gap0 * 0.9**60, rel=1e-3)
+
+
+def _r_star_net(decay: float = 0.0) -> nn.Sequential:
+    last = FALinear(8, 3, feedback="random_updated", decay=decay)
+    return nn.Sequential(FALinear(6, 8, feedback="bp"), nn.Tanh(), last)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda ps: torch.optim.Adam(ps, lr=0.05),
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, foreach=False),
+    ],
+    ids=["sgd", "adam", "adamw"],
+)
+def test_random_updated_follows_a_plain_optimizer_step(make_opt):
+    net = copy.deepcopy(_r_star_net())  # a copy too: its layers are found again at their first forward
+    layer = net[2]
+    w0, b0 = layer.weight.detach().clone(), layer.rule.B.clone()
+    optimizer = make_opt(net.parameters())
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    w, b = layer.weight.detach(), layer.rule.B
+    assert (w - w0).abs().max() > 0.05  # W moved a lot ...
+    torch.testing.assert_close(b - w, b0 - w0, rtol=0, atol=1e-6)  # ... and B by exactly as much
+
+
+def test_copied_and_unpickled_r_star_layers_are_followed_before_any_forward():
+    """A compiled forward does not register the weight, so a copy must be followed from the start."""
+    for net in (copy.deepcopy(_r_star_net()), pickle.loads(pickle.dumps(_r_star_net()))):
+        layer = net[2]
+        b0 = layer.rule.B.clone()
+        gap = b0 - layer.weight.detach()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        torch.testing.assert_close(layer.rule.B, b0 - 0.5, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.rule.B - layer.weight.detach(), gap, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("opt", [torch.optim.SGD, torch.optim.Adam])
+def test_kolen_pollack_decay_against_a_hand_computed_update(opt):
+    decay = 0.05
+    layer = FALinear(6, 4, feedback="random_updated", decay=decay)
+    twin = nn.Linear(6, 4)  # stock autograd gives the same dL/dW; the KP update is done by hand below
+    twin.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
+    opt_fa, opt_twin = opt(layer.parameters(), lr=0.02), opt(twin.parameters(), lr=0.02)
+    b = layer.rule.B.clone()
+    for i in range(8):
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(i)).requires_grad_()
+        for net, optimizer in ((layer, opt_fa), (twin, opt_twin)):
+            optimizer.zero_grad()
+            net(x).pow(2).mean().backward()
+        w_before = twin.weight.detach().clone()
+        opt_fa.step()
+        opt_twin.step()
+        with torch.no_grad():
+            b = (1 - decay) * (b + twin.weight - w_before)
+            twin.weight.mul_(1 - decay)
+    torch.testing.assert_close(layer.weight.detach(), twin.weight.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.rule.B, b, rtol=0, atol=1e-6)
+
+
+def test_optimizer_step_does_not_apply_r_star_twice():
+    base = _r_star_net(decay=0.1)
+    plain, helper = copy.deepcopy(base), copy.deepcopy(base)
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=0.01)
+    opt_helper = torch.optim.Adam(helper.parameters(), lr=0.01)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        for net, optimizer in ((plain, opt_plain), (helper, opt_helper)):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+        opt_plain.step()
+        optimizer_step(helper, opt_helper)
+    assert torch.equal(plain[2].rule.B, helper[2].rule.B) and torch.equal(plain[2].weight, helper[2].weight)
+
+
+def test_clipped_step_moves_b_by_the_clipped_change():
+    net = _r_star_net()
+    layer = net[2]
+    gap0 = layer.rule.B - layer.weight.detach()
+    optimizer = torch.optim.SGD(net.parameters(), lr=5.0)
+    F.cross_entropy(net(torch.randn(16, 6)), torch.randint(0, 3, (16,))).backward()
+    optimizer_step(net, optimizer, weight_clip=0.05)
+    assert layer.weight.abs().max() <= 0.05
+    torch.testing.assert_close(layer.rule.B - layer.weight.detach(), gap0, rtol=0, atol=1e-6)
 
 
 # ---- direct feedback alignment ---------------------------------------------------------------------

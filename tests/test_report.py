@@ -337,9 +337,7 @@ def test_launch_selection(layout_store: str, capsys: pytest.CaptureFixture[str])
     assert "launch-A" in err and "launch-B" in err and len(err.strip().splitlines()) == 1
 
 
-def test_launch_all_never_pools_launches_of_different_plans(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_launch_all_never_pools_launches_of_different_plans(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rng = np.random.default_rng(1)
     axes = ["feedback.concordance", "feedback.magnitude"]
@@ -731,6 +729,28 @@ def test_real_sweep_tables_equal_search_runs(real_sweep: tuple[str, Path], capsy
         assert rows[cond]["final_epoch"] == 2
     bp = rows["mode=bp,loss=cross_entropy"]
     assert bp["reference"] == 0.9 and bp["delta"] == pytest.approx(bp["mean"] - 0.9, abs=1e-12)
+    assert bp["reference_epoch"] == 2 and bp["reason"] is None
+    base = "mode=bp,loss=cross_entropy"
+    compared = by_condition(
+        report_json(capsys, uri, "report_real", "--baseline", base, "--pairing", "seed")["tables"][-1]["records"]
+    )
+    value = {
+        (c, int(s)): v
+        for c, s, v in zip(df["tags.fasweep.condition"], df["params.train.seed"], df["metrics.test_acc"], strict=True)
+    }
+    p = {}
+    for cond, group in df.groupby("tags.fasweep.condition"):
+        rec = compared[cond]
+        assert (rec["ci_low"], rec["ci_high"]) == pytest.approx(t2_interval(group["metrics.test_acc"]), rel=1e-9)
+        if cond != base:
+            x, y = ([value[c, s] for s in (0, 1)] for c in (cond, base))
+            diff, ci, p[cond] = paired_1df(x, y)
+            assert rec["baseline"] == base and rec["pairing"] == "seed" and rec["diff"] == pytest.approx(diff)
+            assert (rec["diff_ci_low"], rec["diff_ci_high"]) == pytest.approx(ci, rel=1e-9)
+            assert rec["p"] == pytest.approx(p[cond], rel=1e-9) and rec["p_improve"] == pytest.approx(p_better(x, y))
+    assert [compared[c]["p_holm"] for c in sorted(p, key=p.__getitem__)] == pytest.approx(
+        np.maximum.accumulate([min(1.0, (3 - rank) * p[c]) for rank, c in enumerate(sorted(p, key=p.__getitem__))])
+    )
     side = {(r["row"], r["train.loss"]): r for r in loss_layout["records"]}
     assert side[("mode=random", "hinge")]["mean"] == rows["mode=random,loss=hinge"]["mean"]
     pivot = report_json(capsys, uri, str(spec), "--by", "feedback.mode", "--by", "train.loss", "--at", "best")

@@ -48,6 +48,10 @@ class FALayer(nn.Module):
         self.rule = resolve_rule(feedback, options)
         self.rule.bind(self.weight, fan_in)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.rule.track(self.weight)  # a deep copy or an unpickled layer: its weight is a new tensor
+
     @property
     def op(self) -> LayerOp:
         """The layer kind's maths (forward, input gradient through any W-shaped matrix, param grads)."""
@@ -64,6 +68,7 @@ class FALayer(nn.Module):
         weight, bias, op = self.weight, self.bias, self.op
         if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
             return op.forward(x, weight, bias)
+        self.rule.track(weight)
         # B only matters when dL/dx is wanted (not for a first layer fed with data)
         feedback = self.rule.feedback_for_forward(weight) if x.requires_grad else weight.detach()
         device = x.device.type

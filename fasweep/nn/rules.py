@@ -3,6 +3,8 @@
 A rule is one small `nn.Module` owned by one layer (its buffers travel in the layer's state_dict).
 Every layer kind (dense, conv, untied) takes the same rules; the layer only supplies the maths of
 "send G back through a matrix shaped like W" (`op.input_grad`). dL/dW and dL/db are never touched.
+Rule names, their options and the options' checks live in `fasweep.rule_options` (torch-free, shared
+with the spec validator); each rule here is keyed by its name there.
 
 Scales: with `init_scale=None`, random B is drawn from W's own init, U(-1/sqrt(fan_in), 1/sqrt(fan_in));
 sign-concordant magnitudes use sigma = init_scale or that distribution's std, 1/sqrt(3 fan_in), so
@@ -12,14 +14,15 @@ the RMS of B equals the RMS of a freshly initialised W for every magnitude optio
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fasweep.errors import UserError
-
-Magnitude = Literal["uniform", "fixed_random", "batch_random"]
+from fasweep.rule_options import OPTIONS, RULE_OPTIONS, Magnitude, require_option
 
 
 class LayerOp(Protocol):
@@ -35,14 +38,22 @@ class LayerOp(Protocol):
 
 
 class FeedbackRule(nn.Module):
-    """Base rule. Subclasses override `matrix` (B for this step), and optionally `input_grad` and the step hooks."""
+    """Base rule. Subclasses set `mode`, override `matrix` (B for this step), and optionally `input_grad`.
+
+    Keyword options are those `RULE_OPTIONS[mode]` lists, each checked by `fasweep.rule_options`.
+    """
 
     mode: ClassVar[str]
-    updates_with_weight: ClassVar[bool] = False
+    init_scale: float | None = None
 
-    def __init__(self, init_scale: float | None = None) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.init_scale = init_scale
+        names = RULE_OPTIONS[self.mode]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"the {self.mode} rule takes options {list(names)}, not {unknown}")
+        for name in names:
+            setattr(self, name, require_option(name, options.get(name, OPTIONS[name].default)))
         self.fan_in = 0
         self.bound = False
         self.exact = False  # set by `exact_backprop`: behave as bp
@@ -50,7 +61,7 @@ class FeedbackRule(nn.Module):
 
     def options(self) -> dict[str, Any]:
         """Constructor keyword options, to make an unbound copy of this rule."""
-        return {"init_scale": self.init_scale}
+        return {name: getattr(self, name) for name in RULE_OPTIONS[self.mode]}
 
     def unbound_copy(self) -> FeedbackRule:
         """A fresh rule with the same options (a rule belongs to one layer)."""
@@ -83,11 +94,8 @@ class FeedbackRule(nn.Module):
         """dL/dx as this rule defines it: G sent back through B (W under `exact_backprop`)."""
         return op.input_grad(grad_out, weight if self.exact else feedback, x)
 
-    def before_step(self, weight: Tensor) -> None:
-        """Called by `optimizer_step` before the optimizer moves W (only when `updates_with_weight`)."""
-
-    def after_step(self, weight: Tensor) -> None:
-        """Called by `optimizer_step` after the optimizer moved W (and clipping), even if the step raised."""
+    def track(self, weight: Tensor) -> None:
+        """Called by the layer with its weight when copied or unpickled and at every gradient-carrying forward."""
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -124,33 +132,73 @@ class RandomFeedback(FeedbackRule):
 
 
 class UpdatedRandomFeedback(RandomFeedback):
-    """`random_updated` (R*): random B that receives exactly W's update each optimizer step.
+    """`random_updated` (R*): random B that receives exactly W's update at every optimizer step.
 
-    With `decay` > 0 both W and B shrink by (1 - decay) after each step (Kolen-Pollack): B - W decays to 0.
+    Whatever calls `optimizer.step()` (any `torch.optim.Optimizer`; `fasweep.nn.optimizer_step` too), global
+    optimizer step hooks (below) snapshot this layer's W before the step and add W_after - W_before to B
+    after it. With `decay` > 0 both W and B then shrink by (1 - decay) (Kolen-Pollack): B - W decays to 0.
     """
 
     mode = "random_updated"
-    updates_with_weight = True
+    decay: float
 
-    def __init__(self, init_scale: float | None = None, decay: float = 0.0) -> None:
-        super().__init__(init_scale)
-        if not 0.0 <= decay < 1.0:
-            raise UserError.field("feedback.decay", decay, "a number in [0, 1)")
-        self.decay = decay
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._before: Tensor | None = None  # W at the start of the optimizer step under way
 
-    def options(self) -> dict[str, Any]:
-        return {"init_scale": self.init_scale, "decay": self.decay}
+    def bind(self, weight: Tensor, fan_in: int) -> None:
+        super().bind(weight, fan_in)
+        self.track(weight)
+
+    def track(self, weight: Tensor) -> None:
+        # also from a copied or unpickled layer, and at every eager forward (a replaced Parameter is found again);
+        # a compiled forward skips it (dynamo would break the graph on the map)
+        if not torch.compiler.is_compiling() and _FOLLOWED.get(weight) is not self:
+            _FOLLOWED[weight] = self
 
     @torch.no_grad()
     def before_step(self, weight: Tensor) -> None:
-        self.B.sub_(weight)  # B holds B - W during the step: no copy of W needed
+        """Remember W before the optimizer moves it."""
+        self._before = weight.detach().clone()
 
     @torch.no_grad()
     def after_step(self, weight: Tensor) -> None:
-        self.B.add_(weight)  # = B + (W_after - W_before)
+        """B += W_after - W_before, then the decay; nothing when no step of this weight began."""
+        if self._before is None:
+            return
+        self.B.sub_(self._before).add_(weight)
+        self._before = None
         if self.decay:
             self.B.mul_(1.0 - self.decay)
             weight.mul_(1.0 - self.decay)
+
+
+# --- R* under any optimizer: global step hooks -------------------------------------------------------
+# The map is filled by the rules themselves (`track`) and holds weights weakly. The post-hook runs
+# after an optimizer's own post-hooks (torch calls those first), so `optimizer_step`'s clipping is part of
+# the change B receives.
+_FOLLOWED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # an R* layer's weight -> its rule
+
+
+def _followed_in(optimizer: Optimizer) -> list[tuple[Tensor, UpdatedRandomFeedback]]:
+    if not _FOLLOWED:
+        return []
+    params = (p for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+    return [(p, rule) for p in params if (rule := _FOLLOWED.get(p)) is not None]
+
+
+def _before_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    for weight, rule in _followed_in(optimizer):
+        rule.before_step(weight)
+
+
+def _after_optimizer_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    for weight, rule in _followed_in(optimizer):
+        rule.after_step(weight)
+
+
+register_optimizer_step_pre_hook(_before_optimizer_step)
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 class SignConcordantFeedback(FeedbackRule):
@@ -163,19 +211,12 @@ class SignConcordantFeedback(FeedbackRule):
     """
 
     mode = "sign_concordant"
+    concordance: float
+    magnitude: Magnitude
 
-    def __init__(self, init_scale: float | None = None, concordance: float = 1.0, magnitude: Magnitude = "uniform"):
-        super().__init__(init_scale)
-        if not 0.0 <= concordance <= 1.0:
-            raise UserError.field("feedback.concordance", concordance, "a fraction in [0, 1]")
-        if magnitude not in ("uniform", "fixed_random", "batch_random"):
-            raise UserError.field("feedback.magnitude", magnitude, "uniform, fixed_random or batch_random")
-        self.concordance = concordance
-        self.magnitude = magnitude
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.sigma = 0.0
-
-    def options(self) -> dict[str, Any]:
-        return {"init_scale": self.init_scale, "concordance": self.concordance, "magnitude": self.magnitude}
 
     def bind(self, weight: Tensor, fan_in: int) -> None:
         super().bind(weight, fan_in)
@@ -207,8 +248,8 @@ class DirectFeedback(FeedbackRule):
 
     mode = "dfa"
 
-    def __init__(self, init_scale: float | None = None) -> None:
-        super().__init__(init_scale)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.context: Any = None  # DFAContext, set by finalize
         self.register_buffer("B", torch.empty(0))
 
@@ -237,25 +278,14 @@ RULES: dict[str, type[FeedbackRule]] = {
 }
 
 
-def make_rule(
-    mode: str,
-    *,
-    init_scale: float | None = None,
-    concordance: float = 1.0,
-    magnitude: Magnitude = "uniform",
-    decay: float = 0.0,
-) -> FeedbackRule:
-    """Build an (unbound) rule by mode name; options a mode does not use are ignored."""
+def make_rule(mode: str, **options: Any) -> FeedbackRule:
+    """Build an (unbound) rule by mode name; the options (`rule_options.OPTIONS`) a mode does not use are ignored."""
     if mode not in RULES:
         raise UserError.field("feedback.mode", mode, "one of " + ", ".join(RULES))
-    if init_scale is not None and not init_scale > 0:
-        raise UserError.field("feedback.init_scale", init_scale, "a positive std, or null for W's init")
-    cls = RULES[mode]
-    if cls is UpdatedRandomFeedback:
-        return cls(init_scale, decay=decay)
-    if cls is SignConcordantFeedback:
-        return cls(init_scale, concordance=concordance, magnitude=magnitude)
-    return cls(init_scale)
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown rule options {unknown}; expected some of {list(OPTIONS)}")
+    return RULES[mode](**{name: value for name, value in options.items() if name in RULE_OPTIONS[mode]})
 
 
 def resolve_rule(feedback: str | FeedbackRule, options: dict[str, Any]) -> FeedbackRule:

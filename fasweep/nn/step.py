@@ -1,11 +1,10 @@
-"""The optimizer step for FA nets: batch-manhattan transform, the step, weight clipping, R* updates of B."""
+"""The optimizer step of the seed report: batch-manhattan transform, the step, weight clipping."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fasweep.nn.layers import FALayer
 from fasweep.nn.untied import UntiedConv2d
 
 WEIGHTED = (nn.Linear, nn.Conv2d, UntiedConv2d)
@@ -27,25 +26,22 @@ def optimizer_step(
     batch_manhattan: bool = False,
     weight_clip: float | None = None,
 ) -> None:
-    """Use instead of `optimizer.step()`.
+    """`optimizer.step()` with the seed report's transforms: grads -> sign(grads) if `batch_manhattan`; the step;
+    weights clipped to [-c, c].
 
-    Order: grads -> sign(grads) if `batch_manhattan`; the optimizer step; weights clipped to [-c, c];
-    then every random_updated (R*) layer's B gets exactly W's total change (and its KP decay).
+    R* layers need nothing here: their B follows W in optimizer step hooks (`fasweep.nn.rules`) that run after
+    the clipping (an optimizer's own post-hook), so B still gets W's total change and then its KP decay.
     """
     if batch_manhattan:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.sign_()
-    tracked = [
-        m for m in model.modules() if isinstance(m, FALayer) and m.rule.updates_with_weight and m.weight.requires_grad
-    ]
-    for layer in tracked:
-        layer.rule.before_step(layer.weight)
+    if weight_clip is None:
+        optimizer.step()
+        return
+    handle = optimizer.register_step_post_hook(lambda *_: clip_weights(model, weight_clip))
     try:
         optimizer.step()
-        if weight_clip is not None:
-            clip_weights(model, weight_clip)
     finally:
-        for layer in tracked:
-            layer.rule.after_step(layer.weight)
+        handle.remove()

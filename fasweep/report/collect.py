@@ -12,12 +12,10 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 
 from fasweep.errors import UserError
-from fasweep.runs.layout import SPEC_ARTIFACT, TrialStatus
+from fasweep.runs.layout import SPEC_ARTIFACT
 from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials
 from fasweep.runs.store import check_reachable
 from fasweep.spec import Plan, SweepSpec, parse_spec
-
-RUNNING, DIVERGED, FAILED, STOPPED = TrialStatus.RUNNING, TrialStatus.DIVERGED, TrialStatus.ERROR, TrialStatus.STOPPED
 
 
 def label(stage: str, condition: str) -> str:

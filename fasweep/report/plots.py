@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,22 +12,25 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fasweep.report.collect import Sweep, Trial
+from fasweep.report.stats import mean_ci
 from fasweep.report.tables import group_by, is_number, plan_sorted, sort_values, summarize
+from fasweep.runs.layout import TrialStatus
 
 MAX_CURVES = 12  # more conditions than this: learning/angle curves are drawn per value of the main axis
 
 
-def _mean_band(trials: list[Trial], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Epochs, mean over seeds and sd over seeds (0 for one seed) of a metric; non-finite points dropped."""
+def _mean_band(trials: list[Trial], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, mean over seeds and its 95% CI (Student t; NaN where one seed) per epoch; non-finite points and
+    errored trials dropped."""
     by_epoch: dict[int, list[float]] = defaultdict(list)
-    for t in trials:
+    for t in (t for t in trials if t.status != TrialStatus.ERROR):
         for epoch, v in t.histories.get(key, []):
             if math.isfinite(v):
                 by_epoch[epoch].append(v)
     epochs = sorted(by_epoch)
-    mean = [statistics.fmean(by_epoch[e]) for e in epochs]
-    sd = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
-    return np.array(epochs), np.array(mean), np.array(sd)
+    bands = [mean_ci(by_epoch[e]) or (math.nan, math.nan) for e in epochs]
+    mean = np.array([np.mean(by_epoch[e]) for e in epochs])
+    return np.array(epochs), mean, np.array([b[0] for b in bands]), np.array([b[1] for b in bands])
 
 
 def curve_groups(sweep: Sweep, axis: str | None) -> tuple[dict[str, list[Trial]], str]:
@@ -42,12 +44,12 @@ def curve_groups(sweep: Sweep, axis: str | None) -> tuple[dict[str, list[Trial]]
 
 
 def _curves(ax: Axes, groups: dict[str, list[Trial]], key: str) -> None:
-    """One line per group (mean over its trials) with a ±sd band."""
+    """One line per group (mean over its trials) with a 95% CI band."""
     for (name, trials), color in zip(groups.items(), _colors(len(groups)), strict=True):
-        epochs, mean, sd = _mean_band(trials, key)
+        epochs, mean, low, high = _mean_band(trials, key)
         if len(epochs):
             ax.plot(epochs, mean, color=color, label=name, marker="o" if len(epochs) < 4 else None, ms=3)
-            ax.fill_between(epochs, mean - sd, mean + sd, color=color, alpha=0.2, lw=0)
+            ax.fill_between(epochs, low, high, where=np.isfinite(low), color=color, alpha=0.2, lw=0)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(key)
@@ -67,7 +69,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _band_title(grouping: str) -> str:
-    return "mean ± sd over seeds" if grouping == "condition" else f"per {grouping}, mean ± sd over its trials"
+    band = "band: 95% CI of the mean (Student t)"
+    return f"mean over seeds, {band}" if grouping == "condition" else f"per {grouping}, mean over its trials, {band}"
 
 
 def learning_curves(name: str, groups: dict[str, list[Trial]], grouping: str, metric: str, path: Path) -> Path:
@@ -106,7 +109,7 @@ def angle_curves(name: str, groups: dict[str, list[Trial]], grouping: str, keys:
 
 
 def metric_vs_axis(sweep: Sweep, metric: str, at: str, x_axis: str, line_axis: str | None, path: Path) -> Path:
-    """`metric` (mean ± sd over trials) against the values of `x_axis`, one line per `line_axis` value."""
+    """`metric` (mean and 95% CI over trials) against the values of `x_axis`, one line per `line_axis` value."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     trials = plan_sorted(sweep)
@@ -119,10 +122,11 @@ def metric_vs_axis(sweep: Sweep, metric: str, at: str, x_axis: str, line_axis: s
         points = [(x, summarize(cells[x], metric, at)) for x in xs if x in cells]
         points = [(x, s) for x, s in points if s.n]
         pos = [float(x) if numeric else xs.index(x) for x, _ in points]
+        bars = [(s.mean - s.ci[0], s.ci[1] - s.mean) if s.ci else (0.0, 0.0) for _, s in points]
         ax.errorbar(
             pos,
             [s.mean for _, s in points],
-            yerr=[0.0 if s.n < 2 else s.sd for _, s in points],
+            yerr=np.array(bars).T.reshape(2, -1),
             color=color,
             marker="o",
             ls="-" if numeric else ":",  # categories: the line only guides the eye
@@ -136,5 +140,5 @@ def metric_vs_axis(sweep: Sweep, metric: str, at: str, x_axis: str, line_axis: s
     ax.grid(alpha=0.3)
     if line_axis:
         ax.legend(fontsize=8)
-    fig.suptitle(f"{sweep.name}: {metric} vs {x_axis} (mean ± sd)")
+    fig.suptitle(f"{sweep.name}: {metric} vs {x_axis} (mean, bars: 95% CI, Student t)")
     return _save(fig, path)

@@ -11,10 +11,23 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+from fasweep.config import suggest
 from fasweep.errors import UserError
-from fasweep.report.collect import DIVERGED, FAILED, RUNNING, STOPPED, Sweep, Trial, finite, label
+from fasweep.report.collect import Sweep, Trial, label
+from fasweep.report.stats import (
+    BOOTSTRAP_MIN_N,
+    BOOTSTRAP_RESAMPLES,
+    Interval,
+    compare,
+    holm,
+    mean_ci,
+    pair_by_seed,
+    verdict,
+)
+from fasweep.runs.layout import TrialStatus
 
 LOSS_AXIS = "train.loss"
 PARTIAL_MARK = "*"
@@ -27,9 +40,13 @@ def lower_is_better(metric: str) -> bool:
 
 def trial_value(trial: Trial, metric: str, at: str | int) -> float | None:
     """A trial's metric at its final (latest) epoch, its best value, or at epoch `at` (an int: step `at` of the
-    history); None if never logged (or the trial has not reached that epoch)."""
+    history; a diverged trial that ended before it counts with its last value: its training is over); None if
+    never logged (or the trial has not reached that epoch)."""
     if isinstance(at, int):
-        return dict(trial.histories.get(metric, [])).get(at)
+        hist = trial.histories.get(metric, [])
+        if trial.status == TrialStatus.DIVERGED and hist and hist[-1][0] < at:
+            return hist[-1][1]
+        return dict(hist).get(at)
     hist = [v for _, v in trial.histories.get(metric, []) if at == "final" or math.isfinite(v)]
     if not hist:
         return None
@@ -43,6 +60,8 @@ class Stats:
     """One group of trials (a condition, or a pivot cell): the metric over seeds and the group's bookkeeping."""
 
     values: list[float]
+    seeds: list[str | None]  # each value's train.seed
+    ci_method: str
     runs: int
     diverged: int
     partial: int
@@ -63,23 +82,38 @@ class Stats:
         """Sample standard deviation (n − 1); NaN for a single seed."""
         return statistics.stdev(self.values) if len(self.values) > 1 else math.nan
 
+    @property
+    def seeded(self) -> list[tuple[str | None, float]]:
+        """(train.seed, value) of each seed."""
+        return list(zip(self.seeds, self.values, strict=True))
 
-def summarize(trials: list[Trial], metric: str, at: str | int) -> Stats:
+    @cached_property
+    def ci(self) -> Interval | None:
+        """95% CI of the mean over seeds (`ci_method`); None for fewer than two seeds."""
+        return mean_ci(self.values, self.ci_method)
+
+
+def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") -> Stats:
     """Statistics of `metric` over the trials (seeds) at `at` (final, best or an epoch); best epoch = where the
-    seed-mean curve is best. At a given epoch a running trial's value is final (not partial)."""
-    values = [v for v in (trial_value(t, metric, at) for t in trials) if v is not None]
+    seed-mean curve is best. At a given epoch a running trial's value is final (not partial). Errored trials
+    are left out (counted in `errors`), as are non-finite values."""
+    counted = [t for t in trials if t.status != TrialStatus.ERROR]
+    seeded = [(t.params.get("train.seed"), trial_value(t, metric, at)) for t in counted]
+    seeded = [(seed, v) for seed, v in seeded if v is not None and math.isfinite(v)]
     by_epoch: dict[int, list[float]] = defaultdict(list)
-    for t in trials:
+    for t in counted:
         for epoch, v in t.histories.get(metric, []):
             by_epoch[epoch].append(v)
     curve = {e: statistics.fmean(vs) for e, vs in by_epoch.items() if all(math.isfinite(v) for v in vs)}
     pick = min if lower_is_better(metric) else max
     return Stats(
-        values=list(finite(values)),
+        values=[v for _, v in seeded],
+        seeds=[seed for seed, _ in seeded],
+        ci_method=ci,
         runs=len(trials),
-        diverged=sum(t.status == DIVERGED for t in trials),
-        partial=0 if isinstance(at, int) else sum(t.status == RUNNING for t in trials),
-        errors=sum(t.status == FAILED for t in trials),
+        diverged=sum(t.status == TrialStatus.DIVERGED for t in trials),
+        partial=0 if isinstance(at, int) else sum(t.status == TrialStatus.RUNNING for t in trials),
+        errors=sum(t.status == TrialStatus.ERROR for t in trials),
         final_epoch=max(by_epoch) if by_epoch else None,
         best_epoch=pick(sorted(curve), key=curve.__getitem__) if curve else None,
     )
@@ -101,6 +135,19 @@ def fmt_stats(s: Stats, with_n: bool = False) -> str:
     return text + (PARTIAL_MARK if s.partial else "")
 
 
+def fmt_ci(s: Stats) -> str:
+    """`[low, high]`, marked wide for two seeds; `n/a (n=1)` for one seed; '—' for none."""
+    if s.ci is None:
+        return f"n/a (n={s.n})" if s.n else "—"
+    text = f"[{fmt(s.ci[0])}, {fmt(s.ci[1])}]"
+    return text + (f" wide (n={s.n})" if s.n == 2 else "")
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value: 3 decimals, `<0.001` below that, `n/a` when no test was possible."""
+    return "n/a" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 @dataclass
 class Table:
     """A table to show (header + string rows) and the same content as records for csv/json."""
@@ -117,11 +164,14 @@ def _number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _record(s: Stats, reference: float | None = None, **keys: Any) -> dict[str, Any]:
+def _record(s: Stats, **keys: Any) -> dict[str, Any]:
+    low, high = s.ci or (None, None)
     return {
         **keys,
         "mean": _number(s.mean),
         "sd": _number(s.sd),
+        "ci_low": low,
+        "ci_high": high,
         "n": s.n,
         "runs": s.runs,
         "final_epoch": s.final_epoch,
@@ -130,8 +180,6 @@ def _record(s: Stats, reference: float | None = None, **keys: Any) -> dict[str, 
         "partial": s.partial,
         "errors": s.errors,
         "values": s.values,
-        "reference": reference,
-        "delta": None if reference is None or s.n == 0 else s.mean - reference,
     }
 
 
@@ -158,12 +206,42 @@ def reference_epochs(sweep: Sweep, metric: str) -> list[int]:
     return sorted({int(n) for name, _, n in keys if name == metric and n.isdigit()})
 
 
-def _compared(sweep: Sweep, group: list[Trial], metric: str, at: str | int) -> tuple[Stats, dict[str, Any], list[str]]:
+def planned_epochs(group: list[Trial]) -> int | None:
+    """The epoch count the group's trials were planned with (their `train.epochs` param), None if unknown."""
+    planned = {t.params.get("train.epochs") for t in group}
+    value = planned.pop() if len(planned) == 1 else None
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _reference(sweep: Sweep, group: list[Trial], metric: str, at: str | int, s: Stats) -> tuple[dict[str, Any], str]:
+    """The spec's number for `metric` (the planned final epoch) or `metric@N` (epoch N), compared with the group's
+    values at that epoch only: record fields (reference, reference_epoch, delta, verdict, reason) and the delta
+    cell (`+0.0123 (ref inside CI)`, or why there is no delta: `ran 3 of 100 epochs`)."""
+    epoch = at if isinstance(at, int) else planned_epochs(group)
+    ref = reference_for(sweep, group[0], metric if isinstance(at, str) else f"{metric}@{at}")
+    fields: dict[str, Any] = {"reference": ref, "reference_epoch": epoch, "delta": None, "verdict": None}
+    if ref is None:
+        return {**fields, "reason": None}, "—"
+    if epoch is None:
+        return {**fields, "reason": "planned epochs unknown (no train.epochs param)"}, "planned epochs unknown"
+    at_epoch = s if at == epoch else summarize(group, metric, epoch, s.ci_method)
+    if not at_epoch.n:
+        ran = at_epoch.final_epoch or 0
+        reason = f"ran {ran} of {epoch} epochs" if ran < epoch else f"no finite {metric} at epoch {epoch}"
+        return {**fields, "reason": reason}, reason
+    delta, where = at_epoch.mean - ref, verdict(ref, at_epoch.ci)
+    cell = fmt(delta, signed=True) + (f" (ref {where} CI)" if where else "")
+    return {**fields, "delta": delta, "verdict": where, "reason": None}, cell
+
+
+def _compared(
+    sweep: Sweep, group: list[Trial], metric: str, at: str | int, ci: str
+) -> tuple[Stats, dict[str, Any], list[str]]:
     """`metric` of a group at `at` (final, best or epoch N, reference key `<metric>@<N>`) beside the reference:
     its stats, record and cells `mean ± sd (n)`, reference, delta."""
-    s = summarize(group, metric, at)
-    rec = _record(s, reference_for(sweep, group[0], metric if isinstance(at, str) else f"{metric}@{at}"))
-    return s, rec, [fmt_stats(s, with_n=True), fmt(rec["reference"]), fmt(rec["delta"], signed=True)]
+    s = summarize(group, metric, at, ci)
+    fields, delta = _reference(sweep, group, metric, at, s)
+    return s, _record(s) | fields, [fmt_stats(s, with_n=True), fmt(fields["reference"]), delta]
 
 
 def _triple(name: str) -> list[str]:
@@ -171,56 +249,197 @@ def _triple(name: str) -> list[str]:
     return [name, f"reference {name}", f"delta {name}"]
 
 
-def _at_epochs(sweep: Sweep, group: list[Trial], metric: str, epochs: list[int]) -> tuple[list[str], dict[str, Any]]:
+AT_EPOCH_FIELDS = ("mean", "sd", "ci_low", "ci_high", "n", "values", "reference", "delta", "verdict", "reason")
+
+
+def _at_epochs(
+    sweep: Sweep, group: list[Trial], metric: str, epochs: list[int], ci: str
+) -> tuple[list[str], dict[str, Any]]:
     """The `<metric>@<N>` column triples of a group and their record fields (`<metric>@<N>.mean`, ...)."""
     cells: list[str] = []
     fields: dict[str, Any] = {}
     for epoch in epochs:
-        _, rec, triple = _compared(sweep, group, metric, epoch)
+        _, rec, triple = _compared(sweep, group, metric, epoch, ci)
         cells += triple
-        fields |= {f"{metric}@{epoch}.{k}": rec[k] for k in ("mean", "sd", "n", "values", "reference", "delta")}
+        fields |= {f"{metric}@{epoch}.{k}": rec[k] for k in AT_EPOCH_FIELDS}
     return cells, fields
 
 
-def _footnotes(sweep: Sweep, metric: str, at: str, epochs: Sequence[int] = ()) -> list[str]:
+def _ci_note(ci: str) -> str:
+    if ci == "bootstrap":
+        how = f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples) for n ≥ {BOOTSTRAP_MIN_N}, Student t for n = 2"
+    else:
+        how = "Student t (n − 1 df)"
+    return f"95% CI of the mean over seeds: {how}; n/a for one seed, marked wide for two"
+
+
+def _footnotes(sweep: Sweep, metric: str, at: str, ci: str, epochs: Sequence[int] = ()) -> list[str]:
     trials = sweep.trials
     when = "final (latest)" if at == "final" else "best"
-    notes = [f"{metric} at the {when} epoch of each trial; mean ± sd over seeds"]
+    notes = [f"{metric} at the {when} epoch of each trial; mean ± sd over seeds", _ci_note(ci)]
     if epochs:
         notes.append(
             f"{metric}@N: {metric} at epoch N of the trials that reached it, mean ± sd (n), beside the spec's "
             f"{metric}@N reference; N = {', '.join(map(str, epochs))}"
         )
-    running = sum(t.status == RUNNING for t in trials)
+    if any(key.partition("@")[0] == metric for refs in sweep.reference.values() for key in refs):
+        notes.append(
+            f"delta: measured − reference at the reference's epoch only ({metric}: the planned final epoch, "
+            f"train.epochs; {metric}@N: epoch N), over the trials that reached it; (ref inside/above/below CI): "
+            "where the reference lies against that epoch's 95% CI; `ran X of N epochs`: not comparable yet"
+        )
+    running = sum(t.status == TrialStatus.RUNNING for t in trials)
     if running:
         notes.append(f"{PARTIAL_MARK} partial: {running} trial(s) still running; their latest epoch is used")
-    stopped = sum(t.status == STOPPED for t in trials)
+    stopped = sum(t.status == TrialStatus.STOPPED for t in trials)
     if stopped:
         notes.append(f"{stopped} trial(s) stopped early by the scheduler; their last epoch is used")
-    errors = sum(t.status == FAILED for t in trials)
+    diverged = sum(t.status == TrialStatus.DIVERGED for t in trials)
+    if diverged:
+        notes.append(f"{diverged} trial(s) diverged: each counts with its last finite value, at every later epoch too")
+    errors = sum(t.status == TrialStatus.ERROR for t in trials)
     if errors:
-        notes.append(f"{errors} trial(s) ended with an error; only the epochs they logged count")
+        notes.append(f"{errors} trial(s) ended with an error: left out of every statistic (`errors` in csv/json)")
     if len(sweep.all_launches) > len(sweep.launches):
         shown = ", ".join(sweep.launches)
         notes.append(f"launch {shown} of {len(sweep.all_launches)} launches; `--launch all` pools them")
     return notes + sweep.notes
 
 
-def condition_table(sweep: Sweep, metric: str, at: str) -> Table:
-    """One row per condition (per stage): mean ± sd over seeds, n, epochs, diverged, reference and delta."""
+def _find(name: str, stage: str, groups: dict[str, list[Trial]]) -> str | None:
+    """The label a baseline name means in a stage: `stage/cond` exactly; `cond` in this stage, else in the one
+    stage that has it."""
+    if "/" in name:
+        exact = label(*name.split("/", 1))
+        return exact if exact in groups else None
+    if label(stage, name) in groups:
+        return label(stage, name)
+    matches = [key for key, group in groups.items() if group[0].condition == name]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _baselines(
+    sweep: Sweep, groups: dict[str, list[Trial]], baseline: str | None, pairing: str | None
+) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Stage -> (baseline label, pairing): `--baseline`/`--pairing`, else the stage's `compare_to`/`pairing`, else
+    the spec's; and notes on baselines that have no trials."""
+    spec = sweep.spec
+    stages = {stage.name: stage for stage in spec.stages} if spec else {}
+    out: dict[str, tuple[str, str]] = {}
+    notes: list[str] = []
+    for name in dict.fromkeys(group[0].stage for group in groups.values()):
+        own = stages.get(name)
+        wanted = baseline or (own.compare_to if own else None) or (spec.compare_to if spec else None)
+        if not wanted:
+            continue
+        found = _find(wanted, name, groups)
+        if found is None:
+            notes.append(f"baseline {wanted}: no trials of it in stage {name}; no comparisons there")
+            continue
+        out[name] = (found, pairing or (own.pairing if own else None) or (spec.pairing if spec else "none"))
+    if baseline and not out:
+        raise UserError.field(
+            "--baseline", baseline, f"a condition of the sweep{suggest(baseline, list(groups))}: " + ", ".join(groups)
+        )
+    return out, notes
+
+
+def _comparisons(
+    rows: dict[str, tuple[str, Stats]], bases: dict[str, tuple[str, str]], metric: str
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each condition against its stage's baseline: record fields (baseline, pairing, diff, diff_ci_low/high, p,
+    p_holm, p_improve), Holm-adjusted over the table, and footnotes (how; whether pairing narrowed the CIs)."""
+    lower = lower_is_better(metric)
+    out: dict[str, dict[str, Any]] = {}
+    ratios: list[float] = []
+    unpaired = 0
+    for name, (stage, s) in rows.items():
+        if stage not in bases or bases[stage][0] == name:
+            continue
+        base, pairing = bases[stage]
+        b = rows[base][1]
+        pairs = pair_by_seed(s.seeded, b.seeded) if pairing == "seed" else None
+        c = compare(s.values, b.values, pairs=pairs, lower_is_better=lower)
+        if c is None:
+            continue
+        unpaired += pairing == "seed" and not c.paired
+        welch = compare(s.values, b.values, lower_is_better=lower) if c.paired else None
+        if c.ci and welch and welch.ci and welch.ci[1] > welch.ci[0]:
+            ratios.append((c.ci[1] - c.ci[0]) / (welch.ci[1] - welch.ci[0]))
+        low, high = c.ci or (None, None)
+        out[name] = {"baseline": base, "pairing": "seed" if c.paired else "none", "diff": c.diff}
+        out[name] |= {"diff_ci_low": low, "diff_ci_high": high, "p": c.p, "p_holm": None, "p_improve": c.p_improve}
+    tested = [name for name, f in out.items() if f["p"] is not None]
+    for name, adjusted in zip(tested, holm([out[name]["p"] for name in tested]), strict=True):
+        out[name]["p_holm"] = adjusted
+    if not out:
+        return out, []
+    better = "<" if lower else ">"
+    paired = any(f["pairing"] == "seed" for f in out.values())
+    notes = [
+        f"diff: mean − the baseline's mean ({', '.join(dict.fromkeys(b for b, _ in bases.values()))}) with its 95% CI; "
+        f"p: two-sided Welch's t-test{' (paired t on the seeds both ran where pairing: seed)' if paired else ''}; "
+        f"p (Holm): Holm-adjusted over the {len(tested)} tests of this table; P(X{better}Y): probability that a seed "
+        f"of the condition beats a seed of the baseline, over all pairs, ties ½"
+    ]
+    if ratios:
+        notes.append(
+            f"pairing by seed: the paired CIs of the difference are {statistics.fmean(ratios):.0%} of the Welch CIs' "
+            f"width on average ({len(ratios)} comparisons)"
+        )
+    if unpaired:
+        notes.append(f"{unpaired} comparison(s) unpaired (Welch): fewer than two shared seeds or a seed run twice")
+    return out, notes
+
+
+def _comparison_cells(fields: dict[str, Any] | None, is_baseline: bool) -> list[str]:
+    """diff [CI], p, p (Holm) and P(X>Y) cells of a row."""
+    if is_baseline:
+        return ["baseline", "—", "—", "—"]
+    if fields is None:
+        return ["—"] * 4
+    low, high = fields["diff_ci_low"], fields["diff_ci_high"]
+    interval = f"[{fmt(low, signed=True)}, {fmt(high, signed=True)}]" if low is not None else "(CI n/a)"
+    diff = f"{fmt(fields['diff'], signed=True)} {interval}"
+    return [diff, fmt_p(fields["p"]), fmt_p(fields["p_holm"]), f"{fields['p_improve']:.2f}"]
+
+
+def condition_table(
+    sweep: Sweep, metric: str, at: str, *, ci: str = "t", baseline: str | None = None, pairing: str | None = None
+) -> Table:
+    """One row per condition (per stage): mean ± sd and 95% CI over seeds, n, epochs, diverged, reference and
+    delta; with a baseline (`baseline`, else the spec's `compare_to`), the comparison with it."""
     groups = group_by(sweep.trials, lambda t: t.label)
     epochs = reference_epochs(sweep, metric)
-    header = ["condition", f"{metric} ({at})", "n", "final epoch", "best epoch", "diverged", "reference", "delta"]
+    bases, base_notes = _baselines(sweep, groups, baseline, pairing)
+    rows_stats = {
+        name: (groups[name][0].stage, summarize(groups[name], metric, at, ci)) for name in sweep.condition_order
+    }
+    compared, compare_notes = _comparisons(rows_stats, bases, metric)
+    header = ["condition", f"{metric} ({at})", "95% CI", "n", "final epoch", "best epoch", "diverged"]
+    header += ["reference", "delta"]
+    if bases:
+        names = {b for b, _ in bases.values()}
+        against = names.pop() if len(names) == 1 else "baseline"
+        header += [f"diff vs {against} [95% CI]", "p", "p (Holm)", f"P(X{'<' if lower_is_better(metric) else '>'}Y)"]
     header += [h for e in epochs for h in _triple(f"{metric}@{e}")]
     rows, records = [], []
     for name in sweep.condition_order:
         group = groups[name]
-        s, rec, (_, ref, delta) = _compared(sweep, group, metric, at)
-        cells, fields = _at_epochs(sweep, group, metric, epochs)
-        records.append({"stage": group[0].stage, "condition": group[0].condition, **rec, **fields})
-        epoch_cols = [str(s.final_epoch or "—"), str(s.best_epoch or "—")]
-        rows.append([name, fmt_stats(s), str(s.n), *epoch_cols, str(s.diverged), ref, delta, *cells])
-    notes = _footnotes(sweep, metric, at, epochs)
+        s = rows_stats[name][1]
+        fields, delta = _reference(sweep, group, metric, at, s)
+        cells, at_fields = _at_epochs(sweep, group, metric, epochs, ci)
+        records.append(
+            {"stage": group[0].stage, "condition": group[0].condition, **_record(s), **fields, **compared.get(name, {})}
+            | at_fields
+        )
+        row = [name, fmt_stats(s), fmt_ci(s), str(s.n), str(s.final_epoch or "—"), str(s.best_epoch or "—")]
+        row += [str(s.diverged), fmt(fields["reference"]), delta]
+        if bases:
+            is_base = bases.get(group[0].stage, ("", ""))[0] == name
+            row += _comparison_cells(compared.get(name), is_base)
+        rows.append(row + cells)
+    notes = _footnotes(sweep, metric, at, ci, epochs) + compare_notes + base_notes
     return Table(f"{sweep.name}: {metric} per condition", header, rows, records, notes)
 
 
@@ -231,7 +450,7 @@ def _strip_axis(condition: str, axis: str) -> str:
     return ",".join(parts) or condition
 
 
-def loss_table(sweep: Sweep, metric: str, at: str) -> Table | None:
+def loss_table(sweep: Sweep, metric: str, at: str, ci: str = "t") -> Table | None:
     """The seed report's layout (Tables 2/4/6): condition rows, one column block per `train.loss` value.
 
     None when the loss is not varied or the conditions do not pair up across losses.
@@ -255,15 +474,15 @@ def loss_table(sweep: Sweep, metric: str, at: str) -> Table | None:
             if not group:
                 row += ["—"] * 3 * (1 + len(epochs))
                 continue
-            _, rec, triple = _compared(sweep, group, metric, at)
-            at_epochs, fields = _at_epochs(sweep, group, metric, epochs)
+            _, rec, triple = _compared(sweep, group, metric, at, ci)
+            at_epochs, fields = _at_epochs(sweep, group, metric, epochs, ci)
             records.append(
                 {"stage": stage, "condition": group[0].condition, **rec, **fields, "row": name, LOSS_AXIS: loss}
             )
             row += triple + at_epochs
         rows.append(row)
     title = f"{sweep.name}: {metric} by condition and loss (the seed report's layout)"
-    return Table(title, header, rows, records, _footnotes(sweep, metric, at, epochs))
+    return Table(title, header, rows, records, _footnotes(sweep, metric, at, ci, epochs))
 
 
 def is_number(text: str) -> bool:
@@ -296,7 +515,7 @@ def check_axes(sweep: Sweep, by: list[str]) -> None:
             raise UserError.field("--by", axis, f"a param of the trials, e.g. one of the sweep's axes: {axes}")
 
 
-def pivot_table(sweep: Sweep, metric: str, at: str, by: list[str]) -> Table:
+def pivot_table(sweep: Sweep, metric: str, at: str, by: list[str], ci: str = "t") -> Table:
     """Rows = values of the first axis (per stage), columns = value combinations of the others.
 
     Each cell is `mean ± sd (n)` over every trial with those param values (seeds and unlisted axes pooled).
@@ -329,11 +548,11 @@ def pivot_table(sweep: Sweep, metric: str, at: str, by: list[str]) -> Table:
             if not group:
                 row.append("—")
                 continue
-            s = summarize(group, metric, at)
+            s = summarize(group, metric, at, ci)
             row.append(fmt_stats(s, with_n=True))
             records.append(_record(s, **stage, **{a: group[0].params.get(a) for a in by}))
         rows.append(row)
-    notes = _footnotes(sweep, metric, at)
+    notes = _footnotes(sweep, metric, at, ci)
     notes.insert(1, "cells: mean ± sd (n) over all trials with these values (seeds and other axes pooled)")
     return Table(f"{sweep.name}: {metric} by {' × '.join(by)}", header, rows, records, notes)
 
