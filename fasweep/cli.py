@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import urllib.parse
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
 from fasweep.errors import UserError
+
+if TYPE_CHECKING:
+    from fasweep.runs.reader import LaunchRecord
 
 app = typer.Typer(
     add_completion=False,
@@ -19,7 +24,11 @@ app = typer.Typer(
 
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="override a field: --set train.epochs=1 (value parsed as YAML)"),
+    typer.Option("--set", help="override a spec field: --set base.train.epochs=1 (value read as YAML)"),
+]
+TrialSetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a trial field: --set train.epochs=1 (value read as YAML)"),
 ]
 TrackingOpt = Annotated[
     str | None,
@@ -28,16 +37,15 @@ TrackingOpt = Annotated[
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
-    """Turn ['a.b=1', 'seeds=[0,1]'] into {'a.b': 1, 'seeds': [0, 1]} (values read as safe YAML)."""
+    """Turn ['a.b=1', 'seeds=[0,1]'] into {'a.b': 1, 'seeds': [0, 1]} (values read as YAML, as safely as a spec)."""
+    from fasweep.spec import read_value
+
     out: dict[str, Any] = {}
     for item in items or []:
         path, sep, raw = item.partition("=")
         if not sep or not path.strip():
-            raise UserError.field("--set", item, "PATH=VALUE, e.g. --set train.epochs=1")
-        try:
-            out[path.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise UserError.field(f"--set {path}", raw, f"a YAML value ({exc.__class__.__name__})") from None
+            raise UserError.field("--set", item, "PATH=VALUE (value read as YAML)")
+        out[path.strip()] = read_value(raw, f"--set {path.strip()}")
     return out
 
 
@@ -52,7 +60,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="number of epochs")] = None,
     feedback: Annotated[str | None, typer.Option(help="default rule: bp, random, random_updated, ...")] = None,
     out: Annotated[Path | None, typer.Option(help="directory for checkpoints and metrics.jsonl")] = None,
-    set_: SetOpt = None,
+    set_: TrialSetOpt = None,
 ) -> None:
     """Run one trial locally (no Ray) with a progress bar and print the final metrics."""
     import json
@@ -185,7 +193,8 @@ def launch(
     set_: SetOpt = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray (default: all cores)")] = None,
 ) -> None:
-    """Run a sweep on Ray and track it in MLflow (exit 0 finished, 1 failed trials, 130 interrupted)."""
+    """Run a sweep on Ray and track it in MLflow (exit 0 finished, 1 failed trials, 2 bad input or environment,
+    128 + the signal when interrupted: 130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
     from fasweep.launch import launch as run_launch
 
     result = run_launch(
@@ -203,9 +212,15 @@ def launch(
     best = f"; best {result.best[0]} {result.best[1]:.4f}" if result.best else ""
     typer.echo(f"{result.sweep} @ {result.launch_id} {result.status}: {counts}{best}")
     typer.echo(f"MLflow: experiment {result.experiment!r}, parent run {result.parent_run_id} in {result.tracking_uri}")
-    if result.status != "finished":
+    if result.status == "interrupted":
         typer.echo(f"continue with: fasweep launch {spec} --resume (same --set values)")
-        raise SystemExit(130 if result.status == "interrupted" else 1)
+        raise SystemExit(128 + (result.signal or signal.SIGINT))
+    if result.status != "finished":
+        if result.retry_helps:
+            typer.echo(f"retry the failed trials with: fasweep launch {spec} --resume (same --set values)")
+        else:
+            typer.echo("fix what the errors above say and launch again (a --resume would fail the same way)")
+        raise SystemExit(1)
 
 
 @app.command()
@@ -252,20 +267,95 @@ def status(sweep: Annotated[str | None, typer.Argument()] = None, tracking_uri: 
 
 
 @app.command()
-def ui(tracking_uri: TrackingOpt = None, port: int = 5000) -> None:
-    """Start the MLflow UI on the configured tracking store (a tracking server already is one: open its URL)."""
-    import os
+def ui(
+    sweep: Annotated[str | None, typer.Argument(help="open on this sweep's experiment")] = None,
+    tracking_uri: TrackingOpt = None,
+    host: Annotated[str, typer.Option(help="interface to serve on; 0.0.0.0 opens it to the network")] = "127.0.0.1",
+    port: int = 5000,
+    workers: Annotated[int, typer.Option(min=1, help="server processes (1 suits a laptop)")] = 1,
+) -> None:
+    """Serve the MLflow UI on the tracking store; print its URL (SWEEP's experiment, its condition runs in the
+    chart view) once the server answers. Ctrl+C stops it."""
+    import subprocess
 
+    from mlflow import MlflowClient
+
+    from fasweep.runs.reader import find_launches
     from fasweep.runs.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    if uri.startswith(("http://", "https://")):
-        typer.echo(f"{uri} is an MLflow tracking server: open it in a browser")
+    latest = None
+    if sweep:
+        launches = find_launches(MlflowClient(uri), sweep)
+        if not launches:
+            known = sorted({launch.sweep for launch in find_launches(MlflowClient(uri))})
+            raise UserError.field("sweep", sweep, f"a sweep in {uri}: {', '.join(known) or 'none yet'}")
+        latest = launches[0]
+    if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
+        typer.echo(ui_url(uri.rstrip("/"), latest))
         return
-    typer.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl+C stops it)")
-    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--port", str(port)]
-    os.execv(sys.executable, argv)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
+    argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    server = subprocess.Popen([*argv, "--workers", str(workers)])
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill stops the server too
+    try:
+        _wait_for_health(server, base)
+        typer.echo(f"MLflow UI for {uri}: {ui_url(base, latest)} (Ctrl+C stops it)")
+        if server.wait():
+            raise UserError(f"the MLflow UI stopped with code {server.returncode}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def ui_url(base: str, launch: LaunchRecord | None) -> str:
+    """The UI page of a launch's condition runs, best first, in the chart view of the training (not GenAI) UI;
+    without a launch, the UI's home. A filter keeps the runs flat: the conditions, not their parent."""
+    from fasweep.runs.layout import Role, Tag
+
+    if launch is None:
+        return base + "/"
+    query = {
+        "searchFilter": f"tags.`{Tag.ROLE}` = '{Role.CONDITION}' AND tags.`{Tag.LAUNCH}` = '{launch.launch_id}'",
+        "orderByKey": f"metrics.`{launch.best.metric}`",
+        "orderByAsc": str(launch.best.mode == "min").lower(),
+        "compareRunsMode": "CHART",
+        "workflowType": "machine_learning",
+    }
+    return f"{base}/#/experiments/{launch.experiment_id}/runs?{urllib.parse.urlencode(query)}"
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_for_health(server: Any, base: str, timeout_s: float = 120.0) -> None:
+    """Poll the server's /health until it answers OK; a one-line UserError when it exits or stays silent."""
+    import time
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            code = server.returncode
+            raise UserError(f"the MLflow UI exited with code {code} before answering ({base} in use? --port)")
+        try:
+            with opener.open(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise UserError(f"the MLflow UI did not answer on {base}/health within {timeout_s:.0f}s")
 
 
 # --- analysis (fasweep.report) -------------------------------------------------------------------
@@ -281,7 +371,13 @@ def report(
     at: Annotated[str, typer.Option(help="final or best")] = "final",
     by: Annotated[list[str] | None, typer.Option(help="pivot axes, e.g. --by feedback.concordance")] = None,
     launch: Annotated[str, typer.Option(help="latest, all (pooled) or a launch id")] = "latest",
-    log: Annotated[bool, typer.Option("--log/--no-log", help="log the report as artifacts on the parent run")] = True,
+    log: Annotated[
+        bool | None,
+        typer.Option(
+            "--log/--no-log",
+            help="log on the launch's parent run (default: only the main report, no table option changed)",
+        ),
+    ] = None,
     baseline: Annotated[
         str | None, typer.Option(help="compare every condition with this one (spec: compare_to)")
     ] = None,
@@ -314,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
         sys.exit(130)
     except typer.exceptions.TyperException as exc:  # usage errors (click's, vendored by typer): bad option
         if hasattr(exc, "show"):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fasweep.datasets import DATASET_NAMES
 from fasweep.errors import UserError
@@ -19,9 +19,21 @@ from fasweep.rule_options import OPTIONS, RULE_NAMES, Magnitude, check_option
 
 
 class Strict(BaseModel):
-    """Base for every config model: unknown keys are errors, assignments are validated."""
+    """Base for every config model: unknown keys are errors, assignments are validated, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+MAX_SEED = 2**32 - 1  # train() seeds torch (< 2**64); 2**32 - 1 also suits numpy and JavaScript (the MLflow UI)
+
+
+def _seed_range(seed: int) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"a seed from 0 to {MAX_SEED} (2**32 - 1)")
+    return seed
+
+
+Seed = Annotated[int, AfterValidator(_seed_range)]  # train.seed and a spec's seeds
 
 
 DatasetName = Literal[DATASET_NAMES]  # the names in fasweep.datasets
@@ -105,7 +117,7 @@ class TrainConfig(Strict):
     )
     weight_clip: float | None = Field(default=None, gt=0, description="clip every weight to (-c, c)")
     batch_manhattan: bool = Field(default=False, description="update with sign(batch gradient)")
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = Field(default=False, description="CUDA only: bf16 autocast")
     compile: bool = Field(default=False, description="CUDA only: torch.compile the model")
@@ -162,11 +174,18 @@ Loc = tuple[str | int, ...]
 
 
 def format_loc(loc: Loc) -> str:
-    """('stages', 1, 'grid', 'train.lr') -> 'stages[1].grid.train.lr'."""
+    """('stages', 1, 'grid', 'train.lr') -> 'stages[1].grid.train.lr'; a key such as 'x\\n' stays on one line."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        text = str(part) if str(part).isprintable() else str(part).encode("unicode_escape").decode()
+        out += f"[{part}]" if isinstance(part, int) else (f".{text}" if out else text)
     return out
+
+
+def brief(value: Any, limit: int = 120) -> str:
+    """`repr(value)`, cut to `limit` characters: a value in a spec can be a megabyte long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def suggest(value: str, names: list[str]) -> str:
@@ -230,7 +249,7 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
     hint = ""
     if err["type"] == "literal_error" and isinstance(value, str):
         hint = suggest(value, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
-    return loc, f"got {value!r}; expected {msg[:1].lower()}{msg[1:]}{hint}"
+    return loc, f"got {brief(value)}; expected {msg[:1].lower()}{msg[1:]}{hint}"
 
 
 def validate_trial(data: dict[str, Any], *, where: str = "") -> TrialConfig:

@@ -22,7 +22,10 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,12 +38,14 @@ from rich.console import Console
 
 from fasweep.config import set_path
 from fasweep.errors import UserError
+from fasweep.faults import describe_fault, free_space
 from fasweep.progress import Progress, progress_line
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT,
     CHECKPOINT_FILE,
     COMPLETE,
     KEEP_CHECKPOINTS,
+    SPEC_ARTIFACT,
     Best,
     LaunchStatus,
     Tag,
@@ -52,11 +57,13 @@ from fasweep.runs.lease import Lease
 from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_launches, trials_of
 from fasweep.runs.store import TrackingError, check_reachable, resolve_tracking_uri
 from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec
-from fasweep.worker import RESUMED_KEY, find_checkpoints, run_trial
+from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
+from fasweep.worker import ERROR_KEY, FAULT_KEY, RESUMED_KEY, find_checkpoints, run_trial
 
 log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "__duplicate__"}
+GRACE_S = 20.0  # after SIGTERM/SIGINT/SIGHUP the driver is gone within this (Kubernetes kills after 30 s)
+ERRORS_LOG = "errors.log"  # under the launch's storage: every trial error's full text
 
 
 @dataclass
@@ -72,6 +79,9 @@ class LaunchResult:
     counts: dict[str, int] = field(default_factory=dict)
     best: tuple[str, float] | None = None
     storage: str = ""
+    signal: int | None = None  # the signal that interrupted the launch
+    errors: list[str] = field(default_factory=list)  # digest lines: one per distinct trial error
+    retry_helps: bool = False  # some trial failed for a reason a --resume may not meet again
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -90,7 +100,10 @@ class _Hooks(tune.Callback):
         _driver().trial_ended(trial, error="")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _driver().trial_ended(trial, error=_error_line(trial.get_error()))
+        _driver().trial_ended(trial, error=_error_text(trial.get_error()))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _driver().trial_retried(trial.config["key"], _error_text(trial.get_error()))
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         _driver().step()
@@ -108,8 +121,13 @@ def _driver() -> _Driver:
     return _ACTIVE
 
 
-def _error_line(error: Any) -> str:
-    lines = [line for line in str(error or "trial failed").strip().splitlines() if line.strip()]
+def _error_text(error: Any) -> str:
+    return str(error or "trial failed").strip() or "trial failed"
+
+
+def _error_line(text: str) -> str:
+    """The last non-empty line of an error's text (where a traceback says what went wrong)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:500] if lines else "trial failed"
 
 
@@ -139,22 +157,35 @@ def _fetcher(checkpoint: Any) -> Any:
 
 
 class _Driver:
-    """A launch's state on the driver: the writer, each trial's status and latest metrics, the progress line."""
+    """A launch's state on the driver: the writer, each trial's status and latest metrics, errors, the progress."""
 
-    def __init__(self, writer: RunWriter, plan: Plan, best: Best, console: Console) -> None:
+    def __init__(self, writer: RunWriter, plan: Plan, configs: dict[str, dict[str, Any]], best: Best, console: Console):
         self.writer = writer
         self.best = best
         self.progress = Progress(console)
-        self.infos = {t.key: TrialInfo(t.key, t.stage, t.condition, t.seed, t.config) for t in plan.trials}
+        self.configs = configs
+        self.infos = {t.key: TrialInfo(t.key, t.stage, t.condition, t.seed, configs[t.key]) for t in plan.trials}
         self.stage = ""
         self.statuses: dict[str, str] = {}  # this stage's trials -> status
         self.latest: dict[str, dict[str, float]] = {}  # every trial's latest metrics seen by this driver
         self.resumed: dict[str, int] = {}  # trial -> epoch it continued from (a --resume or a retry)
         self.epochs_run: Counter[str] = Counter()  # epochs reported by workers under this driver
+        self.errors: dict[str, str] = {}  # trial -> the full text of its (last) error
+        self.user_errors: dict[str, str] = {}  # trial -> a user error it reported (not retried)
+        self.fault = ""  # an environment fault a trial hit: the launch stops
+        self.signal: int | None = None  # a signal that asks the launch to stop
+        self.storage = ""  # the launch's storage root
+        self.checkpointed: set[str] = set()  # trials with checkpoints to continue from (--resume)
 
     def start_stage(self, stage: str, statuses: dict[str, str]) -> None:
         """Begin showing `stage`, whose trials have these statuses now."""
         self.stage, self.statuses = stage, dict(statuses)
+
+    def interrupt(self) -> None:
+        """Stop the running Tune experiment as Ctrl+C does: trials stop, their checkpoints stay."""
+        handler = signal.getsignal(signal.SIGUSR1)
+        if callable(handler):  # Tune's interrupt handler is installed while an experiment runs
+            signal.raise_signal(signal.SIGUSR1)
 
     # Tune hooks
     def trial_started(self, key: str) -> None:
@@ -165,17 +196,37 @@ class _Driver:
         if RESUMED_KEY in result and key not in self.resumed:
             epoch = self.resumed[key] = int(result[RESUMED_KEY])
             self.writer.trial_tags(key, {Tag.RESUMED_FROM: str(epoch)})
-            how = f"continues after epoch {epoch}" if epoch else "starts over (no readable checkpoint)"
-            self.progress.say(f"[{self.stage}] {key} {how}")
+            if epoch or key in self.checkpointed:  # one line per trial that had something to continue from
+                how = f"continues after epoch {epoch}" if epoch else "starts over (no readable checkpoint)"
+                self.progress.say(f"[{self.stage}] {key} {how}")
+        if ERROR_KEY in result:
+            self.user_errors[key] = self.errors[key] = str(result[ERROR_KEY])
+        if FAULT_KEY in result and not self.fault:
+            self.fault = str(result[FAULT_KEY])
+            self.interrupt()
         metrics = _metrics(result)
         if "epoch" in metrics:
             self.epochs_run[key] += 1
             self.latest[key] = metrics
             self.writer.trial_epoch(key, metrics)
 
+    def trial_retried(self, key: str, error: str) -> None:
+        """A trial failed and Tune retries it from its checkpoint (unless the failure is the environment's)."""
+        self.errors[key] = error
+        fault = describe_fault(OSError(_error_line(error)), self.storage)
+        if fault and not self.fault:
+            self.fault = fault
+            self.interrupt()
+
     def trial_ended(self, trial: Any, error: str) -> None:
         """Queue a trial's completion (Tune calls no hook for trials it stops at the end of an experiment)."""
         key = trial.config["key"]
+        if key in self.user_errors:
+            error = self.user_errors[key]
+        elif error:
+            self.errors[key] = error
+        if self.fault and not error and not _metrics(trial.last_result or {}).get("epoch"):
+            return  # it ended on the fault without an epoch: left for --resume, marked interrupted
         last = _metrics(trial.last_result or {})
         if last:
             self.latest[key] = last
@@ -183,7 +234,8 @@ class _Driver:
         self.statuses[key] = TrialStatus.ERROR if error else trial_status([last] if last else [], planned)
         tags = {Tag.EPOCHS_RUN: str(self.epochs_run[key])}
         fetch = _fetcher(trial.checkpoint)
-        self.writer.trial_ended(key, last=last or None, fetch_checkpoint=fetch, error=error, tags=tags)
+        line = _error_line(error) if error else ""
+        self.writer.trial_ended(key, last=last or None, fetch_checkpoint=fetch, error=line, tags=tags)
 
     def step(self, final: bool = False) -> None:
         if not final:  # at the end (also after an error) the failure is raised by the flush that follows
@@ -191,9 +243,20 @@ class _Driver:
         epochs = self.progress.console.is_terminal  # in a log, one line per change of counts, not per epoch
         self.progress.show(progress_line(self.stage, self.statuses, self.latest, self.best, epochs=epochs))
 
-    def best_so_far(self) -> tuple[str, float] | None:
-        """(key, value) of the best trial seen by this driver."""
-        return self.best.choose((k, self.statuses.get(k, ""), m) for k, m in self.latest.items())
+    def digest(self, log_file: Path | None) -> list[str]:
+        """One line per distinct error (how many trials, which), the full texts written to `log_file`."""
+        by_line: dict[str, list[str]] = {}
+        for key, text in sorted(self.errors.items()):
+            by_line.setdefault(_error_line(text), []).append(key)
+        if log_file is not None and self.errors:
+            with log_file.open("a") as fh:
+                for key, text in sorted(self.errors.items()):
+                    fh.write(f"=== {key}\n{text}\n")
+        lines = []
+        for line, keys in by_line.items():
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            lines.append(f"{len(keys)} trial{'s' * (len(keys) != 1)} failed: {line} ({shown})")
+        return lines
 
 
 # --- launching ---------------------------------------------------------------------------------------------
@@ -265,10 +328,108 @@ def _resume_target(writer: RunWriter, plan: Plan, console: Console) -> LaunchRec
         return None
     latest = launches[0]
     if latest.plan_hash != plan.hash:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = writer.client.download_artifacts(latest.run_id, SPEC_ARTIFACT, tmp)
+                differs = plan_difference(Path(path).read_text(), plan)
+        except Exception as exc:  # no spec.yaml on the parent: say so instead
+            differs = f"its {SPEC_ARTIFACT} is unreadable ({type(exc).__name__})"
         raise UserError.field(
-            "--resume", spec.name, f"the same spec and --set values as launch {latest.launch_id} (its plan differs)"
+            "--resume",
+            spec.name,
+            f"the same spec and --set values as launch {latest.launch_id}; they differ: {differs}",
         )
     return latest
+
+
+class _Signals:
+    """SIGINT, SIGTERM and SIGHUP stop a launch alike: the running trials stop and keep their checkpoints, the
+    unfinished runs are marked interrupted, the resume line is printed, all within `GRACE_S`; a second signal
+    (or the grace running out) exits at once with 128 + the signal."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        self.install()
+        return self
+
+    def install(self) -> None:
+        """(Re)install the handlers: `ray.init` puts its own SIGTERM handler (a native stack dump) in place."""
+        if threading.current_thread() is threading.main_thread():
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops Tune for SIGINT too (through SIGUSR1)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                previous = signal.signal(sig, self._handle)
+                self._saved.setdefault(sig, previous)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+        timer = threading.Timer(GRACE_S, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+        driver = _ACTIVE
+        if driver is not None and callable(signal.getsignal(signal.SIGUSR1)):
+            driver.signal = signum
+            driver.interrupt()
+        else:
+            raise KeyboardInterrupt
+
+
+def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
+    """Before any trial: every distinct data set found (or downloaded), the storage writable; the trials' configs
+    with a relative `data.root` made absolute (against the directory `fasweep launch` runs in)."""
+    from fasweep.config import DataConfig
+    from fasweep.data import locate
+
+    configs: dict[str, dict[str, Any]] = {}
+    datasets: dict[str, dict[str, Any]] = {}
+    for trial in plan.trials:
+        config, root = trial.config, trial.config["data"].get("root")
+        if root and "://" not in root and not Path(root).expanduser().is_absolute():
+            config = set_path(config, "data.root", str(Path(root).expanduser().resolve()))
+        configs[trial.key] = config
+        datasets.setdefault(json.dumps(config["data"], sort_keys=True), config["data"])
+    for data in datasets.values():
+        where = locate(DataConfig.model_validate(data))
+        console.print(f"data {data['name']}: {where}", markup=False, highlight=False, soft_wrap=True)
+    storage = plan.spec.storage
+    if "://" not in storage:
+        folder = Path(storage).expanduser().resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".fasweep-probe-{os.getpid()}"
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as exc:
+            fault = describe_fault(exc, str(folder))
+            raise UserError(f"storage {fault}" if fault else f"storage {folder}: not writable ({exc})") from None
+        need = _checkpoint_bytes(plan)
+        if need and shutil.disk_usage(folder).free < need:
+            console.print(
+                f"warning: storage {folder} has {free_space(folder)}; the plan's checkpoints may need "
+                f"{need / 1e9:.1f} GB ({KEEP_CHECKPOINTS} per trial)",
+                markup=False,
+                soft_wrap=True,
+            )
+    return configs
+
+
+def _checkpoint_bytes(plan: Plan) -> int:
+    """A rough size of the plan's checkpoints in storage: float32 W, B and two optimizer moments per parameter."""
+    from fasweep.models import parameter_count
+
+    try:
+        params = sum(parameter_count(t.config["model"]["arch"]) for t in plan.trials)
+    except Exception:  # an arch that needs its real input shape: no estimate
+        return 0
+    return params * 4 * 4 * KEEP_CHECKPOINTS
 
 
 def launch(
@@ -295,30 +456,41 @@ def launch(
     spec = plan.spec
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)  # before any compute
+    configs = _preflight(plan, console)
     from fasweep.report.trial_curves import trial_curves
 
     writer = RunWriter(uri, spec.experiment, spec.name, curves=trial_curves)
     lease: Lease | None = None
     started_ray = False
     try:
-        target = _resume_target(writer, plan, console) if resume else None
-        if target is not None and target.status == LaunchStatus.FINISHED:
-            console.print(
-                f"nothing to resume: launch {target.launch_id} of {spec.name} finished all its trials", soft_wrap=True
-            )
-            return LaunchResult(spec.name, target.launch_id, "nothing-to-resume", target.run_id, spec.experiment, uri)
-        launch_id = target.launch_id if target is not None else new_launch_id()
-        lease = Lease(writer.client, writer.experiment_id, spec.name, launch_id, uri)
-        taken = lease.acquire(force=force)
-        if taken is not None:
-            console.print(f"took over the lease of {spec.name} from {taken.describe(time.time())}", soft_wrap=True)
-        try:
-            started_ray = _init_ray(address, num_cpus)
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise UserError.field("--address", address, f"a reachable Ray cluster, e.g. HOST:6379 ({reason})") from None
-        _check_fits(plan.trials, local=address is None)
-        return _run(plan, writer, target, launch_id, console, address)
+        with _Signals() as signals:
+            target = _resume_target(writer, plan, console) if resume else None
+            if target is not None and target.status == LaunchStatus.FINISHED:
+                console.print(
+                    f"nothing to resume: launch {target.launch_id} of {spec.name} finished all its trials",
+                    soft_wrap=True,
+                )
+                return LaunchResult(
+                    spec.name, target.launch_id, "nothing-to-resume", target.run_id, spec.experiment, uri
+                )
+            launch_id = target.launch_id if target is not None else new_launch_id()
+            lease = Lease(writer.client, writer.experiment_id, spec.name, launch_id, uri)
+            taken = lease.acquire(force=force)
+            if taken is not None:
+                console.print(f"took over the lease of {spec.name} from {taken.describe(time.time())}", soft_wrap=True)
+            if target is not None:  # its driver is gone: what it left running is interrupted until restarted
+                left = [t.run_id for t in _trials(writer, launch_id) if t.status == TrialStatus.RUNNING]
+                writer.interrupt_runs(left)
+            try:
+                started_ray = _init_ray(address, num_cpus)
+            except Exception as exc:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise UserError.field(
+                    "--address", address, f"a reachable Ray cluster, e.g. HOST:6379 ({reason})"
+                ) from None
+            signals.install()
+            _check_fits(plan.trials, local=address is None)
+            result = _run(plan, configs, writer, target, launch_id, console, address, signals)
     finally:
         writer.close()
         if lease is not None:
@@ -327,10 +499,18 @@ def launch(
             import ray
 
             ray.shutdown()
+    return result
 
 
 def _run(
-    plan: Plan, writer: RunWriter, target: LaunchRecord | None, launch_id: str, console: Console, address: str | None
+    plan: Plan,
+    configs: dict[str, dict[str, Any]],
+    writer: RunWriter,
+    target: LaunchRecord | None,
+    launch_id: str,
+    console: Console,
+    address: str | None,
+    signals: _Signals,
 ) -> LaunchResult:
     """Open (or reopen) the parent run, run the stages, close the parent; the launch's result."""
     spec = plan.spec
@@ -342,11 +522,15 @@ def _run(
         Tag.BEST_METRIC: best.metric,
         Tag.BEST_MODE: best.mode,
     }
+    from fasweep.runs.conditions import parent_info
+
+    described = parent_info(plan, configs, best, launch_id)  # params, description, condition runs
     writer.open_parent(
-        launch_id, {str(k): v for k, v in tags.items()}, dump_spec(spec), target.run_id if target else ""
+        launch_id, {str(k): v for k, v in tags.items()}, dump_spec(spec), target.run_id if target else "", described
     )
     root = storage_root(plan, launch_id)
-    driver = _Driver(writer, plan, best, console)
+    driver = _Driver(writer, plan, configs, best, console)
+    driver.storage = root
     verb = "resuming" if target else "launching"
     driver.progress.say(f"{verb} {spec.name} @ {launch_id}: {plan.summary()}; MLflow {writer.uri}; storage {root}")
     if address and "://" not in spec.storage:
@@ -359,7 +543,6 @@ def _run(
         status = _run_stages(plan, driver, root, resume=target is not None)
     except KeyboardInterrupt:
         status = LaunchStatus.INTERRUPTED
-        raise
     except Exception:
         if writer.error is not None:  # the writer gave up: that is why Tune stopped; say so in one line
             raise writer.error from None
@@ -368,18 +551,32 @@ def _run(
         _ACTIVE = None
         try:
             writer.flush()
+            if status != LaunchStatus.FINISHED:  # no run is left "running" once this driver ends
+                writer.interrupt_runs([t.run_id for t in _trials(writer, launch_id) if t.status == TrialStatus.RUNNING])
             writer.finish_parent(status)
         except TrackingError as exc:
             unsaved = exc
     if unsaved is not None:
         raise unsaved
+    log_file = Path(root) / ERRORS_LOG if "://" not in root else None
+    digest = driver.digest(log_file)
+    for line in digest:
+        driver.progress.say(line)
+    if digest and log_file is not None:
+        driver.progress.say(f"full error texts: {log_file}")
+    if driver.fault:
+        raise UserError(f"{driver.fault}; then continue with `fasweep launch SPEC --resume`")
     trials = _trials(writer, launch_id)
     counts = dict(Counter(t.status for t in trials))
     chosen = best_trial(trials, best)
     best_pair = (chosen.key, chosen.metrics[best.metric]) if chosen else None
-    return LaunchResult(
-        spec.name, launch_id, status, writer.parent_id, spec.experiment, writer.uri, counts, best_pair, root
+    result = LaunchResult(
+        spec.name, launch_id, status, writer.parent_id, spec.experiment, writer.uri, counts, best_pair
     )
+    result.storage, result.errors = root, digest
+    result.signal = driver.signal or signals.received
+    result.retry_helps = any(k not in driver.user_errors for k in driver.errors)
+    return result
 
 
 def _trials(writer: RunWriter, launch_id: str) -> list[TrialRecord]:
@@ -410,6 +607,7 @@ def _run_stages(plan: Plan, driver: _Driver, root: str, resume: bool) -> LaunchS
         init = _resolve_init(mine, driver)
         name = f"{stage}.resume-{secrets.token_hex(2)}" if resume else stage
         found = find_checkpoints(root, [t.key for t in todo]) if resume else None
+        driver.checkpointed = set(found or ())
         outcome = _run_stage(plan, todo, driver, root, name, found, init)
         if outcome != LaunchStatus.FINISHED:
             if stage != stages[-1]:
@@ -472,7 +670,8 @@ def _run_stage(
     spec = plan.spec
     keys = [t.key for t in trials]
     resume = None if found is None else {k: found.get(k, []) for k in keys}
-    trainable = tune.with_parameters(run_trial, configs={t.key: t.config for t in trials}, init=init, resume=resume)
+    configs = {t.key: driver.infos[t.key].config for t in trials}
+    trainable = tune.with_parameters(run_trial, configs=configs, init=init, resume=resume, storage=root)
     resources = {t.key: {"cpu": t.resources["cpu"], "gpu": t.resources["gpu"]} for t in trials}
     same = len({json.dumps(r, sort_keys=True) for r in resources.values()}) == 1
     trainable = tune.with_resources(trainable, resources[keys[0]] if same else lambda c: resources[c["key"]])
@@ -496,9 +695,16 @@ def _run_stage(
             callbacks=[_Hooks()],
         ),
     )
-    with driver.progress.live():
-        tuner.fit()
+    tune_log = logging.getLogger("ray.tune")
+    level, tune_log.level = tune_log.level, logging.CRITICAL  # trial errors are digested by the driver instead
+    try:
+        with driver.progress.live():
+            tuner.fit()
+    finally:
+        tune_log.setLevel(level)
     driver.writer.flush()
+    if driver.signal is not None or driver.fault:
+        return LaunchStatus.INTERRUPTED
     statuses = {t.key: t.status for t in _trials(driver.writer, driver.writer.launch_id)}
     if any(statuses.get(k) in (None, TrialStatus.RUNNING) for k in keys):
         return LaunchStatus.INTERRUPTED

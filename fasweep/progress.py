@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import time
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -46,23 +49,33 @@ def progress_line(
     return line
 
 
+LOG_EVERY_S = float(os.environ.get("FASWEEP_PROGRESS_S", "30"))
+
+
 class Progress:
-    """A live line on a terminal; in a log, one plain line per change."""
+    """A live line on a terminal; in a log (no TTY), the line at most every `LOG_EVERY_S` seconds and once at
+    the end of each stage, so a sweep of hundreds of trials prints tens of lines, not hundreds."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self._line = ""
+        self._printed = ""
+        self._printed_at = -math.inf
         self._live: Live | None = None
 
     def show(self, line: str) -> None:
-        """Show `line` (nothing when it has not changed)."""
+        """Show `line` (nothing when it has not changed; in a log, only when due)."""
         if line == self._line:
             return
         self._line = line
         if self._live is not None:
             self._live.update(Text(line))
-        else:
-            self.say(line)
+        elif time.monotonic() - self._printed_at >= LOG_EVERY_S:
+            self._print(line)
+
+    def _print(self, line: str) -> None:
+        self._printed, self._printed_at = line, time.monotonic()
+        self.say(line)
 
     def say(self, text: str) -> None:
         """Print one plain line (no rich markup: stage names are in brackets)."""
@@ -73,7 +86,11 @@ class Progress:
         """Keep the line live while the block runs (a rich Live line on a terminal)."""
         self._line = ""
         if not self.console.is_terminal:
-            yield
+            try:
+                yield
+            finally:
+                if self._line and self._line != self._printed:
+                    self._print(self._line)  # where the stage ended
             return
         with Live(Text(""), console=self.console, refresh_per_second=4, transient=False) as live:
             self._live = live

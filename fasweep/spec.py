@@ -4,10 +4,15 @@ A spec is a base TrialConfig plus axes: named `conditions` (override sets), a `g
 `sample` (random axes drawn here with a seeded RNG, so the plan is exact and stable), repeated over
 `seeds`, optionally in `stages` where a later stage starts from an earlier stage's best run. Never imports
 torch: validating and planning a sweep is instant.
+
+Specs are untrusted input, so reading one is bounded: at most MAX_SPEC_BYTES of text and MAX_YAML_NODES values
+with every alias expanded (a "billion laughs" is refused, not walked), MAX_YAML_DEPTH levels deep, and at most
+MAX_TRIALS trials, counted before any is expanded.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -21,18 +26,38 @@ from typing import Any, Literal, Self, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from fasweep.config import Loc, Strict, TrialConfig, explain, format_loc, set_path, submodel, suggest, unknown_field
+from fasweep.config import (
+    Loc,
+    Seed,
+    Strict,
+    TrialConfig,
+    brief,
+    explain,
+    format_loc,
+    set_path,
+    submodel,
+    suggest,
+    unknown_field,
+)
 from fasweep.errors import UserError
 from fasweep.runs.layout import trial_key
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-]*$")
-_CONDITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+\-.=,]*$")
-_METRIC = re.compile(r"^(?P<metric>[A-Za-z0-9_/.\-]+?)(?:@(?P<epoch>[1-9]\d*))?$")
+MAX_SPEC_BYTES = 1 << 20  # a spec's text (the shipped ones are under 5 KB)
+MAX_YAML_NODES = 100_000  # YAML values of a spec (or a --set value), each alias counted as often as it is used
+MAX_YAML_DEPTH = 32  # nested mappings and lists
+MAX_TRIALS = 10_000  # per spec: plans in about a second and 40 MB (Tune at 100,000 trials is impractical)
+MAX_NAME_LEN = 100  # sweep, stage and named-condition names: MLflow run names, tag keys, folder names
+MAX_EXPERIMENT_LEN = 256  # MLflow's SQL stores keep experiment names of up to 256 characters
+
+# Sweep names end up in MLflow tag keys (`fasweep.lease.<sweep>`: letters, digits, _ - . space : /) and paths.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
+_CONDITION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+\-.=,]*")
+_METRIC = re.compile(r"(?P<metric>[A-Za-z0-9_/.\-]+?)(?:@(?P<epoch>[1-9]\d*))?")
 _SAFE_TAGS = {
     f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp", "seq", "map", "merge")
 }
-_NAME_HELP = "a name of letters, digits, '_', '+', '-' (no spaces, dots or slashes)"
-_CONDITION_HELP = "a name of letters, digits and _ + - . = , (no spaces or slashes)"
+_NAME_HELP = f"a name of 1 to {MAX_NAME_LEN} letters, digits, '_' and '-' (no spaces, dots or slashes)"
+_CONDITION_HELP = f"a name of 1 to {MAX_NAME_LEN} letters, digits and _ + - . = , (no spaces or slashes)"
 
 
 # --- the spec model -----------------------------------------------------------------------------------------
@@ -134,7 +159,7 @@ class Stage(Axes):
     name: str
     description: str = ""
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted path -> value for the whole stage")
-    seeds: list[int] | None = Field(default=None, min_length=1, description="None: the spec's seeds")
+    seeds: list[Seed] | None = Field(default=None, min_length=1, description="None: the spec's seeds")
     resources: Resources | None = Field(default=None, description="None: the spec's resources")
     init_from: StageInit | None = None
     compare_to: str | None = Field(default=None, description="the report's baseline in this stage; None: the spec's")
@@ -148,7 +173,7 @@ class SweepSpec(Axes):
     experiment: str = Field(description="MLflow experiment; defaults to `name`")
     description: str = ""
     base: TrialConfig = Field(default_factory=TrialConfig)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     sample_seed: int = Field(default=0, description="seed of the RNG drawing the `sample` axes")
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(default=None, ge=1, description="None: as many trials as resources allow")
@@ -228,7 +253,7 @@ class _Source:
 
     def bad(self, loc: Loc, value: Any, expected: str) -> UserError:
         """The standard `where: path: got VALUE; expected EXPECTED` error."""
-        return UserError(f"{self.where(loc)}: got {value!r}; expected {expected}")
+        return UserError(f"{self.where(loc)}: got {brief(value)}; expected {expected}")
 
 
 def _line_of(root: yaml.Node | None, loc: Loc) -> int | None:
@@ -248,51 +273,81 @@ def _line_of(root: yaml.Node | None, loc: Loc) -> int | None:
     return line
 
 
-def _check_nodes(node: yaml.Node, source: _Source, loc: Loc = (), active: frozenset[int] = frozenset()) -> None:
-    """Reject tags beyond plain YAML (e.g. !!python/object) and duplicate keys, naming path and line."""
-    if id(node) in active:
-        raise UserError(f"{source.name}:{node.start_mark.line + 1}: {format_loc(loc)}: recursive YAML alias")
-    if node.tag not in _SAFE_TAGS:
-        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-        raise UserError(
-            f"{source.name}:{node.start_mark.line + 1}: {format_loc(loc) or '<top>'}: YAML tag {tag} is not allowed; "
-            "expected plain YAML values (specs are read with safe_load)"
-        )
-    inner = active | {id(node)}
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, value in node.value:
-            _check_nodes(key, source, loc, inner)
-            name = str(key.value)
-            if name in seen:
-                raise UserError(
-                    f"{source.name}:{key.start_mark.line + 1}: {format_loc((*loc, name))}: duplicate key; "
-                    "expected each key once per mapping"
-                )
-            seen.add(name)
-            _check_nodes(value, source, (*loc, name), inner)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_nodes(item, source, (*loc, i), inner)
+def _check_nodes(root: yaml.Node, name: str) -> None:
+    """Refuse what plain, bounded YAML has not, naming path and line: tags beyond it (e.g. !!python/object),
+    duplicate keys, recursive aliases, more than MAX_YAML_DEPTH levels or MAX_YAML_NODES values.
+
+    Each node is checked once and its size with aliases expanded memoised, so aliases cost nothing to walk: a
+    "billion laughs" is refused at the first value that expands past the cap, in milliseconds.
+    """
+    sizes: dict[int, int] = {}
+
+    def error(node: yaml.Node, loc: Loc, message: str) -> UserError:
+        return UserError(f"{name}:{node.start_mark.line + 1}: {format_loc(loc) or '<top>'}: {message}")
+
+    def visit(node: yaml.Node, loc: Loc, above: tuple[int, ...]) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in above:
+            raise error(node, loc, "recursive YAML alias; expected a value that does not contain itself")
+        if len(above) >= MAX_YAML_DEPTH:
+            raise error(node, loc, f"nested over {MAX_YAML_DEPTH} levels deep; expected at most {MAX_YAML_DEPTH}")
+        if node.tag not in _SAFE_TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise error(
+                node, loc, f"YAML tag {tag} is not allowed; expected plain YAML values (specs are read with safe_load)"
+            )
+        inner, size = (*above, id(node)), 1
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                size += visit(key, loc, inner)
+                key_name = str(key.value)
+                if key_name in seen:
+                    raise error(key, (*loc, key_name), "duplicate key; expected each key once per mapping")
+                seen.add(key_name)
+                size += visit(value, (*loc, key_name), inner)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                size += visit(item, (*loc, i), inner)
+        if size > MAX_YAML_NODES:
+            expected = f"at most {MAX_YAML_NODES:,} (MAX_YAML_NODES)"
+            raise error(node, loc, f"got {size:,} YAML values once aliases are expanded; expected {expected}")
+        sizes[id(node)] = size
+        return size
+
+    visit(root, (), ())
 
 
-def _read_yaml(text: str, source: _Source) -> Any:
-    """Safe-load one YAML document, keeping its node tree in `source` for line numbers."""
+def _compose(text: str, name: str) -> tuple[Any, yaml.Node | None]:
+    """One YAML document read safely and within the caps: its value and node tree; (None, None) when empty."""
+    if len(text) > MAX_SPEC_BYTES:
+        raise UserError(f"{name}: got {len(text):,} characters; expected at most {MAX_SPEC_BYTES:,} (MAX_SPEC_BYTES)")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is None:
-            raise UserError(f"{source.name}: empty spec; expected a mapping with name, base and axes")
-        _check_nodes(root, source)
-        data = yaml.SafeLoader("").construct_document(root)
+            return None, None
+        _check_nodes(root, name)
+        return yaml.SafeLoader("").construct_document(root), root
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
         problem = " ".join(str(exc.problem or exc.context or exc).split())
-        raise UserError(
-            f"{source.name}{line}: YAML syntax error: {problem}; expected one valid YAML document"
-        ) from None
+        raise UserError(f"{name}{line}: YAML syntax error: {problem}; expected one valid YAML document") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{source.name}: YAML error: {' '.join(str(exc).split())}") from None
+        raise UserError(f"{name}: YAML error: {' '.join(str(exc).split())}") from None
+    except RecursionError:  # the composer recurses per level: far past MAX_YAML_DEPTH
+        raise UserError(f"{name}: YAML nested too deeply to read; expected at most {MAX_YAML_DEPTH} levels") from None
+    except ValueError as exc:  # a value the constructor cannot build: 2024-13-45, an integer of 5,000 digits
+        problem = " ".join(str(exc).split())[:200]
+        raise UserError(f"{name}: unreadable YAML value ({problem}); expected plain YAML values") from None
+
+
+def _read_yaml(text: str, source: _Source) -> dict[str, Any]:
+    """Safe-load one YAML mapping, keeping its node tree in `source` for line numbers."""
+    data, root = _compose(text, source.name)
+    if root is None:
+        raise UserError(f"{source.name}: empty spec; expected a mapping with name, base and axes")
     source.root = root
     if not isinstance(data, dict):
         raise UserError(
@@ -300,6 +355,11 @@ def _read_yaml(text: str, source: _Source) -> Any:
             "expected a mapping (name: ..., base: ..., grid: ...)"
         )
     return data
+
+
+def read_value(text: str, name: str) -> Any:
+    """One YAML value (a `--set` value), read with a spec's safety and caps; '' for empty text."""
+    return _compose(text, name)[0] if text.strip() else ""
 
 
 def _axes_loc(parts: list[str], level: Any) -> Loc:
@@ -318,23 +378,36 @@ def _axes_loc(parts: list[str], level: Any) -> Loc:
 
 
 def _set_loc(path: str, data: dict[str, Any]) -> Loc:
-    """`stages[1].grid.train.lr` or `stages.1.grid.train.lr` -> ('stages', 1, 'grid', 'train.lr')."""
+    """`stages[1].grid.train.lr` or `stages.1.grid.train.lr` -> ('stages', 1, 'grid', 'train.lr').
+
+    A trial setting outside `base` (`train.epochs`) or outside a stage's `overrides` is refused, naming the path
+    meant."""
     parts = re.sub(r"\[(\d+)\]", r".\1", path).split(".")
     if not all(parts):
         raise UserError.field(f"--set {path}", path, "a dotted field path such as base.train.epochs")
+    head: Loc = ()
+    level: Any = data
+    fields = SweepSpec.model_fields
+    fix = f"a spec path: trial settings go under base (did you mean base.{path}?)"
     if parts[0] == "stages" and len(parts) > 1:
         if not parts[1].isdigit():
             raise UserError.field(f"--set {path}", parts[1], "a stage index, e.g. stages[1].seeds")
-        stages = data.get("stages")
-        index = int(parts[1])
+        stages, index = data.get("stages"), int(parts[1])
         level = stages[index] if isinstance(stages, list) and index < len(stages) else None
-        return ("stages", index, *(_axes_loc(parts[2:], level) if len(parts) > 2 else ()))
-    return _axes_loc(parts, data)
+        head, parts, fields = ("stages", index), parts[2:], Stage.model_fields
+        meant = f"stages[{index}].overrides.{'.'.join(parts)}"
+        fix = f"a stage path: a stage's trial settings go under its overrides (did you mean {meant}?)"
+    if parts and parts[0] not in fields and parts[0] in TrialConfig.model_fields:
+        raise UserError.field(f"--set {path}", path, fix)
+    return (*head, *(_axes_loc(parts, level) if parts else ()))
 
 
-def _apply_set(data: dict[str, Any], loc: Loc, value: Any, flag: str) -> None:
-    """Set `value` at `loc` in the raw spec dict, creating mappings on the way."""
+def _apply_set(data: dict[str, Any], loc: Loc, value: Any, flag: str) -> Loc:
+    """Set `value` at `loc` in the raw spec dict, creating mappings on the way and copying the ones it changes
+    (a YAML alias shares them with other places). Returns the part of `loc` the flag introduced: up to its
+    first new key (errors there blame the flag, not the file), else all of `loc`."""
     node: Any = data
+    introduced = loc
     for i, part in enumerate(loc):
         if isinstance(part, int):
             if not isinstance(node, list) or not 0 <= part < len(node):
@@ -342,12 +415,15 @@ def _apply_set(data: dict[str, Any], loc: Loc, value: Any, flag: str) -> None:
                 raise UserError.field(f"--set {flag}", part, f"an index below {size} of {format_loc(loc[:i])}")
         elif not isinstance(node, dict):
             raise UserError.field(f"--set {flag}", node, f"{format_loc(loc[:i])} to be a mapping")
-        elif i < len(loc) - 1 and node.get(part) is None:
-            node[part] = {}
+        elif part not in node and introduced == loc:
+            introduced = loc[: i + 1]
         if i == len(loc) - 1:
             node[part] = value
         else:
+            child = node[part] if isinstance(part, int) else node.get(part)
+            node[part] = {} if child is None else copy.copy(child)
             node = node[part]
+    return introduced
 
 
 # --- checks and expansion ------------------------------------------------------------------------------------
@@ -489,23 +565,31 @@ def _check_arch(trial: TrialConfig, cell: _Cell, source: _Source) -> None:
 
 
 def _check_spec(spec: SweepSpec, source: _Source) -> dict[str, list[_Cell]]:
-    """Checks beyond field types (names, axes, stage references, reference keys); returns each stage's cells."""
+    """Checks beyond field types (names, plan size, axes, stage references, reference keys, --set values that no
+    trial uses); returns each stage's cells."""
     if spec.stages:
         for key in ("conditions", "grid", "sample"):
             if getattr(spec, key):
                 raise source.fail((key,), "not allowed beside `stages`; expected it inside each stage")
         if spec.num_samples != 1:
             raise source.fail(("num_samples",), "not allowed beside `stages`; expected it inside each stage")
-    if not _NAME.match(spec.name):
+    if not _is_name(_NAME, spec.name):
         raise source.bad(("name",), spec.name, _NAME_HELP)
-    names = [stage.name for stage in spec.stages]
-    for i, name in enumerate(names):
-        if not _NAME.match(name):
-            raise source.bad(("stages", i, "name"), name, _NAME_HELP)
-        if name in names[:i]:
-            raise source.bad(("stages", i, "name"), name, "a stage name not used before")
+    experiment = spec.experiment
+    if not (experiment.strip() and experiment.isprintable() and len(experiment) <= MAX_EXPERIMENT_LEN):
+        raise source.bad(
+            ("experiment",), experiment, f"an MLflow experiment name of 1 to {MAX_EXPERIMENT_LEN} printable characters"
+        )
+    names: set[str] = set()
+    for i, stage in enumerate(spec.stages):
+        if not _is_name(_NAME, stage.name):
+            raise source.bad(("stages", i, "name"), stage.name, _NAME_HELP)
+        if stage.name in names:
+            raise source.bad(("stages", i, "name"), stage.name, "a stage name not used before")
+        names.add(stage.name)
     if len(set(spec.seeds)) != len(spec.seeds):
         raise source.bad(("seeds",), spec.seeds, "distinct seeds")
+    _check_size(spec, source)
     cells: dict[str, list[_Cell]] = {}
     for stage, sloc in _stages(spec):
         _check_axes(stage, sloc, source)
@@ -516,7 +600,66 @@ def _check_spec(spec: SweepSpec, source: _Source) -> dict[str, list[_Cell]]:
         cells[stage.name] = _cells(spec, stage, sloc)
     _check_reference(spec, cells, source)
     _check_compare_to(spec, cells, source)
+    _check_base_sets(spec, cells, source)
     return cells
+
+
+def _is_name(pattern: re.Pattern[str], name: str) -> bool:
+    return len(name) <= MAX_NAME_LEN and pattern.fullmatch(name) is not None
+
+
+def _check_size(spec: SweepSpec, source: _Source) -> None:
+    """At most MAX_TRIALS trials, counted (conditions × grid × samples × seeds per stage) before any is made."""
+    total = 0
+    for stage, sloc in _stages(spec):
+        factors = {
+            "condition": (len(stage.conditions) or 1, (*sloc, "conditions")),
+            "grid cell": (math.prod(len(values) for values in stage.grid.values()), (*sloc, "grid")),
+            "sample": (stage.num_samples, (*sloc, "num_samples")),
+            "seed": (len(stage.seeds or spec.seeds), (*sloc, "seeds") if stage.seeds else ("seeds",)),
+        }
+        count = math.prod(n for n, _ in factors.values())
+        total += count
+        if total > MAX_TRIALS:
+            loc = max(factors.values(), key=lambda f: f[0])[1]  # blame the biggest factor
+            product = " × ".join(f"{n:,} {what}{'s' * (n != 1)}" for what, (n, _) in factors.items())
+            where = f"stage {stage.name}: " if spec.stages else ""
+            raise source.fail(
+                loc,
+                f"got {total:,} trials ({where}{product}); expected at most {MAX_TRIALS:,} per spec (MAX_TRIALS): "
+                "fewer values or several specs",
+            )
+
+
+def _check_base_sets(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _Source) -> None:
+    """A `--set base.PATH` that every condition of every stage overrides changes no trial: refused, naming them."""
+    for flag in source.sets.values():
+        loc = _set_loc(flag, {})
+        if len(loc) < 2 or loc[0] != "base":
+            continue
+        path = ".".join(map(str, loc[1:]))
+        setters = _setters(spec, cells, path)
+        if setters:
+            value: Any = spec.base.model_dump(mode="json")
+            for part in path.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            listed = ", ".join(list(setters)[:4]) + (f" and {len(setters) - 4} more" if len(setters) > 4 else "")
+            paths = ", ".join(sorted(set(setters.values())))
+            expected = f"a base value some trial uses, but every condition sets {paths} ({listed})"
+            raise UserError.field(f"--set {flag}", value, expected)
+
+
+def _setters(spec: SweepSpec, cells: dict[str, list[_Cell]], path: str) -> dict[str, str] | None:
+    """Each condition -> its override that replaces the base's trial `path`; None when a condition keeps the base's."""
+    setters = {}
+    for stage, _ in _stages(spec):
+        fixed = ["model.init_from"] * (stage.init_from is not None)
+        for cell in cells[stage.name]:
+            over = next((p for p in [*cell.overrides, *fixed] if path == p or path.startswith(p + ".")), None)
+            if over is None:
+                return None
+            setters[f"{stage.name}/{cell.name}" if spec.stages else cell.name] = over
+    return setters
 
 
 def _check_axes(stage: Stage, sloc: Loc, source: _Source) -> None:
@@ -524,7 +667,7 @@ def _check_axes(stage: Stage, sloc: Loc, source: _Source) -> None:
     for path in stage.overrides:
         _check_path(path, source, (*sloc, "overrides", path))
     for name, overrides in stage.conditions.items():
-        if not _CONDITION.match(name):
+        if not _is_name(_CONDITION, name):
             raise source.bad((*sloc, "conditions", name), name, _CONDITION_HELP)
         for path in overrides:
             _check_path(path, source, (*sloc, "conditions", name, path))
@@ -533,10 +676,12 @@ def _check_axes(stage: Stage, sloc: Loc, source: _Source) -> None:
         _check_path(path, source, loc)
         if not values:
             raise source.bad(loc, values, "a non-empty list of values")
-        rendered = [format_value(v) for v in values]
-        for i, text in enumerate(rendered):
-            if text in rendered[:i]:
-                raise source.bad((*loc, i), values[i], "distinct values in a grid axis")
+        rendered: set[str] = set()
+        for i, value in enumerate(values):
+            text = format_value(value)
+            if text in rendered:
+                raise source.bad((*loc, i), value, "distinct values in a grid axis")
+            rendered.add(text)
     for path in stage.sample:
         _check_path(path, source, (*sloc, "sample", path))
     if stage.num_samples > 1 and not stage.sample:
@@ -574,7 +719,7 @@ def _check_reference(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _So
             hint = suggest(key, sorted(known))
             raise source.bad(("reference", key), key, f"a planned condition name{hint}; see `fasweep plan`")
         for metric in metrics:
-            if not _METRIC.match(metric):
+            if not _METRIC.fullmatch(metric):
                 raise source.bad(("reference", key, metric), metric, "a metric name, optionally @epoch: test_acc@200")
 
 
@@ -613,10 +758,13 @@ def _expand(spec: SweepSpec) -> list[PlannedTrial]:
                         init_from=init,
                     )
                 )
-    keys = [t.key for t in trials]
-    if len(set(keys)) < len(keys):  # only names with commas inside values can collide, e.g. a condition "a,x=1"
-        clash = next(k for i, k in enumerate(keys) if k in keys[:i])
-        raise UserError(f"{source.name}: two trials are both keyed {clash!r}; expected distinct condition names")
+    keys: set[str] = set()
+    for trial in trials:  # only names with commas inside values can collide, e.g. a condition "a,x=1"
+        if trial.key in keys:
+            raise UserError(
+                f"{source.name}: two trials are both keyed {trial.key!r}; expected distinct condition names"
+            )
+        keys.add(trial.key)
     return trials
 
 
@@ -629,9 +777,7 @@ def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<s
     source = _Source(name)
     data = _read_yaml(text, source)
     for path, value in (sets or {}).items():
-        loc = _set_loc(path, data)
-        source.sets[loc] = path
-        _apply_set(data, loc, value, path)
+        source.sets[_apply_set(data, _set_loc(path, data), value, path)] = path
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
@@ -644,7 +790,13 @@ def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> Plan:
     """Read, validate and plan a sweep spec file, with `--set` overrides (dotted spec paths -> values) applied first."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_SPEC_BYTES + 1)  # no more than that: /dev/zero is a "spec" too
+        if len(raw) > MAX_SPEC_BYTES:
+            raise UserError.field(
+                "spec", str(path), f"a YAML file of at most {MAX_SPEC_BYTES:,} bytes (MAX_SPEC_BYTES)"
+            )
+        text = raw.decode()
     except FileNotFoundError:
         raise UserError.field("spec", str(path), "an existing YAML file, e.g. sweeps/quickstart.yaml") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -659,6 +811,43 @@ def dump_spec(spec: SweepSpec) -> str:
     data = {**{k: data[k] for k in first}, **data}
     data["stages"] = [{"name": s.pop("name"), **s} for s in data["stages"]]
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def plan_difference(old_spec_yaml: str, new: Plan) -> str:
+    """What differs between an earlier launch's resolved spec (`dump_spec`, its spec.yaml) and `new`'s, as
+    `base.train.epochs: 3 -> 8; seeds: [0,1] -> [0]` (six fields at most, then how many more)."""
+    try:
+        old = _read_yaml(old_spec_yaml, _Source("spec.yaml"))
+    except UserError as exc:
+        return f"the earlier launch's spec.yaml is unreadable ({exc})"
+    before, after = _leaves(old), _leaves(yaml.safe_load(dump_spec(new.spec)))
+    missing = object()
+    changed = [p for p in {**after, **before} if before.get(p, missing) != after.get(p, missing)]
+    if not changed:
+        return "the same spec plans other trials now (planned by another fasweep version?)"
+
+    def text(values: dict[str, Any], path: str) -> str:
+        if path not in values:
+            return "(unset)"
+        value = values[path]
+        out = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+        return out if len(out) <= 40 else out[:37] + "..."
+
+    parts = [f"{p}: {text(before, p)} -> {text(after, p)}" for p in changed[:6]]
+    more = len(changed) - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths to the values inside nested mappings and lists of mappings (`stages[1].seeds`); an empty
+    mapping has none, any other list is one value."""
+    if isinstance(data, dict):
+        items = [(f"{prefix}.{key}" if prefix else str(key), value) for key, value in data.items()]
+    elif isinstance(data, list) and data and all(isinstance(value, dict) for value in data):
+        items = [(f"{prefix}[{i}]", value) for i, value in enumerate(data)]
+    else:
+        return {prefix: data}
+    return {path: leaf for key, value in items for path, leaf in _leaves(value, key).items()}
 
 
 @dataclass(frozen=True)

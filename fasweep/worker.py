@@ -4,7 +4,9 @@ Each epoch is reported with its checkpoint folder (train()'s `checkpoint.pt` and
 marker), which Tune copies to `<stage experiment>/<trial dir>/checkpoint_NNNNNN/` in the launch's storage, keeping
 the last `KEEP_CHECKPOINTS`. A trial continues from Tune's checkpoint on a retry, else (`--resume`) from the
 newest readable checkpoint `find_checkpoints` found for its key anywhere under the launch's storage; every result
-then carries `RESUMED_KEY`, the epoch it continued from (0: started over), for the driver to record.
+then carries `RESUMED_KEY`, the epoch it continued from (0: started over), for the driver to record. A user
+error (`ERROR_KEY`) or an environment fault (`FAULT_KEY`: a full or read-only disk) ends the trial with one
+result saying so instead of an exception: Tune would only retry it into the same wall.
 """
 
 from __future__ import annotations
@@ -19,19 +21,29 @@ from typing import Any
 from ray import tune
 
 from fasweep.config import set_path
+from fasweep.errors import UserError
+from fasweep.faults import describe_fault
 from fasweep.runs.layout import CHECKPOINT_FILE, epoch_marker, marked_epoch, trial_dirname
 
 log = logging.getLogger(__name__)
 RESUMED_KEY = "fasweep_resumed_from"  # in every result of a trial that looked for a checkpoint to continue from
+ERROR_KEY = "fasweep_error"  # the last result of a trial that hit a user error (a retry would hit it again)
+FAULT_KEY = "fasweep_fault"  # the last result of a trial that hit an environment fault (full or read-only disk)
 
 
 def run_trial(
-    config: dict[str, Any], *, configs: dict[str, dict[str, Any]], init: Any, resume: dict[str, list[str]] | None
+    config: dict[str, Any],
+    *,
+    configs: dict[str, dict[str, Any]],
+    init: Any,
+    resume: dict[str, list[str]] | None,
+    storage: str = "",
 ) -> None:
     """Tune trainable: train the planned trial `config['key']`, reporting each epoch with its checkpoint.
 
     `configs`: key -> TrialConfig dict; `init`: the stage's init_from checkpoint as bytes (or None); `resume`:
-    key -> checkpoint folders (newest first) when this is a `--resume` launch, else None.
+    key -> checkpoint folders (newest first) when this is a `--resume` launch, else None; `storage`: the launch's
+    storage, named by a fault that does not say its path.
     """
     import ray
     import torch
@@ -56,12 +68,22 @@ def run_trial(
             reported.append(metrics["epoch"])
             tune.report({**metrics, **info}, checkpoint=_marked(path, int(metrics["epoch"])) if path else None)
 
-        result = train(
-            TrialConfig.model_validate(trial_config),
-            checkpoint_dir=work / "checkpoint",
-            resume_from=resume_from,
-            on_epoch=on_epoch,
-        )
+        try:
+            result = train(
+                TrialConfig.model_validate(trial_config),
+                checkpoint_dir=work / "checkpoint",
+                resume_from=resume_from,
+                on_epoch=on_epoch,
+            )
+        except UserError as exc:  # deterministic: reported, not raised, so Tune does not retry it
+            tune.report({ERROR_KEY: str(exc), **info})
+            return
+        except Exception as exc:
+            fault = describe_fault(exc, storage)
+            if fault is None:
+                raise  # a bug or a lost node: Tune retries from the checkpoint
+            tune.report({FAULT_KEY: fault, **info})
+            return
         if not reported and result.final and resume_from is not None:  # resumed at its end: report it once more
             tune.report({**result.final, **info}, checkpoint=_marked(resume_from, epoch))
 

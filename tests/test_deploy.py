@@ -253,6 +253,19 @@ def entrypoint_spec(entrypoint: str) -> str:
     return path[1]
 
 
+def test_the_driver_gets_its_grace_period_when_kubernetes_or_ray_stops_it(rendered: list[dict[str, Any]]) -> None:
+    """SIGTERM gives the driver GRACE_S to stop trials and mark runs: the head pod's grace period and `ray job
+    stop`'s wait before SIGKILL (from the ConfigMap) are both longer."""
+    from fasweep.launch import GRACE_S
+
+    ray = next(o for o in rendered if o["kind"] in RAY_KINDS)
+    cluster = ray["spec"].get("rayClusterSpec", ray["spec"])
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert GRACE_S < head["terminationGracePeriodSeconds"] <= 30 + 5
+    config = find(rendered, "ConfigMap", "fasweep-config")["data"]
+    assert GRACE_S < int(config["RAY_JOB_STOP_WAIT_TIME_S"]) < head["terminationGracePeriodSeconds"]
+
+
 def test_rayjob_resumes_the_sweep_and_cleans_up() -> None:
     job = find(render(OVERLAYS["job"]), "RayJob")["spec"]
     assert job["shutdownAfterJobFinishes"] is True

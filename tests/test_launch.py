@@ -121,6 +121,9 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
     assert (tmp_path / "fasweep-runs" / "sign_concordance" / launch_id / "main").is_dir()
 
     capsys.readouterr()
+    assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, "--resume", *sets, "--set", "seeds=[0]") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "they differ: seeds: [0,1] -> [0]" in err, err
     assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, "--resume", *sets) == 0
     assert "nothing to resume" in capsys.readouterr().out
     assert len(runs(store, "sign_concordance", "parent")) == 1
@@ -239,7 +242,7 @@ def test_a_running_launch_holds_the_sweep_and_a_killed_one_resumes_without_repea
     newest one of a trial truncated: from the one before): proven from the epochs each trial trained again."""
     epochs = 10
     sets = [*TINY, "--set", f"base.train.epochs={epochs}", "--set", "seeds=[0, 1]", "--set", "max_concurrent=2"]
-    sets += ["--set", "base.model.arch=Dense256 Dense256 Dense10", "--set", "base.train.batch_size=16"]
+    sets += ["--set", "base.train.batch_size=8"]
     command = [sys.executable, "-c", "from fasweep.cli import main; main()", "launch", str(QUICKSTART)]
     driver = subprocess.Popen(
         [*command, "--tracking-uri", store, "--address", ray_address, *sets],
@@ -285,7 +288,12 @@ def test_a_running_launch_holds_the_sweep_and_a_killed_one_resumes_without_repea
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and anything it started
         driver.wait()
     before = {c.data.tags["fasweep.trial_key"]: c for c in runs(store, "quickstart", "trial")}
+    assert cli("status", "quickstart", "--tracking-uri", store) == 0  # finds the driver gone: marks the truth
     (parent,) = runs(store, "quickstart", "parent")
+    assert parent.data.tags["fasweep.status"] == "interrupted" and parent.info.status == "KILLED"
+    for child in runs(store, "quickstart", "trial"):
+        was = before[child.data.tags["fasweep.trial_key"]].data.tags["fasweep.status"]
+        assert child.data.tags["fasweep.status"] == ("interrupted" if was == "running" else was)
     root = tmp_path / "fasweep-runs" / "quickstart" / parent.data.tags["fasweep.launch"]
     unfinished = [k for k, c in before.items() if c.data.tags["fasweep.status"] == "running"]
     found = find_checkpoints(str(root), unfinished)

@@ -10,20 +10,24 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fasweep.errors import UserError
 from fasweep.runs import lease as lease_module
+from fasweep.runs.conditions import ConditionInfo, ParentInfo
 from fasweep.runs.layout import (
     Best,
     LaunchStatus,
     Tag,
     TrialStatus,
+    condition_run_names,
     epoch_marker,
     marked_epoch,
     trial_dirname,
     trial_key,
+    trial_run_name,
     trial_status,
 )
 from fasweep.runs.lease import Holder, Lease
@@ -177,3 +181,157 @@ def test_a_lease_whose_heartbeat_stopped_is_stale(monkeypatch) -> None:
     assert not remote.stale(now)
     monkeypatch.setattr(lease_module, "STALE_S", 2.0)
     assert remote.stale(now)
+
+
+# --- condition runs -------------------------------------------------------------------------------------------
+
+
+def test_condition_run_names_keep_what_varies_shortest_and_unique() -> None:
+    grid = "concordance={},magnitude={},batchnorm=false"
+    names = condition_run_names(
+        [("main", grid.format(c, m)) for c in ("1.0", "0.5") for m in ("uniform", "batch_random", "random")]
+    )
+    assert names["main", grid.format("1.0", "uniform")] == "concordance=1 magnitude=uniform"
+    assert names["main", grid.format("0.5", "batch_random")] == "concordance=0.5 magnitude=batch"
+    assert names["main", grid.format("0.5", "random")] == "concordance=0.5 magnitude=random"
+    assert condition_run_names([("main", "DS0,loss=hinge"), ("main", "DSR1,loss=hinge")]) == {
+        ("main", "DS0,loss=hinge"): "DS0",
+        ("main", "DSR1,loss=hinge"): "DSR1",
+    }
+    staged = condition_run_names([("pre", "bp"), ("post", "bp"), ("post", "random")])
+    assert staged == {("pre", "bp"): "pre/bp", ("post", "bp"): "post/bp", ("post", "random"): "post/random"}
+    assert condition_run_names([("main", "base")]) == {("main", "base"): "base"}
+    listed = condition_run_names([("main", "layers=[1,2]"), ("main", "layers=[1,3]")])
+    assert listed == {("main", "layers=[1,2]"): "layers=[1,2]", ("main", "layers=[1,3]"): "layers=[1,3]"}
+    assert trial_run_name("concordance=1 magnitude=uniform", 0) == "concordance=1 magnitude=uniform s0"
+
+
+def _histories(mlflow: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
+    """A run's metrics by step, every logged value kept (a repeated step would show as a list)."""
+    out: dict[int, dict[str, list[float]]] = {}
+    for key in mlflow.get_run(run_id).data.metrics:
+        for m in mlflow.get_metric_history(run_id, key):
+            out.setdefault(m.step, {}).setdefault(key, []).append(m.value)
+    assert all(len(v) == 1 for row in out.values() for v in row.values()), "a step was logged twice"
+    return {step: {k: v[0] for k, v in row.items()} for step, row in out.items()}
+
+
+def check_condition_runs(uri: str, experiment: str) -> list:
+    """Recompute every condition run's per-epoch mean, sd and n from its trial runs (MLflow client, numpy) and
+    compare: errored trials left out, a diverged one carried at its last epoch, epochs written once no trial can
+    change them (all planned trials have runs, each ended or past the epoch); the condition runs, checked."""
+    mlflow = MlflowClient(uri)
+    exp = mlflow.get_experiment_by_name(experiment).experiment_id
+    conditions = mlflow.search_runs([exp], "tags.`fasweep.role` = 'condition'")
+    assert conditions
+    for cond in conditions:
+        trials = mlflow.search_runs([exp], f"tags.`mlflow.parentRunId` = '{cond.info.run_id}'")
+        assert trials and {t.data.tags["fasweep.role"] for t in trials} == {"trial"}
+        assert {t.data.tags["fasweep.condition"] for t in trials} == {cond.data.tags["fasweep.condition"]}
+        kept = [(t.data.tags["fasweep.status"], _histories(mlflow, t.info.run_id)) for t in trials]
+        kept = [(status, h) for status, h in kept if status != "error" and h]
+        running = [max(h) for status, h in kept if status in ("running", "interrupted")]
+        planned = int(cond.data.tags["fasweep.n_trials"])
+        through = 0 if len(trials) < planned else min(running, default=max(max(h) for _, h in kept))
+        expected: dict[int, dict[str, float]] = {}
+        for epoch in range(1, through + 1):
+            rows = [h[epoch] if epoch in h else h[max(h)] for s, h in kept if epoch in h or s == "diverged"]
+            if not rows:
+                continue
+            expected[epoch] = {"n": float(len(rows))}
+            for key in {k for row in rows for k in row} - {"epoch"}:
+                values = np.array([row[key] for row in rows if key in row and np.isfinite(row[key])])
+                expected[epoch][key] = float(values.mean())
+                if len(values) > 1:
+                    expected[epoch][f"{key}_sd"] = float(values.std(ddof=1))
+        got = _histories(mlflow, cond.info.run_id)
+        assert sorted(got) == sorted(expected), cond.info.run_name
+        for epoch, row in expected.items():
+            assert got[epoch] == pytest.approx(row, rel=1e-9, abs=1e-12), (cond.info.run_name, epoch)
+    return conditions
+
+
+def _declared(keys: dict[str, list[int]], epochs: int = 4) -> ParentInfo:
+    conditions = tuple(
+        ConditionInfo("main", c, c, tuple(f"main/{c}/s{s}" for s in seeds), {"feedback.mode": "bp"}, epochs)
+        for c, seeds in keys.items()
+    )
+    return ParentInfo({"feedback.mode": "bp", "train.seed": "[0, 1, 2]"}, "compares A and B", conditions, Best())
+
+
+def _epoch(epoch: int, acc: float, **extra: float) -> dict[str, float]:
+    return {"epoch": float(epoch), "test_acc": acc, "train_loss": 1.0 / epoch, **extra}
+
+
+def test_condition_runs_average_their_trials_through_errors_divergence_and_a_resume(uri: str) -> None:
+    declared = _declared({"A": [0, 1, 2], "B": [0, 1]})
+    writer = RunWriter(uri, "cond", "cond")
+    writer.open_parent("L1", {}, "name: cond\n", parent=declared)
+    for key in ("main/A/s0", "main/A/s1", "main/A/s2", "main/B/s0"):
+        writer.trial_started(_info(key, epochs=4))
+    for epoch in (1, 2, 3):
+        writer.trial_epoch("main/A/s0", _epoch(epoch, 0.5 + 0.1 * epoch))
+        writer.trial_epoch("main/A/s2", _epoch(epoch, 0.4 + 0.1 * epoch, angle=30.0))
+        if epoch < 3:
+            writer.trial_epoch("main/B/s0", _epoch(epoch, 0.3 * epoch))
+    writer.trial_epoch("main/A/s1", _epoch(1, 0.45))
+    writer.flush()
+    mlflow = MlflowClient(uri)
+    (a_run,) = mlflow.search_runs(
+        [writer.experiment_id], "tags.`fasweep.role` = 'condition' and tags.`fasweep.condition` = 'A'"
+    )
+    assert a_run.info.run_name == "A" and a_run.data.params["feedback.mode"] == "bp"
+    assert a_run.data.tags["mlflow.parentRunId"] == writer.parent_id
+    assert sorted(m.step for m in mlflow.get_metric_history(a_run.info.run_id, "n")) == [1]  # s1 reported epoch 1
+    diverged = _epoch(2, 0.47, diverged=1.0, train_loss=math.nan)  # evaluated with the weights before the bad step
+    writer.trial_epoch("main/A/s1", diverged)
+    writer.trial_ended("main/A/s1", last=diverged)
+    writer.trial_epoch("main/A/s0", _epoch(4, 0.9))
+    writer.trial_ended("main/A/s0", last=_epoch(4, 0.9))
+    writer.trial_ended("main/A/s2", error="RuntimeError: worker died")  # counted at epochs 1-3 until now
+    writer.flush()
+    writer.finish_parent(LaunchStatus.INTERRUPTED)  # B/s0 still running, B/s1 never started
+    writer.close()
+    a_first = check_condition_runs(uri, "cond")
+    assert {c.data.tags["fasweep.condition"]: c.data.tags["fasweep.status"] for c in a_first} == {
+        "A": "error",
+        "B": "running",
+    }
+    assert all(c.info.run_id != a_run.info.run_id for c in a_first)  # A was replaced when s2 errored
+
+    resumed = RunWriter(uri, "cond", "cond")
+    (launch,) = find_launches(mlflow, "cond")
+    resumed.open_parent("L1", {}, "name: cond\n", run_id=launch.run_id, parent=declared)
+    for key in ("main/A/s2", "main/B/s0", "main/B/s1"):
+        resumed.trial_started(_info(key, epochs=4))
+    resumed.trial_epoch("main/A/s2", _epoch(4, 0.8, angle=20.0))
+    resumed.trial_ended("main/A/s2", last=_epoch(4, 0.8, angle=20.0))
+    for epoch in (1, 2, 3, 4):
+        resumed.trial_epoch("main/B/s1", _epoch(epoch, 0.2 * epoch))
+        if epoch > 2:
+            resumed.trial_epoch("main/B/s0", _epoch(epoch, 0.3 * epoch - 0.2))
+    resumed.trial_ended("main/B/s1", last=_epoch(4, 0.8))
+    resumed.trial_ended("main/B/s0", last=_epoch(4, 1.0))
+    resumed.flush()
+    resumed.finish_parent(LaunchStatus.FINISHED)
+    resumed.close()
+
+    conditions = check_condition_runs(uri, "cond")
+    assert len(conditions) == 2  # replaced runs are deleted, never duplicated
+    assert {c.data.tags["fasweep.status"] for c in conditions} == {"finished"}
+    by_name = {c.info.run_name: c for c in conditions}
+    assert by_name["A"].data.metrics["n"] == 3 and by_name["B"].data.metrics["n"] == 2
+    trials = launch_trials(mlflow, launch)
+    assert len(trials) == 5 and {t.name for t in trials} >= {"A s0", "B s1"}
+    parent = mlflow.get_run(launch.run_id)
+    a_final = mlflow.get_metric_history(by_name["A"].info.run_id, "test_acc")[-1]
+    assert (a_final.step, a_final.value) == (4, pytest.approx(np.mean([0.9, 0.47, 0.8])))  # s1 counts as it ended
+    assert parent.data.tags["fasweep.best_condition"] == "B"
+    assert parent.data.metrics["best_test_acc"] == pytest.approx(0.9)
+    assert parent.data.metrics["best_test_acc_sd"] == pytest.approx(np.std([0.8, 1.0], ddof=1))
+    assert parent.data.metrics["best_n"] == 2
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("compares A and B") and "**Best condition:** B" in note
+    assert parent.data.params == {"feedback.mode": "bp", "train.seed": "[0, 1, 2]"}
+    (summary,) = sweep_summaries(uri, "cond")
+    assert sum(summary.counts.values()) == 5  # status counts trials only

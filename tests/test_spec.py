@@ -8,14 +8,17 @@ import os
 import re
 import subprocess
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
+from fasweep import spec as spec_module
 from fasweep.cli import main, parse_sets
 from fasweep.config import TrialConfig
 from fasweep.errors import UserError
-from fasweep.spec import dump_spec, load_spec, parse_spec
+from fasweep.spec import dump_spec, load_spec, parse_spec, plan_difference
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
@@ -357,3 +360,230 @@ def test_colliding_condition_names_are_rejected() -> None:
     text = "name: clash\nconditions:\n  'a,root=x': {}\n  a: {}\ngrid:\n  data.root: [x, 'x,root=x']\n"
     with pytest.raises(UserError, match=r"^c\.yaml: two trials are both keyed 'main/a,root=x,root=x/s0'"):
         parse_spec(text, name="c.yaml")
+
+
+# --- hostile and oversized input ----------------------------------------------------------------------------------
+
+
+def _bomb(levels: int = 9) -> str:
+    """A "billion laughs": each level lists the one before ten times (10**levels strings in well under 1 KB)."""
+    lines = ["name: bomb", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join([*lines, f"base: {{train: {{l2: *a{levels - 1}}}}}"]) + "\n"
+
+
+def test_billion_laughs_is_refused_in_seconds_by_validate_plan_and_launch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fasweep.launch  # noqa: F401  (imported before the clock starts: it loads Ray)
+
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text(_bomb())
+    assert len(spec.read_bytes()) < 1024
+    for command in ("validate", "plan", "launch"):
+        start = time.perf_counter()
+        code, out, err = run_cli([command, str(spec)], capsys)
+        assert time.perf_counter() - start < 5, command
+        assert (code, out) == (2, "")
+        assert err == f"error: {spec}:6: a4: got 111,111 YAML values once aliases are expanded; " + (
+            "expected at most 100,000 (MAX_YAML_NODES)\n"
+        )
+
+
+def test_recursive_alias_is_refused() -> None:
+    with pytest.raises(UserError, match=r"^r\.yaml:2: description\[0\]: recursive YAML alias; expected a value"):
+        parse_spec("name: r\ndescription: &d [*d]\n", name="r.yaml")
+
+
+def test_huge_grid_is_counted_not_expanded() -> None:
+    text = (BAD / "huge_grid.yaml").read_text()  # 7 axes × 10 values
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"^h\.yaml:4: grid: got 10,000,000 trials \(1 condition × 10,000,000 grid"):
+        parse_spec(text, name="h.yaml")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert time.perf_counter() - start < 5 and peak < 20e6
+
+
+def test_trial_cap_counts_every_stage_and_blames_the_biggest_factor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spec_module, "MAX_TRIALS", 6)
+    assert len(load_spec(SWEEPS / "quickstart.yaml").trials) == 6
+    with pytest.raises(UserError, match=r"^--set seeds: got 12 trials \(3 conditions × 1 grid cell × 1 sample × 4"):
+        load_spec(SWEEPS / "quickstart.yaml", {"seeds": [0, 1, 2, 3]})
+    expected = (
+        r"^--set stages\[1\]\.seeds: got 27 trials \(stage regularised: 4 conditions × .*6 seeds\); expected at most 6"
+    )
+    with pytest.raises(UserError, match=expected):
+        load_spec(SWEEPS / "regularised.yaml", {"stages[1].seeds": [0, 1, 2, 3, 4, 5]})
+
+
+def test_spec_text_and_file_size_are_capped(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"name: big\n" + b"#" * spec_module.MAX_SPEC_BYTES)
+    with pytest.raises(UserError, match=r"^spec: got '.*big\.yaml'; expected a YAML file of at most 1,048,576 bytes"):
+        load_spec(big)
+    with pytest.raises(UserError, match=r"^s: got 1,048,587 characters; expected at most 1,048,576"):
+        parse_spec(big.read_text() + "#", name="s")
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "name: d\ndescription: " + "[" * 2000 + "]" * 2000,
+            r"^d: YAML nested too deeply to read; expected at most 32",
+        ),
+        ("name: d\nseeds: [2024-13-45]", r"^d: unreadable YAML value \(month must be in 1\.\.12\); expected plain"),
+        ("name: d\nseeds: [" + "1" * 5000 + "]", r"^d: unreadable YAML value \(Exceeds the limit \(4300 digits\)"),
+    ],
+)
+def test_unreadable_yaml_is_one_line(text: str, error: str) -> None:
+    with pytest.raises(UserError, match=error):
+        parse_spec(text, name="d")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'name: "abc\\n"',
+        f"name: {'a' * 101}",
+        "name: a+b",
+        "name: a b",
+        'name: s\nstages: [{name: "s\\n"}]',
+        'name: s\nconditions: {"x\\n": {}}',
+        f"name: s\nconditions: {{{'c' * 101}: {{}}}}",
+        'name: s\nexperiment: ""',
+        "name: s\nexperiment: ' '",
+        'name: s\nexperiment: "runs\\e[31m"',
+        f"name: s\nexperiment: {'é' * 257}",
+    ],
+)
+def test_names_are_full_matched_and_capped(text: str) -> None:
+    with pytest.raises(UserError, match=r"^s\.yaml:\d: (name|stages\[0\]\.name|conditions\.\S+|experiment): got "):
+        parse_spec(text + "\n", name="s.yaml")
+    with pytest.raises(UserError) as info:
+        parse_spec(text + "\n", name="s.yaml")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_longest_names_pass() -> None:
+    sets = {"name": "n" * 100, "experiment": "Feedback alignment: é " + "e" * 234, "conditions.DS0-" + "c" * 96: {}}
+    plan = load_spec(SWEEPS / "lillicrap.yaml", sets)
+    assert plan.spec.name == "n" * 100 and len(plan.spec.experiment) == 256
+
+
+@pytest.mark.parametrize("seeds", [[-1], [2**32], [0, 2**64]])
+def test_seeds_beyond_the_rngs_fail_in_validate(seeds: list[int]) -> None:
+    with pytest.raises(UserError, match=r"^--set seeds: seeds\[\d\]: got -?\d+; expected a seed from 0 to 4294967295"):
+        load_spec(SWEEPS / "quickstart.yaml", {"seeds": seeds})
+    with pytest.raises(UserError, match=r"^--set stages\[1\]\.seeds: .*expected a seed from 0 to 4294967295"):
+        load_spec(SWEEPS / "regularised.yaml", {"stages[1].seeds": seeds})
+    assert load_spec(SWEEPS / "quickstart.yaml", {"seeds": [2**32 - 1]}).trials[0].config["train"]["seed"] == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "base.train.lr",
+        "base.train.weight_clip",
+        "base.train.l2",
+        "base.train.l2.conv",
+        "base.feedback.init_scale",
+        "base.feedback.decay",
+        "resources.cpu",
+        "resources.gpu",
+        "reference.DS0.test_acc",
+        "sample.train.lr",
+    ],
+)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_numbers_are_refused(path: str, value: float) -> None:
+    sets = {path: {"uniform": [0.1, value]} if path.startswith("sample") else value}
+    with pytest.raises(UserError, match=rf"^--set {re.escape(path)}: .*expected a finite number"):
+        load_spec(SWEEPS / "quickstart.yaml", sets)
+
+
+def test_set_values_are_read_as_safely_as_a_spec() -> None:
+    levels = ["&l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 6)]
+    with pytest.raises(UserError, match=r"^--set grid\.train\.lr:1: \[4\]: got 111,111 YAML values once aliases"):
+        parse_sets([f"grid.train.lr=[{', '.join(levels)}]"])
+    with pytest.raises(UserError, match=r"^--set base:1: <top>: YAML tag !!python/name:os\.system is not allowed"):
+        parse_sets(["base=!!python/name:os.system"])
+    assert parse_sets(["seeds=[0, 1]", "description=", "x=null"]) == {"seeds": [0, 1], "description": "", "x": None}
+
+
+# --- --set messages -----------------------------------------------------------------------------------------------
+
+
+def test_set_of_a_trial_path_suggests_base_and_stage_overrides() -> None:
+    with pytest.raises(UserError, match=r"^--set train\.epochs: .* \(did you mean base\.train\.epochs\?\)$"):
+        load_spec(SWEEPS / "quickstart.yaml", {"train.epochs": 1})
+    with pytest.raises(
+        UserError, match=r"^--set stages\[1\]\.model\.dropout: .*stages\[1\]\.overrides\.model\.dropout"
+    ):
+        load_spec(SWEEPS / "regularised.yaml", {"stages[1].model.dropout": 0.1})
+
+
+def test_set_of_a_new_key_blames_the_flag() -> None:
+    with pytest.raises(UserError, match=r"^--set base\.trian\.epochs: unknown field \(did you mean train\?\)"):
+        load_spec(SWEEPS / "quickstart.yaml", {"base.trian.epochs": 1})
+    with pytest.raises(UserError, match=r"^--set seed: unknown field \(did you mean seeds\?\)"):
+        load_spec(SWEEPS / "quickstart.yaml", {"seed": [1]})
+
+
+def test_set_of_a_base_value_every_condition_overrides_is_refused() -> None:
+    expected = r"^--set base\.model\.arch: got 'PG1'; expected a base value some trial uses, but every condition sets"
+    with pytest.raises(UserError, match=expected + r" model\.arch \(DS0, DSR1, DSR2-U\)$"):
+        load_spec(SWEEPS / "quickstart.yaml", {"base.model.arch": "PG1"})
+    with pytest.raises(UserError, match=expected + r" model\.arch \(pg0/PG0, regularised/none, .* and 1 more\)$"):
+        load_spec(SWEEPS / "regularised.yaml", {"base.model.arch": "PG1"})  # by conditions and stage overrides
+    with pytest.raises(UserError, match=r"^--set base\.model\.batchnorm: got True; .* sets model\.batchnorm \(conc"):
+        load_spec(SWEEPS / "sign_concordance.yaml", {"base.model.batchnorm": True})  # by a grid axis
+    plan = load_spec(SWEEPS / "quickstart.yaml", {"base.model.activation": "tanh", "base.data.name": "digits"})
+    assert {t.config["model"]["activation"] for t in plan.trials} == {"tanh"}
+
+
+def test_set_through_a_yaml_alias_changes_only_its_own_place() -> None:
+    text = "name: shared\nbase: {data: {name: digits}}\nconditions:\n  a: &c {model.arch: DS0}\n  b: *c\n"
+    plan = parse_spec(text, {"conditions.a.model.arch": "DSR1"})
+    assert {t.condition: t.overrides["model.arch"] for t in plan.trials} == {"a": "DSR1", "b": "DS0"}
+
+
+def test_launch_help_shows_a_spec_path(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(["launch", "--help"], capsys)
+    assert code == 0 and "--set base.train.epochs=1" in out and " train.epochs" not in out
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0 and "--set train.epochs=1" in out and "base." not in out
+
+
+# --- what differs on --resume ---------------------------------------------------------------------------------------
+
+
+def test_plan_difference_names_the_changed_fields() -> None:
+    earlier = dump_spec(load_spec(SWEEPS / "quickstart.yaml").spec)
+    new = load_spec(SWEEPS / "quickstart.yaml", {"base.train.epochs": 8, "seeds": [0]})
+    assert plan_difference(earlier, new) == "base.train.epochs: 3 -> 8; seeds: [0,1] -> [0]"
+    wider = load_spec(SWEEPS / "quickstart.yaml", {"grid.train.lr": [0.1, 0.01], "conditions.DS0.model.arch": "PG0"})
+    assert plan_difference(earlier, wider) == (
+        "conditions.DS0.model.arch: DS0 -> PG0; grid.train.lr: (unset) -> [0.1,0.01]"
+    )
+    staged = dump_spec(load_spec(SWEEPS / "regularised.yaml").spec)
+    later = load_spec(SWEEPS / "regularised.yaml", {"stages[1].seeds": [7], "stages[0].overrides.train.lr": 0.5})
+    assert (
+        plan_difference(staged, later) == "stages[0].overrides.train.lr: (unset) -> 0.5; stages[1].seeds: null -> [7]"
+    )
+
+
+def test_plan_difference_is_short_and_never_raises() -> None:
+    earlier = dump_spec(load_spec(SWEEPS / "quickstart.yaml").spec)
+    many = {f"base.train.{k}": v for k, v in {"epochs": 1, "lr": 0.5, "batch_size": 7, "momentum": 0.5}.items()}
+    many |= {"base.model.dropout": 0.5, "base.model.batchnorm": True, "base.feedback.decay": 0.5, "seeds": [5]}
+    text = plan_difference(earlier, load_spec(SWEEPS / "quickstart.yaml", many))
+    assert text.count(" -> ") == 6 and text.endswith("; and 2 more")
+    same = load_spec(SWEEPS / "quickstart.yaml")
+    assert plan_difference(earlier, same).startswith("the same spec plans other trials")
+    assert plan_difference("name: [", same).startswith("the earlier launch's spec.yaml is unreadable (spec.yaml:1")
+    assert plan_difference(_bomb(), same).startswith("the earlier launch's spec.yaml is unreadable (spec.yaml:6: a4")

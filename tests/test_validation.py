@@ -95,3 +95,13 @@ def test_misspelt_names_suggest_the_closest(tmp_path: Path, capsys: pytest.Captu
     assert err.rstrip().endswith("(did you mean fashion_mnist?)")
     with pytest.raises(UserError, match=r"^feedback\.mode: got 'random_update'; .* \(did you mean random_updated\?\)$"):
         validate_trial({"feedback": {"mode": "random_update"}})
+
+
+def test_misspelt_data_set_in_a_set_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(spec), "--set", "base.data.name=fashion-mnist"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: --set base.data.name: got 'fashion-mnist'; expected 'cifar10'")
+    assert err.rstrip().endswith("(did you mean fashion_mnist?)")

@@ -31,6 +31,7 @@ from fasweep.report.tables import (
     render_json,
     render_md,
 )
+from fasweep.runs.layout import REPORT_ARTIFACT_DIR
 from fasweep.spec import Plan, load_spec
 
 __all__ = ["FORMATS", "Report", "Sweep", "Table", "make_report", "render"]
@@ -117,15 +118,17 @@ def make_report(
     by: list[str] | None = None,
     launch: str = "latest",
     out: Path | None = None,
-    log: bool = True,
+    log: bool | None = None,
     plots: bool = False,
     ci: str = "t",
     baseline: str | None = None,
     pairing: str | None = None,
 ) -> Report:
     """Read the sweep and build its tables; draw the plots when `out`, `log` or `plots` asks for them; write
-    the files to `out`; log them as `report/...` artifacts on the (latest selected) parent run when `log`.
+    the files to `out`; log them as artifacts on the (latest selected) parent run when `log`.
 
+    `log=None` logs only the launch's main report (every option that changes the tables at its default) as
+    `report/`; an ad-hoc report goes to `out` only, unless `log=True` logs it as `report-<its options>/`.
     `ci`: t or bootstrap intervals; `baseline`/`pairing` override the spec's `compare_to`/`pairing`.
     """
     if at not in ("final", "best"):
@@ -144,6 +147,9 @@ def make_report(
     if metric not in sweep.metrics:
         raise UserError.field("--metric", metric, f"a logged metric: {', '.join(sweep.metrics)}")
     check_axes(sweep, by)
+    adhoc = [(k, v) for k, v, default in _table_options(metric, at, by, launch, ci, baseline, pairing) if v != default]
+    log = not adhoc if log is None else log
+    folder_name = "-".join([REPORT_ARTIFACT_DIR, *(_slug(f"{k}_{v}") for k, v in adhoc)])
 
     draw = out is not None or log or plots
     fetch_histories(tracking_uri, sweep.trials, [metric, "train_loss", *angle_keys(sweep)] if draw else [metric])
@@ -159,19 +165,37 @@ def make_report(
             folder = out or Path(tmp)
             _write(report, folder, by)
             if log:
-                report.logged = _log(tracking_uri, sweep.parent_ids[0], folder)
+                report.logged = _log(tracking_uri, sweep.parent_ids[0], folder, folder_name)
             if out is None:
                 report.files = []
+    if not log and adhoc:
+        flags = " ".join(f"--{k} {v}" for k, v in adhoc)
+        report.logged = f"not logged on the parent run: an ad-hoc report ({flags}); --log logs it as {folder_name}/"
     return report
 
 
-def _log(tracking_uri: str, parent_id: str, folder: Path) -> str:
-    """Log the folder as `report/` on the parent run; a failure only costs the artifacts (the message says why)."""
+def _table_options(
+    metric: str, at: str, by: list[str], launch: str, ci: str, baseline: str | None, pairing: str | None
+) -> list[tuple[str, object, object]]:
+    """(option, value, the main report's value) of every option that changes a report's tables."""
+    return [
+        ("metric", metric, "test_acc"),
+        ("at", at, "final"),
+        ("by", ",".join(by), ""),
+        ("launch", "all" if launch == "all" else "", ""),
+        ("ci", ci, "t"),
+        ("baseline", baseline, None),
+        ("pairing", pairing, None),
+    ]
+
+
+def _log(tracking_uri: str, parent_id: str, folder: Path, name: str) -> str:
+    """Log the folder as `name/` on the parent run; a failure only costs the artifacts (the message says why)."""
     try:
-        MlflowClient(tracking_uri).log_artifacts(parent_id, str(folder), "report")
+        MlflowClient(tracking_uri).log_artifacts(parent_id, str(folder), name)
     except Exception as exc:  # e.g. a read-only artifact store: the report itself is still printed and written
         return f"could not log the report on parent run {parent_id}: {type(exc).__name__}: {exc}".splitlines()[0]
-    return f"logged as artifacts report/ on parent run {parent_id}"
+    return f"logged as artifacts {name}/ on parent run {parent_id}"
 
 
 def _write(report: Report, folder: Path, by: list[str]) -> None:

@@ -13,14 +13,10 @@ from mlflow import MlflowClient
 
 from fasweep.errors import UserError
 from fasweep.runs.layout import SPEC_ARTIFACT
+from fasweep.runs.layout import condition_label as label
 from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials
 from fasweep.runs.store import check_reachable
 from fasweep.spec import Plan, SweepSpec, parse_spec
-
-
-def label(stage: str, condition: str) -> str:
-    """How a condition is shown: `stage/condition`, or just the condition in a single-stage sweep (`main`)."""
-    return condition if stage == "main" else f"{stage}/{condition}"
 
 
 @dataclass

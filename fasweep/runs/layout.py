@@ -1,7 +1,8 @@
 """The run record's layout: every name a sweep leaves in MLflow and in storage, and what "best" means.
 
-MLflow: one parent run per launch (`<sweep>@<launch_id>`, role `parent`) and one trial run per planned trial
-(`<condition>-s<seed>`, role `trial`, nested under the parent), each tagged with the `Tag` names below; per-epoch
+MLflow: one parent run per launch (`<sweep>@<launch_id>`, role `parent`), under it one condition run per
+(stage, condition) (role `condition`: per-epoch mean and sd of its trials), under each its trial runs (role
+`trial`, one per seed), each tagged with the `Tag` names below and named by `condition_run_names`; per-epoch
 metrics use step = epoch. Storage: `<storage>/<sweep>/<launch_id>/<tune experiment>/<trial dir>/checkpoint_*/`,
 each checkpoint folder holding `CHECKPOINT_FILE`, `HISTORY_FILE` and an epoch marker. Everything that writes or
 reads any of this imports the names from here; nothing else spells them.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -38,6 +40,12 @@ class Tag(StrEnum):
     RESUMED_FROM = "fasweep.resumed_from"
     EPOCHS_RUN = "fasweep.epochs_run"
     PARENT_RUN = "mlflow.parentRunId"
+    LAUNCH_RUN = "fasweep.launch_run"  # on condition and trial runs: the run id of their launch's parent run
+    BEST_CONDITION = "fasweep.best_condition"  # on the parent: the condition with the best final mean
+    NOTE = "mlflow.note.content"  # a run's description (markdown) in the MLflow UI
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # experiment tag: the UI's training view
 
 
 LEASE_TAG_PREFIX = "fasweep.lease."  # experiment tag `fasweep.lease.<sweep>`: the running launch's lease
@@ -47,6 +55,7 @@ class Role(StrEnum):
     """What a fasweep run is."""
 
     PARENT = "parent"
+    CONDITION = "condition"
     TRIAL = "trial"
 
 
@@ -68,6 +77,7 @@ class TrialStatus(StrEnum):
     DIVERGED = "diverged"
     STOPPED = "stopped"  # ended early by the scheduler (ASHA)
     ERROR = "error"
+    INTERRUPTED = "interrupted"  # its driver stopped (a signal, a fault, a kill) before it ended: --resume continues
 
 
 COMPLETE = frozenset({TrialStatus.FINISHED, TrialStatus.DIVERGED, TrialStatus.STOPPED})  # need no more work
@@ -80,6 +90,7 @@ MLFLOW_STATUS = {  # fasweep status -> MLflow run status
     TrialStatus.DIVERGED: "FINISHED",
     TrialStatus.STOPPED: "FINISHED",
     TrialStatus.ERROR: "FAILED",
+    TrialStatus.INTERRUPTED: "KILLED",
 }
 
 
@@ -107,9 +118,73 @@ def trial_key(stage: str, condition: str, seed: int) -> str:
     return f"{stage}/{condition}/s{seed}"
 
 
-def trial_run_name(condition: str, seed: int) -> str:
-    """A trial run's name: `<condition>-s<seed>`."""
-    return f"{condition}-s{seed}"
+def condition_label(stage: str, condition: str) -> str:
+    """A condition as reports and summaries show it: `stage/condition`, or the condition alone in stage `main`."""
+    return condition if stage == "main" else f"{stage}/{condition}"
+
+
+def trial_run_name(condition_run: str, seed: int) -> str:
+    """A trial run's name: its condition run's name and the seed, `<name> s<seed>`."""
+    return f"{condition_run} s{seed}"
+
+
+def condition_run_names(conditions: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Short, unique run names for a launch's (stage, condition) pairs.
+
+    Per stage, a name keeps only the parts of the condition name (the named condition, `axis=value`) that vary
+    across the stage's conditions, with numbers written shortest (`1.0` -> `1`) and other values cut to their
+    shortest unambiguous word prefix (`batch_random` -> `batch` beside `uniform`), joined by spaces; a stage
+    with one condition keeps its full name. Several stages prefix `<stage>/`. Names that would still clash keep
+    the full condition name. The full condition stays in the tag `fasweep.condition` and in the params.
+    """
+    pairs = list(dict.fromkeys(conditions))
+    stages = list(dict.fromkeys(stage for stage, _ in pairs))
+    prefix = {stage: f"{stage}/" if len(stages) > 1 else "" for stage in stages}
+    names: dict[tuple[str, str], str] = {}
+    for stage in stages:
+        parts = {c: dict(_parts(c)) for s, c in pairs if s == stage}
+        axes = dict.fromkeys(a for p in parts.values() for a in p)
+        varying = [a for a in axes if len({p.get(a) for p in parts.values()}) > 1]
+        short = {a: _short_values([p[a] for p in parts.values() if a in p], named=not a) for a in varying}
+        for c, p in parts.items():
+            kept = [f"{a}={short[a][p[a]]}" if a else short[a][p[a]] for a in varying if a in p]
+            names[stage, c] = prefix[stage] + (" ".join(kept) or c)
+    clashes = Counter(names.values())
+    return {(s, c): name if clashes[name] == 1 else prefix[s] + c for (s, c), name in names.items()}
+
+
+def _parts(condition: str) -> list[tuple[str, str]]:
+    """A condition name's parts as (axis, value): the named condition first (axis ''), then `axis=value` parts; a
+    comma inside a value (a rendered list) stays in it."""
+    parts: list[tuple[str, str]] = []
+    for token in condition.split(","):
+        axis, eq, value = token.partition("=")
+        if eq and axis:
+            parts.append((axis, value))
+        elif parts and parts[-1][0]:
+            parts[-1] = (parts[-1][0], f"{parts[-1][1]},{token}")
+        else:
+            parts.append(("", token))
+    return parts
+
+
+def _short_values(values: list[str], named: bool) -> dict[str, str]:
+    """Each distinct value -> its shortest unambiguous rendering (named conditions are kept whole)."""
+    distinct = list(dict.fromkeys(values))
+    if named:
+        return {v: v for v in distinct}
+    try:
+        numbers = {v: f"{float(v):g}" for v in distinct if v.lower() not in ("true", "false", "nan", "inf", "-inf")}
+    except ValueError:
+        numbers = {}
+    if len(numbers) == len(distinct) and len(set(numbers.values())) == len(distinct):
+        return numbers
+    words = {v: re.split(r"(?<=[_-])", v) for v in distinct}
+    out = {}
+    for v in distinct:
+        prefixes = ("".join(words[v][:k]).rstrip("_-") for k in range(1, len(words[v]) + 1))
+        out[v] = next((p for p in prefixes if not any(o != v and o.startswith(p) for o in distinct)), v)
+    return out
 
 
 def trial_dirname(key: str) -> str:
@@ -124,6 +199,7 @@ CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # a trial run's final checkpoint in MLfl
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}"
 CURVES_ARTIFACT = "curves.png"
 SPEC_ARTIFACT = "spec.yaml"  # the resolved spec on the parent run
+REPORT_ARTIFACT_DIR = "report"  # the launch's main report on the parent run (`fasweep report`)
 KEEP_CHECKPOINTS = 2  # per trial in storage: the newest and one to fall back to if the newest is unreadable
 _MARKER = re.compile(r"epoch-(\d{6,})")
 

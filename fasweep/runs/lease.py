@@ -65,6 +65,12 @@ class Holder:
         )
 
 
+def live_holder(mlflow: Any, experiment_id: str, sweep: str) -> Holder | None:
+    """The driver holding `sweep`'s lease in the experiment, None when the lease is free or stale."""
+    holder = Lease(mlflow, experiment_id, sweep, "").holder()
+    return holder if holder is not None and not holder.stale(time.time()) else None
+
+
 class Lease:
     """The lease of one sweep in one experiment; `acquire()` once, `release()` at the end."""
 

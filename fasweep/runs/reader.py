@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from fasweep.runs.layout import Best, Role, Tag, TrialStatus
+from fasweep.runs.layout import Best, LaunchStatus, Role, Tag, TrialStatus
 from fasweep.runs.store import all_experiment_ids, client, quote, search_all
 
 
@@ -106,10 +106,16 @@ def find_launches(mlflow: Any, sweep: str | None = None, experiment_ids: list[st
 
 
 def trials_of(mlflow: Any, experiment_id: str, launch_id: str, parent_run_id: str = "") -> list[TrialRecord]:
-    """The trial runs of one launch (nested under `parent_run_id`, when given), by trial key."""
+    """The trial runs of one launch (of the launch whose parent run is `parent_run_id`, when given), by trial key.
+    A trial names its launch's parent run in `fasweep.launch_run` (it is nested under its condition run); a
+    trial written before condition runs existed is nested directly under the parent."""
     where = f"tags.`{Tag.LAUNCH}` = {quote(launch_id)} AND tags.`{Tag.ROLE}` = '{Role.TRIAL}'"
     runs = search_all(mlflow, [experiment_id], where)
-    mine = [r for r in runs if not parent_run_id or r.data.tags.get(Tag.PARENT_RUN) == parent_run_id]
+    mine = [
+        r
+        for r in runs
+        if not parent_run_id or r.data.tags.get(Tag.LAUNCH_RUN, r.data.tags.get(Tag.PARENT_RUN)) == parent_run_id
+    ]
     return sorted((_trial(r) for r in mine), key=lambda t: t.key)
 
 
@@ -135,11 +141,23 @@ class LaunchSummary:
 
 
 def sweep_summaries(uri: str, sweep: str | None = None) -> list[LaunchSummary]:
-    """Every launch in the store (of `sweep`, when given), newest first, with trial counts and the best trial."""
+    """Every launch in the store (of `sweep`, when given), newest first, with trial counts and the best trial.
+    A launch still marked running whose driver is gone (its lease free or stale) is first marked interrupted,
+    with its running trials: the store then tells the truth."""
+    from fasweep.runs.lease import live_holder
+    from fasweep.runs.writer import mark_interrupted
+
     mlflow = client(uri)
     out = []
     for launch in find_launches(mlflow, sweep):
         trials = launch_trials(mlflow, launch)
+        if launch.status == LaunchStatus.RUNNING:
+            holder = live_holder(mlflow, launch.experiment_id, launch.sweep)
+            if holder is None or holder.launch_id != launch.launch_id:
+                running = [t.run_id for t in trials if t.status == TrialStatus.RUNNING]
+                mark_interrupted(mlflow, [launch.run_id, *running])
+                launch = _launch(mlflow.get_run(launch.run_id))
+                trials = launch_trials(mlflow, launch)
         counts = Counter(t.status for t in trials)
         out.append(LaunchSummary(launch, trials, dict(counts), best_trial(trials, launch.best)))
     return out

@@ -12,20 +12,33 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fasweep.config import flatten
+from fasweep.runs.conditions import (
+    N_METRIC,
+    SD_SUFFIX,
+    ConditionInfo,
+    History,
+    ParentInfo,
+    aggregate,
+    best_condition,
+    condition_status,
+    merged_params,
+    settled_through,
+)
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT_DIR,
     CURVES_ARTIFACT,
+    EXPERIMENT_KIND,
     HISTORY_FILE,
     MLFLOW_STATUS,
     SPEC_ARTIFACT,
@@ -33,6 +46,7 @@ from fasweep.runs.layout import (
     Role,
     Tag,
     TrialStatus,
+    condition_label,
     parent_run_name,
     trial_run_name,
     trial_status,
@@ -67,6 +81,21 @@ class _Run:
     run_id: str
     status: str = TrialStatus.RUNNING
     logged: set[int] | None = None  # metric steps (epochs) already in MLflow; None: not read yet
+
+
+@dataclass
+class _Cond:
+    """A condition run as the writer thread knows it (see `fasweep.runs.conditions`)."""
+
+    info: ConditionInfo
+    keys: list[str]  # its trials: the planned ones, plus any other started or found
+    run_id: str = ""
+    status: str = ""
+    loaded: bool = False  # its trials' statuses and histories and its written epochs read from the store
+    statuses: dict[str, str] = field(default_factory=dict)  # trial key -> status (absent: no run yet)
+    histories: dict[str, History] = field(default_factory=dict)  # trial key -> the epochs in its run
+    written: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> the condition's values in its run
+    obsolete: list[str] = field(default_factory=list)  # replaced runs: trials to re-point from, runs to delete
 
 
 class _Queue:
@@ -130,6 +159,8 @@ class RunWriter:
     _pending: dict[str, list[tuple[dict[str, float], int]]] = field(default_factory=dict, init=False)
     _drain_queued: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _parent: ParentInfo | None = field(default=None, init=False)
+    _conds: dict[tuple[str, str], _Cond] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         # Our retry loop is the policy; MLflow's default (7 retries, 120 s timeouts) would hide outages for minutes.
@@ -150,15 +181,24 @@ class RunWriter:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
+            if EXPERIMENT_KIND[0] not in found.tags:  # the UI opens it in its training (not GenAI) view
+                self.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # keep a local store self-contained: artifacts beside the DB file
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        return self.client.create_experiment(self.experiment, artifact_location=location)
+        kind = dict([EXPERIMENT_KIND])
+        return self.client.create_experiment(self.experiment, artifact_location=location, tags=kind)
 
-    def open_parent(self, launch_id: str, tags: dict[str, str], spec_yaml: str, run_id: str = "") -> None:
-        """Create the parent run of a new launch with `tags` (plus identity and status), or reopen `run_id`."""
+    def open_parent(
+        self, launch_id: str, tags: dict[str, str], spec_yaml: str, run_id: str = "", parent: ParentInfo | None = None
+    ) -> None:
+        """Create the parent run of a new launch with `tags` (plus identity and status) and `parent`'s params and
+        description, or reopen `run_id`. `parent.conditions` declares the launch's condition runs."""
         self.launch_id = launch_id
+        self._parent = parent
+        for c in parent.conditions if parent else ():
+            self._conds[c.stage, c.condition] = _Cond(c, list(c.keys))
         if run_id:
             self.parent_id = run_id
             self.sync("reopen parent run", lambda: self._set_status(run_id, LaunchStatus.RUNNING))
@@ -169,17 +209,24 @@ class RunWriter:
             str(Tag.LAUNCH): launch_id,
             str(Tag.ROLE): str(Role.PARENT),
             str(Tag.STATUS): str(LaunchStatus.RUNNING),
-        }
+        } | ({str(Tag.NOTE): parent.description} if parent else {})
         name = parent_run_name(self.sweep, launch_id)
         run = self.sync(
             "create parent run", lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         )
         self.parent_id = run.info.run_id
+        if parent is not None:
+            self.sync("log parent params", lambda: self._log_params(self.parent_id, parent.params))
         self.sync("log spec.yaml", lambda: self.client.log_text(self.parent_id, spec_yaml, SPEC_ARTIFACT))
 
     def finish_parent(self, status: LaunchStatus) -> None:
-        """Set the parent's status and end its MLflow run accordingly."""
+        """Log the launch's summary (`_log_summary`), set the parent's status and end its MLflow run accordingly."""
+        self.sync("log launch summary", self._log_summary)
         self.sync("end parent run", lambda: self._set_status(self.parent_id, status))
+
+    def interrupt_runs(self, run_ids: list[str]) -> None:
+        """Mark trial runs whose driver stopped before they ended `interrupted` (MLflow KILLED), now."""
+        self.sync("mark runs interrupted", lambda: mark_interrupted(self.client, run_ids))
 
     def _set_status(self, run_id: str, status: str, extra: dict[str, str] | None = None) -> None:
         from mlflow.entities import RunTag
@@ -275,12 +322,14 @@ class RunWriter:
     # --- the writes themselves (writer thread) ------------------------------------------------------
 
     def _ensure_run(self, key: str, reopen: bool = False) -> _Run:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         run = self._runs.get(key)
         info = self._trials[key]
+        cond = self._condition(key)
         tags = {
-            Tag.PARENT_RUN: self.parent_id,
+            Tag.PARENT_RUN: self._ensure_condition(cond),
+            Tag.LAUNCH_RUN: self.parent_id,
             Tag.SWEEP: self.sweep,
             Tag.LAUNCH: self.launch_id,
             Tag.ROLE: Role.TRIAL,
@@ -300,19 +349,27 @@ class RunWriter:
             if found:
                 run = _Run(found[0].info.run_id, "")
             else:
-                name = trial_run_name(info.condition, info.seed)
+                name = trial_run_name(cond.info.name, info.seed)
                 run = _Run(
                     self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id, logged=set()
                 )
             self._runs[key] = run
-            params = [Param(k, "None" if v is None else str(v)) for k, v in flatten(info.config).items()]
-            for i in range(0, len(params), 100):
-                self.client.log_batch(run.run_id, params=params[i : i + 100])
+            self._log_params(run.run_id, merged_params([info.config]))
+            if run.status == TrialStatus.RUNNING:  # created now
+                self._condition_trial(key, TrialStatus.RUNNING)
         if reopen and run.status != TrialStatus.RUNNING:
             self.client.log_batch(run.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.update_run(run.run_id, status="RUNNING")
             run.status = TrialStatus.RUNNING
+            self._condition_trial(key, TrialStatus.RUNNING)
         return run
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(run_id, params=batch[i : i + 100])
 
     def _log_epochs(self, key: str, epochs: list[tuple[dict[str, float], int]]) -> None:
         """Log (metrics, timestamp) epochs in one batch, skipping the steps already logged."""
@@ -326,6 +383,7 @@ class RunWriter:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run.run_id, metrics=metrics[i : i + 1000])
         run.logged |= set(new)
+        self._condition_epochs(key, {step: m for step, (m, _) in new.items()})
 
     def _end(
         self,
@@ -356,3 +414,177 @@ class RunWriter:
         extra = {str(k): v for k, v in tags.items()} | ({str(Tag.ERROR): error[:5000]} if error else {})
         self._set_status(run.run_id, status, extra)
         run.status = status
+        self._condition_trial(key, status)
+
+    # --- condition runs and the launch summary (writer thread; see fasweep.runs.conditions) --------------
+
+    def _condition(self, key: str) -> _Cond:
+        """The condition of a started trial; a condition the plan did not declare has the trials started so far."""
+        info = self._trials[key]
+        cond = self._conds.get((info.stage, info.condition))
+        if cond is None:
+            params = {k: v for k, v in merged_params([info.config]).items() if k != "train.seed"}
+            declared = ConditionInfo(info.stage, info.condition, info.condition, (), params, info.planned_epochs)
+            cond = self._conds[info.stage, info.condition] = _Cond(declared, [])
+        if key not in cond.keys:
+            cond.keys.append(key)
+        return cond
+
+    def _where(self, role: Role, cond: _Cond) -> str:
+        """Search filter: this launch's runs of `role` for the condition."""
+        return (
+            f"tags.`{Tag.LAUNCH}` = {quote(self.launch_id)} AND tags.`{Tag.ROLE}` = '{role}' AND "
+            f"tags.`{Tag.STAGE}` = {quote(cond.info.stage)} AND tags.`{Tag.CONDITION}` = {quote(cond.info.condition)}"
+        )
+
+    def _ensure_condition(self, cond: _Cond) -> str:
+        """The condition's run id: found by its tags (the newest, when a replacement was cut short) or created."""
+        if cond.run_id:
+            return cond.run_id
+        found = [
+            r
+            for r in search_all(self.client, [self.experiment_id], self._where(Role.CONDITION, cond))
+            if r.info.run_id not in cond.obsolete
+        ]
+        if found:
+            *older, newest = sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
+            cond.run_id = newest.info.run_id
+            cond.obsolete += [r.info.run_id for r in older]
+        else:
+            tags = {
+                Tag.PARENT_RUN: self.parent_id,
+                Tag.LAUNCH_RUN: self.parent_id,
+                Tag.SWEEP: self.sweep,
+                Tag.LAUNCH: self.launch_id,
+                Tag.ROLE: Role.CONDITION,
+                Tag.STAGE: cond.info.stage,
+                Tag.CONDITION: cond.info.condition,
+                Tag.STATUS: TrialStatus.RUNNING,
+            } | ({Tag.N_TRIALS: len(cond.info.keys)} if cond.info.keys else {})
+            tags = {str(k): str(v) for k, v in tags.items()}
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=cond.info.name)
+            cond.run_id, cond.status = run.info.run_id, TrialStatus.RUNNING
+        self._log_params(cond.run_id, cond.info.params)
+        return cond.run_id
+
+    def _history(self, run_id: str, keys: Iterable[str]) -> History:
+        """A run's logged metrics `keys` by step."""
+        history: History = {}
+        for key in keys:
+            for m in self.client.get_metric_history(run_id, key):
+                history.setdefault(m.step, {})[key] = m.value
+        return history
+
+    def _loaded(self, key: str) -> _Cond:
+        """The trial's condition with its trials' statuses and histories and its own written epochs read from the
+        store (once per writer: afterwards the writer keeps them, being the only writer)."""
+        cond = self._condition(key)
+        if not cond.loaded:
+            run_id = self._ensure_condition(cond)
+            for r in search_all(self.client, [self.experiment_id], self._where(Role.TRIAL, cond)):
+                trial = r.data.tags.get(Tag.TRIAL_KEY, "")
+                if trial not in cond.keys:
+                    cond.keys.append(trial)
+                cond.statuses[trial] = r.data.tags.get(Tag.STATUS, TrialStatus.RUNNING)
+                cond.histories[trial] = self._history(r.info.run_id, r.data.metrics)
+            run = self.client.get_run(run_id)
+            cond.written = self._history(run_id, run.data.metrics)
+            cond.status = run.data.tags.get(Tag.STATUS, "")
+            cond.loaded = True
+        if key not in cond.histories:  # a run made after the load
+            run_id = self._runs[key].run_id
+            cond.histories[key] = self._history(run_id, self.client.get_run(run_id).data.metrics)
+        return cond
+
+    def _condition_trial(self, key: str, status: str) -> None:
+        """A trial of the condition started or ended: recheck every epoch (who counts may have changed)."""
+        cond = self._loaded(key)
+        cond.statuses[key] = status
+        self._write_condition(cond, recheck=True)
+
+    def _condition_epochs(self, key: str, epochs: dict[int, dict[str, float]]) -> None:
+        """Epochs newly logged on a trial: write the condition's epochs they settle."""
+        cond = self._loaded(key)
+        cond.histories[key].update(epochs)
+        self._write_condition(cond, recheck=False)
+
+    def _write_condition(self, cond: _Cond, recheck: bool) -> None:
+        """Log the condition's newly settled epochs and its status. With `recheck`, every written epoch is
+        recomputed; if one changed (a trial errored, or an errored one was resumed), the run is replaced by a
+        new one holding the right values (MLflow cannot overwrite a metric's step)."""
+        from mlflow.entities import Metric, RunTag
+
+        trials = [(cond.statuses.get(k), cond.histories.get(k, {})) for k in cond.keys]
+        through = settled_through(trials, cond.info.epochs)
+        first = 1 if recheck else max(cond.written, default=0) + 1
+        values = {e: row for e in range(first, through + 1) if (row := aggregate(trials, e))}
+        if recheck and any(not _same(row, values.get(e)) for e, row in cond.written.items()):
+            cond.obsolete.append(cond.run_id)
+            cond.run_id, cond.written, cond.status = "", {}, ""
+            self._ensure_condition(cond)
+        stamp = int(time.time() * 1000)
+        new = [Metric(k, v, stamp, e) for e, row in values.items() if e not in cond.written for k, v in row.items()]
+        for i in range(0, len(new), 1000):
+            self.client.log_batch(cond.run_id, metrics=new[i : i + 1000])
+        cond.written |= {e: row for e, row in values.items() if e not in cond.written}
+        if cond.obsolete:
+            for r in search_all(self.client, [self.experiment_id], self._where(Role.TRIAL, cond)):
+                if r.data.tags.get(Tag.PARENT_RUN) != cond.run_id:
+                    self.client.log_batch(r.info.run_id, tags=[RunTag(str(Tag.PARENT_RUN), cond.run_id)])
+            for run_id in cond.obsolete:
+                self.client.delete_run(run_id)
+            cond.obsolete.clear()
+        status = condition_status(cond.statuses.get(k) for k in cond.keys)
+        if status != cond.status:
+            self._set_status(cond.run_id, status)
+            cond.status = status
+
+    def _log_summary(self) -> None:
+        """The launch's summary on the parent: the best condition's final mean of the "best" metric with its sd
+        and n (`best_<metric>`, `best_<metric>_sd`, `best_n`), the condition in a tag, both in the description."""
+        from mlflow.entities import Metric, RunTag
+
+        if self._parent is None:
+            return
+        best = self._parent.best
+        where = f"tags.`{Tag.LAUNCH}` = {quote(self.launch_id)} AND tags.`{Tag.ROLE}` = '{Role.CONDITION}'"
+        runs = {
+            condition_label(r.data.tags.get(Tag.STAGE, ""), r.data.tags.get(Tag.CONDITION, "")): r
+            for r in search_all(self.client, [self.experiment_id], where)
+        }
+        chosen = best_condition(((name, r.data.metrics) for name, r in runs.items()), best)
+        if chosen is None:
+            return
+        name, _ = chosen
+        run = runs[name]
+        history = self._history(run.info.run_id, [best.metric, best.metric + SD_SUFFIX, N_METRIC])
+        epoch = max(e for e, row in history.items() if best.metric in row)
+        final = history[epoch]
+        summary = {f"best_{k}": v for k, v in final.items()}
+        known = self.client.get_run(self.parent_id).data.metrics
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(k, v, stamp, 0) for k, v in summary.items() if known.get(k) != v]
+        sd = final.get(best.metric + SD_SUFFIX)
+        spread = f" ± {sd:.4f}" if sd is not None else ""
+        result = (
+            f"\n\n**Best condition:** {run.info.run_name} (`{name}`): {best.metric} {final[best.metric]:.4f}"
+            f"{spread} (n = {final.get(N_METRIC, 0):g}) at epoch {epoch}."
+        )
+        tags = {Tag.BEST_CONDITION: name, Tag.NOTE: self._parent.description + result}
+        self.client.log_batch(self.parent_id, metrics=metrics, tags=[RunTag(str(k), v) for k, v in tags.items()])
+
+
+def _same(a: dict[str, float], b: dict[str, float] | None) -> bool:
+    """Whether two epochs of a condition hold the same values (as read back from the store)."""
+    return b is not None and a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
+
+
+def mark_interrupted(mlflow: Any, run_ids: list[str]) -> None:
+    """Mark runs (a launch's parent, its trials) whose driver is gone `interrupted` (MLflow KILLED), now: for
+    `fasweep status` and `--resume`, which find a launch still marked running after its driver was killed."""
+    from mlflow.entities import RunTag
+
+    tag = [RunTag(str(Tag.STATUS), str(TrialStatus.INTERRUPTED))]
+    for run_id in run_ids:
+        retry(lambda run_id=run_id: mlflow.log_batch(run_id, tags=tag), "mark run interrupted")
+        retry(lambda run_id=run_id: mlflow.set_terminated(run_id, MLFLOW_STATUS[TrialStatus.INTERRUPTED]), "end run")

@@ -1,0 +1,60 @@
+"""Environment faults: a full, read-only or forbidden disk is the machine's problem, not a trial's.
+
+Such an error is not retried trial by trial; it is said once, in one line naming the path, its free space and
+the fix, and the launch stops (exit code 2, like bad input) so `--resume` can continue once it is fixed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+_WORDS = {  # how storage libraries that drop errno (pyarrow) still say it
+    "no space left": errno.ENOSPC,
+    "read-only file system": errno.EROFS,
+    "permission denied": errno.EACCES,
+    "disk quota exceeded": errno.EDQUOT,
+}
+_FIX = {
+    errno.ENOSPC: "free some space or point `storage:` (--set storage=...) at a larger disk",
+    errno.EDQUOT: "free some space or point `storage:` (--set storage=...) at a larger disk",
+    errno.EROFS: "point `storage:` (--set storage=...) at a writable disk",
+    errno.EACCES: "make it writable for this user or point `storage:` (--set storage=...) elsewhere",
+    errno.EPERM: "make it writable for this user or point `storage:` (--set storage=...) elsewhere",
+}
+
+
+def free_space(path: str | Path) -> str:
+    """Free space of the disk holding `path` (or its nearest existing parent), e.g. `1.2 GB free`."""
+    here = Path(path)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        free = shutil.disk_usage(here).free
+    except OSError:
+        return "free space unknown"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if free >= size:
+            return f"{free / size:.1f} {unit} free"
+    return f"{free} bytes free"
+
+
+def _errno(exc: BaseException) -> int | None:
+    for err in (exc, exc.__cause__, exc.__context__):
+        if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
+            return err.errno
+    text = str(exc).lower()
+    return next((code for words, code in _WORDS.items() if words in text), None) if isinstance(exc, OSError) else None
+
+
+def describe_fault(exc: BaseException, fallback_path: str = "") -> str | None:
+    """One line for an environment fault (`path: No space left on device (0 bytes free); fix`), else None."""
+    code = _errno(exc)
+    if code is None:
+        return None
+    path = next((e.filename for e in (exc, exc.__cause__) if isinstance(e, OSError) and e.filename), fallback_path)
+    where = str(path) if path else fallback_path or "storage"
+    return f"{where}: {errno.errorcode.get(code, code)} ({os.strerror(code)}, {free_space(where)}); {_FIX[code]}"
