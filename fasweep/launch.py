@@ -44,7 +44,6 @@ from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT,
     CHECKPOINT_FILE,
     COMPLETE,
-    KEEP_CHECKPOINTS,
     SPEC_ARTIFACT,
     Best,
     LaunchStatus,
@@ -54,7 +53,7 @@ from fasweep.runs.layout import (
     trial_status,
 )
 from fasweep.runs.lease import Lease
-from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_launches, trials_of
+from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_launches, running_runs, trials_of
 from fasweep.runs.store import TrackingError, check_reachable, resolve_tracking_uri
 from fasweep.runs.writer import RunWriter, TrialInfo
 from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
@@ -414,7 +413,7 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
         if need and shutil.disk_usage(folder).free < need:
             console.print(
                 f"warning: storage {folder} has {free_space(folder)}; the plan's checkpoints may need "
-                f"{need / 1e9:.1f} GB ({KEEP_CHECKPOINTS} per trial)",
+                f"{need / 1e9:.1f} GB ({plan.spec.checkpoint.keep} per trial)",
                 markup=False,
                 soft_wrap=True,
             )
@@ -429,7 +428,7 @@ def _checkpoint_bytes(plan: Plan) -> int:
         params = sum(parameter_count(t.config["model"]["arch"]) for t in plan.trials)
     except Exception:  # an arch that needs its real input shape: no estimate
         return 0
-    return params * 4 * 4 * KEEP_CHECKPOINTS
+    return params * 4 * 4 * plan.spec.checkpoint.keep
 
 
 def launch(
@@ -479,8 +478,7 @@ def launch(
             if taken is not None:
                 console.print(f"took over the lease of {spec.name} from {taken.describe(time.time())}", soft_wrap=True)
             if target is not None:  # its driver is gone: what it left running is interrupted until restarted
-                left = [t.run_id for t in _trials(writer, launch_id) if t.status == TrialStatus.RUNNING]
-                writer.interrupt_runs(left)
+                writer.interrupt_runs(running_runs(writer.client, writer.experiment_id, launch_id))
             try:
                 started_ray = _init_ray(address, num_cpus)
             except Exception as exc:
@@ -552,7 +550,7 @@ def _run(
         try:
             writer.flush()
             if status != LaunchStatus.FINISHED:  # no run is left "running" once this driver ends
-                writer.interrupt_runs([t.run_id for t in _trials(writer, launch_id) if t.status == TrialStatus.RUNNING])
+                writer.interrupt_runs(running_runs(writer.client, writer.experiment_id, launch_id))
             writer.finish_parent(status)
         except TrackingError as exc:
             unsaved = exc
@@ -671,7 +669,16 @@ def _run_stage(
     keys = [t.key for t in trials]
     resume = None if found is None else {k: found.get(k, []) for k in keys}
     configs = {t.key: driver.infos[t.key].config for t in trials}
-    trainable = tune.with_parameters(run_trial, configs=configs, init=init, resume=resume, storage=root)
+    policy = spec.checkpoint
+    trainable = tune.with_parameters(
+        run_trial,
+        configs=configs,
+        init=init,
+        resume=resume,
+        storage=root,
+        every_epochs=policy.every_epochs,
+        every_seconds=policy.every_seconds,
+    )
     resources = {t.key: {"cpu": t.resources["cpu"], "gpu": t.resources["gpu"]} for t in trials}
     same = len({json.dumps(r, sort_keys=True) for r in resources.values()}) == 1
     trainable = tune.with_resources(trainable, resources[keys[0]] if same else lambda c: resources[c["key"]])
@@ -690,7 +697,7 @@ def _run_stage(
             name=name,
             storage_path=root,
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=policy.keep),
             verbose=0,
             callbacks=[_Hooks()],
         ),

@@ -166,6 +166,18 @@ class Stage(Axes):
     pairing: Literal["seed", "none"] | None = Field(default=None, description="None: the spec's pairing")
 
 
+class Checkpointing(Strict):
+    """How often a trial's checkpoint reaches the storage, and how many are kept there per trial.
+
+    A checkpoint goes with an epoch's report when `every_epochs` epochs or `every_seconds` seconds have passed
+    since the last one (whichever comes first), and always with the last epoch. `keep` >= 2 leaves one to fall
+    back to when the newest is unreadable (a killed write)."""
+
+    every_epochs: int = Field(default=1, ge=1)
+    every_seconds: float | None = Field(default=None, gt=0, description="None: by epochs only")
+    keep: int = Field(default=2, ge=1, le=100)
+
+
 class SweepSpec(Axes):
     """A sweep: a base trial config, the axes to vary, seeds, resources and published reference numbers."""
 
@@ -178,6 +190,7 @@ class SweepSpec(Axes):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(default=None, ge=1, description="None: as many trials as resources allow")
     max_retries: int = Field(default=2, ge=0, description="retries of a failed trial, resuming its checkpoint")
+    checkpoint: Checkpointing = Field(default_factory=Checkpointing)
     scheduler: Scheduler | None = None
     storage: str = Field(default="./fasweep-runs", description="Ray Tune storage path or URI (s3://...)")
     stages: list[Stage] = Field(default_factory=list)

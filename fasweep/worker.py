@@ -1,13 +1,13 @@
 """What runs on a Ray worker: the Tune trainable of one planned trial, and the checkpoint folders it leaves.
 
-Each epoch is reported with its checkpoint folder (train()'s `checkpoint.pt` and `history.json`, plus an epoch
-marker), which Tune copies to `<stage experiment>/<trial dir>/checkpoint_NNNNNN/` in the launch's storage, keeping
-the last `KEEP_CHECKPOINTS`. A trial continues from Tune's checkpoint on a retry, else (`--resume`) from the
-newest readable checkpoint `find_checkpoints` found for its key anywhere under the launch's storage; every result
-then carries `RESUMED_KEY`, the epoch it continued from (0: started over), for the driver to record. A user
-error (`ERROR_KEY`) or an environment fault (`FAULT_KEY`: a full or read-only disk) ends the trial with one
-result saying so instead of an exception: Tune would only retry it into the same wall.
-"""
+An epoch's report carries its checkpoint folder (train()'s `checkpoint.pt` and `history.json`, plus an epoch
+marker) every `checkpoint.every_epochs` epochs or `every_seconds` seconds of the spec, and at the last epoch;
+Tune copies it to `<stage experiment>/<trial dir>/checkpoint_NNNNNN/` in the launch's storage, keeping the last
+`checkpoint.keep`. A trial continues from Tune's checkpoint on a retry, else (`--resume`) from the newest
+readable checkpoint `find_checkpoints` found for its key anywhere under the launch's storage; every result then
+carries `RESUMED_KEY`, the epoch it continued from (0: started over), for the driver to record. A user error
+(`ERROR_KEY`) or an environment fault (`FAULT_KEY`: a full or read-only disk) ends the trial with one result
+saying so instead of an exception: Tune would only retry it into the same wall."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import hashlib
 import logging
 import secrets
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,15 @@ def run_trial(
     init: Any,
     resume: dict[str, list[str]] | None,
     storage: str = "",
+    every_epochs: int = 1,
+    every_seconds: float | None = None,
 ) -> None:
     """Tune trainable: train the planned trial `config['key']`, reporting each epoch with its checkpoint.
 
     `configs`: key -> TrialConfig dict; `init`: the stage's init_from checkpoint as bytes (or None); `resume`:
     key -> checkpoint folders (newest first) when this is a `--resume` launch, else None; `storage`: the launch's
-    storage, named by a fault that does not say its path.
+    storage, named by a fault that does not say its path; `every_epochs`, `every_seconds`: how often an epoch's
+    report carries its checkpoint (the last epoch's always does).
     """
     import ray
     import torch
@@ -63,10 +67,17 @@ def run_trial(
         resume_from, epoch = _first_readable(candidates, work / "resume")
         info = {RESUMED_KEY: float(epoch)} if retried is not None or resume is not None else {}
         reported: list[float] = []
+        planned = int(trial_config["train"]["epochs"])
+        last_saved = [epoch, time.monotonic()]
 
         def on_epoch(metrics: dict[str, float], path: Path | None) -> None:
             reported.append(metrics["epoch"])
-            tune.report({**metrics, **info}, checkpoint=_marked(path, int(metrics["epoch"])) if path else None)
+            number = int(metrics["epoch"])
+            due = number - last_saved[0] >= every_epochs or number >= planned or bool(metrics.get("diverged"))
+            due = due or (every_seconds is not None and time.monotonic() - last_saved[1] >= every_seconds)
+            if due and path is not None:
+                last_saved[:] = [number, time.monotonic()]
+            tune.report({**metrics, **info}, checkpoint=_marked(path, number) if due and path else None)
 
         try:
             result = train(

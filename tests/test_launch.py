@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fasweep.cli import main
-from fasweep.launch import launch
+from fasweep.launch import ERRORS_LOG, launch
 from fasweep.runs.layout import LaunchStatus
 from fasweep.runs.store import TrackingError
 from fasweep.runs.writer import RunWriter, TrialInfo
@@ -107,9 +107,13 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
     assert keys == sorted(f"main/{grid.format(c)}/s{s}" for c in ("1.0", "0.0") for s in (0, 1))
     for child in children:
         tags, params = child.data.tags, child.data.params
-        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        condition = client.get_run(tags["mlflow.parentRunId"])
+        assert condition.data.tags["fasweep.role"] == "condition"
+        assert condition.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["fasweep.launch_run"] == parent.info.run_id
         assert tags["fasweep.launch"] == launch_id and tags["fasweep.status"] == "finished"
-        assert child.info.run_name == f"{tags['fasweep.condition']}-s{tags['fasweep.seed']}"
+        assert child.info.run_name == f"{condition.info.run_name} s{tags['fasweep.seed']}"
+        assert condition.info.run_name in ("concordance=1", "concordance=0")
         assert params["feedback.mode"] == "sign_concordant" and params["data.name"] == "digits"
         assert params["feedback.concordance"] == tags["fasweep.condition"].split(",")[0].split("=")[1]
         assert params["train.seed"] == tags["fasweep.seed"]
@@ -403,3 +407,88 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
         assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.6), (3, 0.7)]
     finally:
         stop()
+
+
+def test_missing_data_fails_in_seconds_before_any_trial(store, tmp_path, capsys):
+    spec = write_spec(
+        tmp_path / "nodata.yaml",
+        "name: nodata\nbase:\n  data: {name: cifar10, root: ./no-such-copy, download: false}\n"
+        "  model: {arch: Dense16 Dense10}\nseeds: [0, 1, 2]\n",
+    )
+    started = time.monotonic()
+    assert cli("launch", str(spec), "--tracking-uri", store) == 2
+    assert time.monotonic() - started < 30
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.name='cifar10'"), lines
+    assert str(tmp_path / "no-such-copy") in lines[0] and "Traceback" not in captured.err
+    assert runs(store, "nodata", "parent") == []  # no launch, no trial
+
+
+def _image_folder(root: Path, classes: int = 10) -> None:
+    """A tiny image folder data set: train/<class>/*.png and test/<class>/*.png, 8x8 RGB."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (8, 8, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_relative_data_root_resolves_against_the_launch_directory(ray_address, store, tmp_path, capsys):
+    _image_folder(tmp_path / "imgs")
+    spec = write_spec(
+        tmp_path / "rel.yaml",
+        "name: relroot\nbase:\n  data: {name: imagefolder, root: ./imgs}\n"
+        "  model: {arch: Dense16 Dense10}\n  train: {epochs: 1}\nseeds: [0]\nmax_retries: 0\n",
+    )
+    assert cli("launch", str(spec), "--tracking-uri", store) == 0, capsys.readouterr()
+    (child,) = runs(store, "relroot", "trial")
+    assert child.data.tags["fasweep.status"] == "finished"
+    assert child.data.params["data.root"] == str(tmp_path / "imgs")  # absolute, the same on every worker
+
+
+def test_a_user_error_in_every_trial_is_one_digest_line_and_not_retried(ray_address, store, tmp_path, capsys):
+    sets = [*TINY[:4], "--set", "base.train.device=cuda", "--set", "max_retries=2"]
+    assert cli("launch", str(QUICKSTART), "--tracking-uri", store, *sets) == 1
+    out = capsys.readouterr().out
+    digest = [line for line in out.splitlines() if "trials failed:" in line]
+    assert len(digest) == 1 and digest[0].startswith("6 trials failed: train.device: got 'cuda'"), out
+    assert "Traceback" not in out and "retry the failed trials" not in out  # a retry would fail the same way
+    log = next((tmp_path / "fasweep-runs" / "quickstart").glob(f"*/{ERRORS_LOG}"))
+    assert log.read_text().count("=== main/") == 6
+    for child in runs(store, "quickstart", "trial"):
+        assert child.data.tags["fasweep.status"] == "error" and "train.device" in child.data.tags["fasweep.error"]
+        assert child.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_40_trial_sweep_prints_few_lines_and_keeps_few_checkpoints(ray_address, store, tmp_path):
+    spec = write_spec(
+        tmp_path / "forty.yaml",
+        "name: forty\nbase:\n  data: {name: digits, limit_train: 200}\n  model: {arch: Dense16 Dense10}\n"
+        "  train: {epochs: 4, alignment_every: 0}\n"
+        "grid:\n  train.lr: [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01]\n"
+        "  feedback.mode: [bp, random]\nseeds: [0, 1]\nmax_retries: 0\ncheckpoint: {keep: 2}\n",
+    )
+    command = [sys.executable, "-c", "from fasweep.cli import main; main()", "launch", str(spec)]
+    done = subprocess.run(
+        [*command, "--tracking-uri", store, "--address", ray_address],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "mlflow.store.db.utils" not in line]
+    assert len(lines) <= 40, "\n".join(lines)
+    assert len(runs(store, "forty", "trial")) == 40
+    trial_dirs = [d for d in (tmp_path / "fasweep-runs" / "forty").glob("*/main/*") if d.is_dir()]
+    assert len(trial_dirs) == 40
+    for folder in trial_dirs:
+        assert 1 <= len(list(folder.glob("checkpoint_*"))) <= 2, folder

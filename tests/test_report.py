@@ -589,6 +589,29 @@ def test_plots_html_and_artifacts(layout_store: str, tmp_path: Path, capsys: pyt
     assert set(pngs) | {"report.html", "report.md"} <= logged
 
 
+def test_only_the_main_report_is_logged_unless_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = write_sweep(uri, tmp_path, GRID_SPEC, "L", grid_trials([0, 1], np.random.default_rng(1)), axes=[])
+    client = MlflowClient(uri)
+
+    def logged() -> list[str]:
+        return sorted(a.path for a in client.list_artifacts(parent) if a.is_dir)
+
+    adhoc = [("--by", "feedback.concordance"), ("--metric", "test_loss"), ("--at", "best"), ("--ci", "bootstrap")]
+    for flag, value in adhoc:
+        code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--format", "csv", flag, value)
+        assert code == 0 and f"not logged on the parent run: an ad-hoc report ({flag} {value})" in err
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--out", str(tmp_path / "r"), "--by", "feedback.mode")
+    assert code == 0 and (tmp_path / "r" / "report.html").is_file() and logged() == []  # --out only
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--format", "csv", "--no-log")
+    assert code == 0 and "logged" not in err and logged() == []
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--format", "csv")  # the main report
+    assert code == 0 and f"logged as artifacts report/ on parent run {parent}" in err
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--at", "best", "--by", "feedback.magnitude", "--log")
+    assert code == 0 and "logged as artifacts report-at_best-by_feedback.magnitude/" in err
+    assert logged() == ["report", "report-at_best-by_feedback.magnitude"]  # the main report is left as it was
+
+
 def test_spec_file_gives_name_and_reference(
     layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -31,7 +31,7 @@ from fasweep.runs.layout import (
     trial_status,
 )
 from fasweep.runs.lease import Holder, Lease
-from fasweep.runs.reader import best_trial, find_launches, launch_trials, sweep_summaries
+from fasweep.runs.reader import best_trial, find_launches, launch_trials, running_runs, sweep_summaries
 from fasweep.runs.writer import RunWriter, TrialInfo
 
 
@@ -298,6 +298,8 @@ def test_condition_runs_average_their_trials_through_errors_divergence_and_a_res
         "B": "running",
     }
     assert all(c.info.run_id != a_run.info.run_id for c in a_first)  # A was replaced when s2 errored
+    running = running_runs(mlflow, writer.experiment_id, "L1")  # what a stopped driver leaves to mark interrupted
+    assert sorted(mlflow.get_run(r).info.run_name for r in running) == ["B", "B s0"]
 
     resumed = RunWriter(uri, "cond", "cond")
     (launch,) = find_launches(mlflow, "cond")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fasweep.config import flatten
-from fasweep.runs.layout import COMPLETE, REPORT_ARTIFACT_DIR, Best, TrialStatus, condition_run_names
+from fasweep.runs.layout import COMPLETE, REPORT_ARTIFACT_DIR, Best, Role, Tag, TrialStatus, condition_run_names
 
 if TYPE_CHECKING:
     from fasweep.spec import Plan
@@ -87,22 +87,25 @@ def parent_info(plan: Plan, configs: dict[str, dict[str, Any]], best: Best, laun
         )
         for (stage, condition), keys in groups.items()
     )
-    params = merged_params(list(configs.values()))
-    axes = [f"`{axis}` {params.get(axis, '?')}" for axis in spec.axes]
-    seeds = sorted({t.seed for t in plan.trials})
-    varied = "; ".join(axes) if axes else "nothing (one condition)"
+    flat = [flatten(config) for config in configs.values()]
+    values = {axis: list(dict.fromkeys(param_value(f.get(axis)) for f in flat)) for axis in spec.axes}
+    varied = "; ".join(f"`{a}` {' | '.join(v)}" for a, v in values.items() if len(v) > 1) or "nothing"
+    fixed = "; ".join(f"`{a}` {v[0]}" for a, v in values.items() if len(v) == 1)
+    seeds = ", ".join(str(s) for s in sorted({t.seed for t in plan.trials}))
     what = f"{spec.description.strip()}\n\n" if spec.description.strip() else ""
     direction = "highest" if best.mode == "max" else "lowest"
     description = (
         f"**{spec.name}** @ {launch_id}: {plan.summary()}.\n\n{what}"
-        f"Varies {varied}; seeds {seeds}. Best = {direction} final `{best.metric}`.\n\n"
+        f"Compares {varied}{f' (fixed here: {fixed})' if fixed else ''}; seeds {seeds}. "
+        f"Best = the {direction} final `{best.metric}`.\n\n"
         "- **Compare conditions:** one child run per condition holds the mean of its seeds per epoch "
         f"(`<metric>`, sd `<metric>{SD_SUFFIX}`, `{N_METRIC}`); tick them (or filter "
-        "`tags.fasweep.role = 'condition'`) and open **Chart view**. Expand a condition for its seeds.\n"
+        f"`tags.{Tag.ROLE} = '{Role.CONDITION}'`) and open **Chart view** (`fasweep ui {spec.name}` opens it). "
+        "Expand a condition for its seeds.\n"
         f"- **Report:** `fasweep report {spec.name} --launch {launch_id}` prints the tables and logs "
         f"`{REPORT_ARTIFACT_DIR}/report.html` on this run (Artifacts)."
     )
-    return ParentInfo(params, description, conditions, best)
+    return ParentInfo(merged_params(list(configs.values())), description, conditions, best)
 
 
 def trial_counts_at(status: str | None, history: History, epoch: int) -> dict[str, float] | None:

@@ -21,7 +21,7 @@ from typing import Literal
 
 
 class Tag(StrEnum):
-    """MLflow tag names of fasweep runs (parent and trial runs)."""
+    """MLflow tag names of fasweep runs (parent, condition and trial runs)."""
 
     SWEEP = "fasweep.sweep"
     LAUNCH = "fasweep.launch"
@@ -43,9 +43,6 @@ class Tag(StrEnum):
     LAUNCH_RUN = "fasweep.launch_run"  # on condition and trial runs: the run id of their launch's parent run
     BEST_CONDITION = "fasweep.best_condition"  # on the parent: the condition with the best final mean
     NOTE = "mlflow.note.content"  # a run's description (markdown) in the MLflow UI
-
-
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # experiment tag: the UI's training view
 
 
 LEASE_TAG_PREFIX = "fasweep.lease."  # experiment tag `fasweep.lease.<sweep>`: the running launch's lease
@@ -200,7 +197,6 @@ CHECKPOINT_ARTIFACT = f"{CHECKPOINT_ARTIFACT_DIR}/{CHECKPOINT_FILE}"
 CURVES_ARTIFACT = "curves.png"
 SPEC_ARTIFACT = "spec.yaml"  # the resolved spec on the parent run
 REPORT_ARTIFACT_DIR = "report"  # the launch's main report on the parent run (`fasweep report`)
-KEEP_CHECKPOINTS = 2  # per trial in storage: the newest and one to fall back to if the newest is unreadable
 _MARKER = re.compile(r"epoch-(\d{6,})")
 
 

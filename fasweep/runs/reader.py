@@ -119,6 +119,16 @@ def trials_of(mlflow: Any, experiment_id: str, launch_id: str, parent_run_id: st
     return sorted((_trial(r) for r in mine), key=lambda t: t.key)
 
 
+def running_runs(mlflow: Any, experiment_id: str, launch_id: str) -> list[str]:
+    """The ids of a launch's condition and trial runs still marked running (to mark interrupted when its driver
+    has stopped)."""
+    where = (
+        f"tags.`{Tag.LAUNCH}` = {quote(launch_id)} AND tags.`{Tag.STATUS}` = '{TrialStatus.RUNNING}' AND "
+        f"tags.`{Tag.ROLE}` != '{Role.PARENT}'"
+    )
+    return [r.info.run_id for r in search_all(mlflow, [experiment_id], where)]
+
+
 def launch_trials(mlflow: Any, launch: LaunchRecord) -> list[TrialRecord]:
     """The trial runs of one launch, by trial key."""
     return trials_of(mlflow, launch.experiment_id, launch.launch_id, launch.run_id)
@@ -143,7 +153,7 @@ class LaunchSummary:
 def sweep_summaries(uri: str, sweep: str | None = None) -> list[LaunchSummary]:
     """Every launch in the store (of `sweep`, when given), newest first, with trial counts and the best trial.
     A launch still marked running whose driver is gone (its lease free or stale) is first marked interrupted,
-    with its running trials: the store then tells the truth."""
+    with its running condition and trial runs: the store then tells the truth."""
     from fasweep.runs.lease import live_holder
     from fasweep.runs.writer import mark_interrupted
 
@@ -154,8 +164,7 @@ def sweep_summaries(uri: str, sweep: str | None = None) -> list[LaunchSummary]:
         if launch.status == LaunchStatus.RUNNING:
             holder = live_holder(mlflow, launch.experiment_id, launch.sweep)
             if holder is None or holder.launch_id != launch.launch_id:
-                running = [t.run_id for t in trials if t.status == TrialStatus.RUNNING]
-                mark_interrupted(mlflow, [launch.run_id, *running])
+                mark_interrupted(mlflow, [launch.run_id, *running_runs(mlflow, launch.experiment_id, launch.launch_id)])
                 launch = _launch(mlflow.get_run(launch.run_id))
                 trials = launch_trials(mlflow, launch)
         counts = Counter(t.status for t in trials)

@@ -38,7 +38,6 @@ from fasweep.runs.conditions import (
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT_DIR,
     CURVES_ARTIFACT,
-    EXPERIMENT_KIND,
     HISTORY_FILE,
     MLFLOW_STATUS,
     SPEC_ARTIFACT,
@@ -181,14 +180,11 @@ class RunWriter:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
-            if EXPERIMENT_KIND[0] not in found.tags:  # the UI opens it in its training (not GenAI) view
-                self.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # keep a local store self-contained: artifacts beside the DB file
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        kind = dict([EXPERIMENT_KIND])
-        return self.client.create_experiment(self.experiment, artifact_location=location, tags=kind)
+        return self.client.create_experiment(self.experiment, artifact_location=location)
 
     def open_parent(
         self, launch_id: str, tags: dict[str, str], spec_yaml: str, run_id: str = "", parent: ParentInfo | None = None
