@@ -1,0 +1,17 @@
+"""Packed trials: K compatible trials trained as one fused model per process (`train_pack`, `packable`).
+
+`group` (torch-free) says which trials can share a pack; `net` is the fused model; `optim` the members'
+optimizers as one stacked update; `train` the trainer, a member-by-member mirror of `fasweep.train.train`.
+"""
+
+from fasweep.packed.group import PER_MEMBER, not_packable, pack_differences, packable
+
+__all__ = ["PER_MEMBER", "not_packable", "pack_differences", "packable", "train_pack"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "train_pack":  # torch only when training: the spec and the launcher group trials without it
+        from fasweep.packed.train import train_pack
+
+        return train_pack
+    raise AttributeError(name)

@@ -1,0 +1,86 @@
+"""Which trials can share a pack (torch-free, for the spec and the launcher): `packable(configs)` groups them.
+
+A pack is one data set, one architecture and one batched pass, so its members' configs agree in every field
+except those in `PER_MEMBER`, each of which the fused model keeps per member (`tests/test_pack.py` shows a
+member equals the same trial alone). `feedback.mode` is compared through its effect: each layer's rule
+after the layer string's marks. Everything else is shared: `data.*` (one data set on the device), the
+layers and `model.*` (one pass), `train.optimizer`/`momentum`/`l2` (one update rule: a per-member momentum or
+L2 would change torch's fused multiply-adds), `batch_size`, `loss`, `epochs`, `schedule`, `device`, `bf16`,
+`compile`; with `data.val_fraction` > 0 also `train.seed` (the validation split follows it). A trial with a
+reason in `not_packable` always runs alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from fasweep.config import TrialConfig, flatten
+from fasweep.errors import UserError
+from fasweep.models import format_layers, parse_layers, resolve_arch
+
+PER_MEMBER: dict[str, str] = {
+    "train.seed": "initial W and B, data order, augmentation: drawn from the member's own seed",
+    "train.lr": "the stacked Adam/SGD takes one lr (and schedule position) per member",
+    "train.weight_clip": "clipping bounds per member",
+    "train.batch_manhattan": "sign(grad) per member",
+    "train.alignment_every": "the probe is measured for the members it is due for",
+    "feedback.init_scale": "only draws B at the start",
+    "feedback.concordance": "only draws the sign mask at the start",
+    "feedback.magnitude": "drawn at the start, or per batch from the member's own generator",
+    "feedback.decay": "KP decay factor per member",
+}
+
+
+def not_packable(config: TrialConfig) -> str | None:
+    """Why `config` cannot share a pack with any other trial, or None."""
+    if config.model.dropout > 0:
+        return "model.dropout > 0: each trial's masks come from its own global RNG stream"
+    if "dfa" in _rules(config):
+        return "dfa feedback: its B is drawn lazily at the first backward, wired to one net's output"
+    return None
+
+
+def _rules(config: TrialConfig) -> list[str]:
+    specs = parse_layers(resolve_arch(config.model.arch))
+    return [spec.feedback or config.feedback.mode for spec in specs if spec.kind != "pool"]
+
+
+def pack_fields(config: TrialConfig) -> dict[str, Any]:
+    """The fields members of one pack must share, `model.arch` as its layers with every rule spelt out."""
+    fields = flatten(config.model_dump(mode="json"))
+    for path in PER_MEMBER:
+        if not (path == "train.seed" and config.data.val_fraction > 0):  # the validation split follows the seed
+            fields.pop(path)
+    specs = parse_layers(resolve_arch(config.model.arch))
+    mode = fields.pop("feedback.mode")
+    fields["model.arch"] = format_layers(
+        [spec if spec.kind == "pool" else dataclasses.replace(spec, feedback=spec.feedback or mode) for spec in specs]
+    )
+    return fields
+
+
+def pack_differences(a: TrialConfig, b: TrialConfig) -> list[str]:
+    """The fields that keep `a` and `b` out of one pack (`not_packable` reasons first)."""
+    reasons = [r for r in (not_packable(a), not_packable(b)) if r]
+    fa, fb = pack_fields(a), pack_fields(b)
+    return reasons + sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def packable(configs: Sequence[TrialConfig], size: int | None = None) -> list[list[int]]:
+    """Indices of `configs` grouped into packs of at most `size` (None: no limit), in order of first appearance."""
+    if size is not None and size < 1:
+        raise UserError.field("pack", size, "an integer >= 1")
+    groups: dict[str, list[int]] = {}
+    order: list[list[int]] = []
+    for i, config in enumerate(configs):
+        key = None if not_packable(config) else json.dumps(pack_fields(config), sort_keys=True)
+        if key is None or key not in groups:
+            order.append([])
+            if key is not None:
+                groups[key] = order[-1]
+        (order[-1] if key is None else groups[key]).append(i)
+    step = size or max(len(configs), 1)
+    return [group[j : j + step] for group in order for j in range(0, len(group), step)]

@@ -1,0 +1,156 @@
+"""`StackedOptimizer`: the members' optimizers (Adam or SGD, as `fasweep.train.make_optimizer` makes them) as one
+elementwise update of the stacked tensors.
+
+Adam and SGD are elementwise, so K of them over K slices are one update over the stack: member k's slice gets
+the ops of torch's own single-tensor Adam/SGD in the same order, with its own lr and step count, which gives
+it bitwise what its own optimizer would (`tests/test_pack.py` checks against K `torch.optim` instances). The
+members' torch optimizers stay the holders of their hyperparameters and lr (their schedulers move it) and of
+the `state_dict` format; their own state is moved into the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fasweep.errors import UserError
+
+_ADAM = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}
+_SGD = {"dampening": 0, "maximize": False}
+
+
+def _per_member(values: Sequence[float], like: Tensor) -> float | Tensor:
+    """One value for all members, or a (K, 1, ...) tensor of them in `like`'s dtype (as torch casts a scalar)."""
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's settings but its params and lr."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+
+
+class StackedOptimizer:
+    """K torch optimizers of one kind and hyperparameters (lr aside) over the stacked tensors of a `PackedNet`."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], models: Sequence[nn.Module], device: Any):
+        self.optimizers = list(optimizers)
+        first = self.optimizers[0]
+        self.adam = isinstance(first, torch.optim.Adam)
+        fixed = _ADAM if self.adam else _SGD
+        if not isinstance(first, torch.optim.Adam | torch.optim.SGD) or any(
+            g.get(key, value) != value for g in first.param_groups for key, value in fixed.items()
+        ):
+            raise UserError.field("train.optimizer", type(first).__name__, "adam or sgd as make_optimizer builds them")
+        self.hyper = _hyperparameters(first)
+        if any(_hyperparameters(o) != self.hyper for o in self.optimizers):
+            raise UserError("a pack needs members whose optimizers differ in lr only")
+        self.groups: list[list[str]] = []
+        for model, opt in zip(models, self.optimizers, strict=True):
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+            if self.groups and groups != self.groups:
+                raise UserError("a pack needs members with the same parameter groups")
+            self.groups = groups
+        keys = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer",) if self._momentum else ()
+        self.steps = [self._steps(opt) for opt in self.optimizers]
+        params = [[p for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
+        self.state: dict[str, dict[str, Tensor]] = {}
+        for i, name in enumerate(n for names in self.groups for n in names):
+            self.state[name] = {
+                key: torch.stack(
+                    [
+                        opt.state[ps[i]][key] if key in opt.state.get(ps[i], {}) else torch.zeros_like(ps[i])
+                        for opt, ps in zip(self.optimizers, params, strict=True)
+                    ]
+                ).to(device)
+                for key in keys
+            }
+        for opt in self.optimizers:
+            opt.state.clear()  # moved into the stack
+
+    @property
+    def _momentum(self) -> bool:
+        return any(h.get("momentum", 0) != 0 for h in self.hyper)
+
+    @staticmethod
+    def _steps(opt: torch.optim.Optimizer) -> int:
+        """Steps taken so far (Adam's `step`; SGD: 1 once a momentum buffer exists), read from its state."""
+        for state in opt.state.values():
+            return int(state["step"]) if "step" in state else 1
+        return 0
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the members `keep` (in that order)."""
+        self.optimizers = [self.optimizers[i] for i in keep]
+        self.steps = [self.steps[i] for i in keep]
+        for state in self.state.values():
+            for key, t in state.items():
+                state[key] = t.index_select(0, torch.tensor(keep, device=t.device))
+
+    @torch.no_grad()
+    def step(self, tensors: dict[str, Tensor]) -> None:
+        """One step of every member's optimizer on the grads of `tensors` (all members take a step)."""
+        self.steps = [s + 1 for s in self.steps]
+        for g, (names, hyper) in enumerate(zip(self.groups, self.hyper, strict=True)):
+            lrs = [opt.param_groups[g]["lr"] for opt in self.optimizers]
+            for name in names:
+                p = tensors[name]
+                if p.grad is None:
+                    continue
+                if self.adam:
+                    self._adam(p, p.grad, self.state[name], lrs, hyper)
+                else:
+                    self._sgd(p, p.grad, self.state[name], lrs, hyper)
+
+    def _adam(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]) -> None:
+        # torch.optim.adam._single_tensor_adam, op for op; addcdiv_(value=-step_size) spelt mul/div/add per member
+        beta1, beta2 = h["betas"]
+        if h["weight_decay"] != 0:
+            grad = grad.add(p, alpha=h["weight_decay"])
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step_size = _per_member([lr / (1 - beta1**s) for lr, s in zip(lrs, self.steps, strict=True)], p)
+        bias_correction2_sqrt = _per_member([(1 - beta2**s) ** 0.5 for s in self.steps], p)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(h["eps"])
+        if isinstance(step_size, float):
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+        else:
+            p.add_(exp_avg.mul(-step_size).div_(denom))
+
+    def _sgd(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]) -> None:
+        # torch.optim.sgd._single_tensor_sgd; a fresh momentum buffer is zeros, so 0 * m + grad = torch's clone
+        if h["weight_decay"] != 0:
+            grad = grad.add(p, alpha=h["weight_decay"])
+        if h["momentum"] != 0:
+            buf = state["momentum_buffer"]
+            buf.mul_(h["momentum"]).add_(grad, alpha=1)
+            grad = grad.add(buf, alpha=h["momentum"]) if h["nesterov"] else buf
+        if len(set(lrs)) == 1:
+            p.add_(grad, alpha=-lrs[0])
+            return
+        for lr in sorted(set(lrs)):  # add(alpha=-lr) per lr: the same fused multiply-add as a lone SGD
+            mask = torch.tensor([x == lr for x in lrs], device=p.device).view(-1, *[1] * (p.dim() - 1))
+            p.add_(torch.where(mask, grad, 0.0), alpha=-lr)
+
+    def member_state_dict(self, k: int) -> dict[str, Any]:
+        """Member k's optimizer `state_dict()`, as its own torch optimizer would give it (tensors on the CPU)."""
+        opt = self.optimizers[k]
+        out = opt.state_dict()
+        if self.steps[k] == 0:
+            return out
+        index = 0
+        for names in self.groups:
+            for name in names:
+                entry = {key: t[k].detach().cpu().clone() for key, t in self.state[name].items()}
+                if self.adam:
+                    entry = {"step": torch.tensor(float(self.steps[k])), **entry}
+                if entry:
+                    out["state"][index] = entry
+                index += 1
+        return out
