@@ -1,10 +1,13 @@
 """The driver: take the launch lease, fan a Plan's trials out on Ray Tune, record them through the run writer.
 
-One Tune trial per planned trial: the param space is only the trial key, the configs travel with
-`tune.with_parameters` to `fasweep.worker.run_trial`. Stages run in order, each as its own Tune experiment under
-`<storage>/<sweep>/<launch_id>/<stage>`, trial folders named by the run-record layout; a stage's `init_from` is
-resolved through the run reader after the earlier stage ends, and the checkpoint's bytes reach the workers through
-the Ray object store (no shared filesystem).
+One Tune trial per planned trial, or per pack of trials (`pack:` in the spec, grouped by `Plan.packs`): the param
+space is only the trial (or pack) key, the configs travel with `tune.with_parameters` to
+`fasweep.worker.run_trial`. A pack's members are trials everywhere else: each its own run, status and progress
+count, logged from the pack's per-epoch results and ended with its own checkpoint from the pack's folder.
+
+Stages run in order, each as its own Tune experiment under `<storage>/<sweep>/<launch_id>/<stage>`, trial folders
+named by the run-record layout; a stage's `init_from` is resolved through the run reader after the earlier stage
+ends, and the checkpoint's bytes reach the workers through the Ray object store (no shared filesystem).
 
 `--resume` reads what is complete from MLflow and runs only the rest, as a new Tune experiment of the stage
 (`<stage>.resume-xxxx` beside the first), each trial continuing from its newest readable checkpoint anywhere under
@@ -57,7 +60,15 @@ from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_laun
 from fasweep.runs.store import TrackingError, check_reachable, resolve_tracking_uri
 from fasweep.runs.writer import RunWriter, TrialInfo
 from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
-from fasweep.worker import ERROR_KEY, FAULT_KEY, RESUMED_KEY, find_checkpoints, run_trial
+from fasweep.worker import (
+    ERROR_KEY,
+    FAULT_KEY,
+    MEMBERS_KEY,
+    RESUMED_KEY,
+    find_checkpoints,
+    pack_id,
+    run_trial,
+)
 
 log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "__duplicate__"}
@@ -120,14 +131,17 @@ def _driver() -> _Driver:
     return _ACTIVE
 
 
+_NO_TEXT = "its worker failed without an error text (a killed process or a lost node)"
+
+
 def _error_text(error: Any) -> str:
-    return str(error or "trial failed").strip() or "trial failed"
+    return str(error or "").strip() or _NO_TEXT
 
 
 def _error_line(text: str) -> str:
     """The last non-empty line of an error's text (where a traceback says what went wrong)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:500] if lines else "trial failed"
+    return lines[-1][:500] if lines else _NO_TEXT
 
 
 def _metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -139,10 +153,13 @@ def _metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _fetcher(checkpoint: Any) -> Any:
-    """A function copying a Tune checkpoint (local or s3://) to a local dir; returns the checkpoint file."""
+def _fetcher(checkpoint: Any, member: str = "") -> Any:
+    """A function copying a Tune checkpoint (local or s3://; of a pack: the `member`'s subfolder) to a local dir;
+    returns the checkpoint file."""
     if checkpoint is None:
         return None
+    if member:
+        checkpoint = tune.Checkpoint(f"{checkpoint.path}/{trial_dirname(member)}", checkpoint.filesystem)
 
     def fetch(dst: Path) -> Path | None:
         try:
@@ -165,20 +182,36 @@ class _Driver:
         self.configs = configs
         self.infos = {t.key: TrialInfo(t.key, t.stage, t.condition, t.seed, configs[t.key]) for t in plan.trials}
         self.stage = ""
+        self.stage_started, self.stage_epochs = time.monotonic(), 0
         self.statuses: dict[str, str] = {}  # this stage's trials -> status
         self.latest: dict[str, dict[str, float]] = {}  # every trial's latest metrics seen by this driver
         self.resumed: dict[str, int] = {}  # trial -> epoch it continued from (a --resume or a retry)
         self.epochs_run: Counter[str] = Counter()  # epochs reported by workers under this driver
-        self.errors: dict[str, str] = {}  # trial -> the full text of its (last) error
+        self.errors: dict[str, str] = {}  # trial -> the full text of the error it ended with
+        self.retried: dict[str, str] = {}  # trial -> the full text of an error Tune retried it after
         self.user_errors: dict[str, str] = {}  # trial -> a user error it reported (not retried)
         self.fault = ""  # an environment fault a trial hit: the launch stops
         self.signal: int | None = None  # a signal that asks the launch to stop
         self.storage = ""  # the launch's storage root
         self.checkpointed: set[str] = set()  # trials with checkpoints to continue from (--resume)
+        self.packs: dict[str, list[str]] = {}  # pack key -> its members' trial keys
 
     def start_stage(self, stage: str, statuses: dict[str, str]) -> None:
         """Begin showing `stage`, whose trials have these statuses now."""
         self.stage, self.statuses = stage, dict(statuses)
+        self.stage_started, self.stage_epochs = time.monotonic(), sum(self.epochs_run.values())
+
+    def eta_s(self) -> float | None:
+        """Seconds until the stage's trials have run all their epochs, at the pace of the epochs run so far."""
+        done = sum(self.epochs_run.values()) - self.stage_epochs
+        if done <= 0:
+            return None
+        left = sum(
+            self.infos[k].planned_epochs - int(self.latest.get(k, {}).get("epoch", 0))
+            for k, status in self.statuses.items()
+            if status in (TrialStatus.PENDING, TrialStatus.RUNNING)
+        )
+        return left * (time.monotonic() - self.stage_started) / done
 
     def interrupt(self) -> None:
         """Stop the running Tune experiment as Ctrl+C does: trials stop, their checkpoints stay."""
@@ -186,12 +219,25 @@ class _Driver:
         if callable(handler):  # Tune's interrupt handler is installed while an experiment runs
             signal.raise_signal(signal.SIGUSR1)
 
-    # Tune hooks
+    # Tune hooks (a pack's key stands for its members)
     def trial_started(self, key: str) -> None:
-        self.statuses[key] = TrialStatus.RUNNING
-        self.writer.trial_started(self.infos[key])
+        for member in self.packs.get(key, [key]):
+            self.statuses[member] = TrialStatus.RUNNING
+            self.writer.trial_started(self.infos[member])
 
     def trial_result(self, key: str, result: dict[str, Any]) -> None:
+        members = self.packs.get(key)
+        if members is None:
+            self._result(key, result)
+            return
+        shared = {k: result[k] for k in (ERROR_KEY, FAULT_KEY) if k in result}
+        each = json.loads(result.get(MEMBERS_KEY, "{}"))
+        for member in members:
+            if member in each or shared:
+                self._result(member, {**each.get(member, {}), **shared})
+
+    def _result(self, key: str, result: dict[str, Any]) -> None:
+        """One trial's result (of its own Tune trial, or its part of its pack's)."""
         if RESUMED_KEY in result and key not in self.resumed:
             epoch = self.resumed[key] = int(result[RESUMED_KEY])
             self.writer.trial_tags(key, {Tag.RESUMED_FROM: str(epoch)})
@@ -205,34 +251,43 @@ class _Driver:
             self.interrupt()
         metrics = _metrics(result)
         if "epoch" in metrics:
-            self.epochs_run[key] += 1
+            if metrics["epoch"] > self.resumed.get(key, 0):  # not the checkpoint's own epoch, reported again
+                self.epochs_run[key] += 1
             self.latest[key] = metrics
             self.writer.trial_epoch(key, metrics)
 
     def trial_retried(self, key: str, error: str) -> None:
         """A trial failed and Tune retries it from its checkpoint (unless the failure is the environment's)."""
-        self.errors[key] = error
+        for member in self.packs.get(key, [key]):
+            self.retried[member] = error
         fault = describe_fault(OSError(_error_line(error)), self.storage)
         if fault and not self.fault:
             self.fault = fault
             self.interrupt()
 
     def trial_ended(self, trial: Any, error: str) -> None:
-        """Queue a trial's completion (Tune calls no hook for trials it stops at the end of an experiment)."""
+        """Queue a trial's (or each pack member's) completion (Tune calls no hook for trials it stops at the end of
+        an experiment)."""
         key = trial.config["key"]
+        members = self.packs.get(key)
+        if members is None:
+            self._ended(key, _metrics(trial.last_result or {}), _fetcher(trial.checkpoint), error)
+            return
+        for member in members:  # a member's last metrics: from the last result that carried it
+            self._ended(member, self.latest.get(member, {}), _fetcher(trial.checkpoint, member), error)
+
+    def _ended(self, key: str, last: dict[str, float], fetch: Any, error: str) -> None:
         if key in self.user_errors:
             error = self.user_errors[key]
         elif error:
             self.errors[key] = error
-        if self.fault and not error and not _metrics(trial.last_result or {}).get("epoch"):
+        if self.fault and not error and not last.get("epoch"):
             return  # it ended on the fault without an epoch: left for --resume, marked interrupted
-        last = _metrics(trial.last_result or {})
         if last:
             self.latest[key] = last
         planned = self.infos[key].planned_epochs
         self.statuses[key] = TrialStatus.ERROR if error else trial_status([last] if last else [], planned)
         tags = {Tag.EPOCHS_RUN: str(self.epochs_run[key])}
-        fetch = _fetcher(trial.checkpoint)
         line = _error_line(error) if error else ""
         self.writer.trial_ended(key, last=last or None, fetch_checkpoint=fetch, error=line, tags=tags)
 
@@ -240,21 +295,25 @@ class _Driver:
         if not final:  # at the end (also after an error) the failure is raised by the flush that follows
             self.writer.raise_if_failed()
         epochs = self.progress.console.is_terminal  # in a log, one line per change of counts, not per epoch
-        self.progress.show(progress_line(self.stage, self.statuses, self.latest, self.best, epochs=epochs))
+        line = progress_line(self.stage, self.statuses, self.latest, self.best, epochs=epochs, eta_s=self.eta_s())
+        self.progress.show(line)
 
     def digest(self, log_file: Path | None) -> list[str]:
         """One line per distinct error (how many trials, which), the full texts written to `log_file`."""
-        by_line: dict[str, list[str]] = {}
-        for key, text in sorted(self.errors.items()):
-            by_line.setdefault(_error_line(text), []).append(key)
-        if log_file is not None and self.errors:
+        if log_file is not None and (self.errors or self.retried):
             with log_file.open("a") as fh:
+                for key, text in sorted(self.retried.items()):
+                    fh.write(f"=== {key} (retried)\n{text}\n")
                 for key, text in sorted(self.errors.items()):
                     fh.write(f"=== {key}\n{text}\n")
         lines = []
-        for line, keys in by_line.items():
-            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-            lines.append(f"{len(keys)} trial{'s' * (len(keys) != 1)} failed: {line} ({shown})")
+        for what, errors in (("retried from a checkpoint after", self.retried), ("failed", self.errors)):
+            by_line: dict[str, list[str]] = {}
+            for key, text in sorted(errors.items()):
+                by_line.setdefault(_error_line(text), []).append(key)
+            for line, keys in by_line.items():
+                shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+                lines.append(f"{len(keys)} trial{'s' * (len(keys) != 1)} {what}: {line} ({shown})")
         return lines
 
 
@@ -669,6 +728,10 @@ def _run_stage(
     keys = [t.key for t in trials]
     resume = None if found is None else {k: found.get(k, []) for k in keys}
     configs = {t.key: driver.infos[t.key].config for t in trials}
+    groups = [[t.key for t in g] for g in plan.packs(trials[0].stage, set(keys))]
+    units = {pack_id(g) if len(g) > 1 else g[0]: g for g in groups}  # Tune trial key -> trial keys
+    driver.packs = {unit: members for unit, members in units.items() if len(members) > 1}
+    planned = {t.key: t for t in trials}
     policy = spec.checkpoint
     trainable = tune.with_parameters(
         run_trial,
@@ -678,13 +741,18 @@ def _run_stage(
         storage=root,
         every_epochs=policy.every_epochs,
         every_seconds=policy.every_seconds,
+        packs=driver.packs,
     )
-    resources = {t.key: {"cpu": t.resources["cpu"], "gpu": t.resources["gpu"]} for t in trials}
+    resources = {  # a pack's: its stage's (every member's)
+        unit: {"cpu": planned[m[0]].resources["cpu"], "gpu": planned[m[0]].resources["gpu"]}
+        for unit, m in units.items()
+    }
     same = len({json.dumps(r, sort_keys=True) for r in resources.values()}) == 1
-    trainable = tune.with_resources(trainable, resources[keys[0]] if same else lambda c: resources[c["key"]])
+    one = next(iter(resources.values()))
+    trainable = tune.with_resources(trainable, one if same else lambda c: resources[c["key"]])
     tuner = tune.Tuner(
         trainable,
-        param_space={"key": tune.grid_search(keys)},
+        param_space={"key": tune.grid_search(list(units))},
         tune_config=tune.TuneConfig(
             num_samples=1,
             max_concurrent_trials=spec.max_concurrent,

@@ -25,11 +25,17 @@ _ORDER = (
 
 
 def progress_line(
-    stage: str, statuses: dict[str, str], latest: dict[str, dict[str, float]], best: Best, *, epochs: bool = True
+    stage: str,
+    statuses: dict[str, str],
+    latest: dict[str, dict[str, float]],
+    best: Best,
+    *,
+    epochs: bool = True,
+    eta_s: float | None = None,
 ) -> str:
-    """`[stage] 2 pending · 2 running (epoch 3, 5) · 4 finished · best test_acc 0.91 (key)`: every trial of the
-    stage counted once (`statuses`: key -> status), the running trials' epochs (with `epochs`), the best by the
-    one definition over `latest` metrics."""
+    """`[stage] 2 pending · 2 running (epoch 3, 5) · 4 finished · best test_acc 0.91 (key) · ETA 4m`: every trial
+    of the stage counted once (`statuses`: key -> status), the running trials' epochs (with `epochs`), the best by
+    the one definition over `latest` metrics, and the time left while trials are (`eta_s`)."""
     counts = dict.fromkeys(_ORDER, 0)
     for status in statuses.values():
         counts[TrialStatus(status)] += 1
@@ -46,7 +52,18 @@ def progress_line(
     chosen = best.choose((k, statuses.get(k, ""), m) for k, m in latest.items() if k in statuses)
     if chosen:
         line += f" · best {best.metric} {chosen[1]:.4f} ({chosen[0]})"
+    if eta_s is not None and counts[TrialStatus.PENDING] + counts[TrialStatus.RUNNING]:
+        line += f" · ETA {_duration(eta_s)}"
     return line
+
+
+def _duration(seconds: float) -> str:
+    """`45s`, `12m`, `3h05m`."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 LOG_EVERY_S = float(os.environ.get("FASWEEP_PROGRESS_S", "30"))

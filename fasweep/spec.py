@@ -19,6 +19,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self, get_args, get_origin
@@ -40,6 +41,7 @@ from fasweep.config import (
     unknown_field,
 )
 from fasweep.errors import UserError
+from fasweep.packed.group import packable
 from fasweep.runs.layout import trial_key
 
 MAX_SPEC_BYTES = 1 << 20  # a spec's text (the shipped ones are under 5 KB)
@@ -164,6 +166,7 @@ class Stage(Axes):
     init_from: StageInit | None = None
     compare_to: str | None = Field(default=None, description="the report's baseline in this stage; None: the spec's")
     pairing: Literal["seed", "none"] | None = Field(default=None, description="None: the spec's pairing")
+    pack: int | None = Field(default=None, ge=1, description="None: the spec's pack")
 
 
 class Checkpointing(Strict):
@@ -190,6 +193,7 @@ class SweepSpec(Axes):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: int | None = Field(default=None, ge=1, description="None: as many trials as resources allow")
     max_retries: int = Field(default=2, ge=0, description="retries of a failed trial, resuming its checkpoint")
+    pack: int = Field(default=1, ge=1, description="trials per pack: compatible trials trained as one fused model")
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)
     scheduler: Scheduler | None = None
     storage: str = Field(default="./fasweep-runs", description="Ray Tune storage path or URI (s3://...)")
@@ -606,6 +610,9 @@ def _check_spec(spec: SweepSpec, source: _Source) -> dict[str, list[_Cell]]:
     cells: dict[str, list[_Cell]] = {}
     for stage, sloc in _stages(spec):
         _check_axes(stage, sloc, source)
+        if spec.scheduler is not None and (stage.pack or spec.pack) > 1:
+            loc = (*sloc, "pack") if stage.pack is not None else ("pack",)
+            raise source.bad(loc, stage.pack or spec.pack, "1 with scheduler.asha (ASHA would stop a whole pack)")
         if stage.seeds is not None and len(set(stage.seeds)) != len(stage.seeds):
             raise source.bad((*sloc, "seeds"), stage.seeds, "distinct seeds")
         if stage.init_from is not None:
@@ -885,6 +892,21 @@ class Plan:
         """The trials of one stage, in plan order."""
         return [t for t in self.trials if t.stage == stage]
 
+    def pack_size(self, stage: str) -> int:
+        """At most how many of a stage's trials share a pack (the stage's `pack`, else the spec's)."""
+        found = next(s for s, _ in _stages(self.spec) if s.name == stage)
+        return found.pack or self.spec.pack
+
+    def packs(self, stage: str, keys: Collection[str] | None = None) -> list[list[PlannedTrial]]:
+        """The stage's trials (those in `keys`, None: all) grouped by `fasweep.packed.packable` into packs of at
+        most `pack_size`; a trial that cannot share a pack is a pack of one."""
+        mine = [t for t in self.stage_trials(stage) if keys is None or t.key in keys]
+        size = self.pack_size(stage)
+        if size == 1:
+            return [[t] for t in mine]
+        groups = packable([TrialConfig.model_validate(t.config) for t in mine], size)
+        return [[mine[i] for i in group] for group in groups]
+
     def summary(self) -> str:
         """`30 trials (10 conditions × 3 seeds)`, per stage when the spec has several."""
         parts = []
@@ -894,13 +916,17 @@ class Plan:
             text = f"{n_cond} condition{'s' * (n_cond != 1)} × {n_seeds} seed{'s' * (n_seeds != 1)}"
             parts.append(f"{stage.name}: {text}" if self.spec.stages else text)
         n = len(self.trials)
-        return f"{n} trial{'s' * (n != 1)} ({'; '.join(parts)})"
+        text = f"{n} trial{'s' * (n != 1)} ({'; '.join(parts)})"
+        if any(self.pack_size(stage) > 1 for stage in self.stages):
+            packs = sum(len(self.packs(stage)) for stage in self.stages)
+            text += f" in {packs} pack{'s' * (packs != 1)}"
+        return text
 
     def gpus_needed(self) -> float:
-        """GPUs the busiest stage uses with all its trials (up to `max_concurrent`) running at once."""
+        """GPUs the busiest stage uses with all its packs (up to `max_concurrent`) running at once."""
         peak = 0.0
         for stage, _ in _stages(self.spec):
-            mine = self.stage_trials(stage.name)
+            mine = self.packs(stage.name)
             running = min(len(mine), self.spec.max_concurrent or len(mine))
             peak = max(peak, running * (stage.resources or self.spec.resources).gpu)
         return peak

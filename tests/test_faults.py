@@ -197,7 +197,8 @@ def test_a_killed_worker_process_is_retried_from_its_checkpoint(ray_address, uri
     workers = psutil.Process().children(recursive=True)  # this test's Ray only (not another on the machine)
     pids = [p.pid for p in workers if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ImplicitFunc")]
     assert pids, "no Ray worker runs a trial"
-    os.kill(pids[0], signal.SIGKILL)
+    for pid in pids:  # every trial's worker, the mid-way one among them
+        os.kill(pid, signal.SIGKILL)
     code, _ = driver.wait()
     assert code == 0, driver.output()
     assert len(driver.lines()) <= MAX_LINES, driver.output()

@@ -169,6 +169,84 @@ max_retries: 0
     assert sane.data.metrics["diverged"] == 0.0 and sane.data.metrics["test_acc"] > 0.5
 
 
+PACKED = """
+name: packed
+base:
+  data: {name: digits}
+  model: {arch: Dense32 Dense10}
+  train: {optimizer: adam, lr: 1.0e-3, epochs: 2, alignment_every: 0}
+conditions:
+  a: {train.lr: 1.0e-3}
+  b: {train.lr: 3.0e-3}
+seeds: [0, 1, 2, 3]
+max_retries: 0
+"""
+
+
+def test_a_packed_sweep_gives_every_member_its_own_run_and_the_solo_metrics(ray_address, store, tmp_path):
+    spec = write_spec(tmp_path / "packed.yaml", PACKED)
+    finals = {}
+    for pack in (4, 1):
+        experiment = f"packed-{pack}"
+        result = launch(spec, sets={"pack": pack, "experiment": experiment}, tracking_uri=store)
+        assert result.status == "finished" and result.counts == {"finished": 8}
+        children = runs(store, experiment, "trial")
+        assert len(children) == 8
+        for child in children:
+            assert child.data.tags["fasweep.status"] == "finished" and child.info.status == "FINISHED"
+            assert steps(store, child) == [1, 2] and steps(store, child, "train_loss") == [1, 2]
+            assert "checkpoint" in {a.path for a in MlflowClient(store).list_artifacts(child.info.run_id)}
+        finals[pack] = {c.data.tags["fasweep.trial_key"]: c.data.metrics["test_acc"] for c in children}
+        found = find_checkpoints(result.storage, sorted(finals[pack]))
+        assert sorted(found) == sorted(finals[pack])  # a member's checkpoint, found inside its pack's folder
+        assert all(("/pack_" in paths[0]) == (pack > 1) for paths in found.values())
+    assert finals[4].keys() == finals[1].keys()
+    for key, value in finals[1].items():
+        assert abs(finals[4][key] - value) <= 1e-6, key
+
+
+def test_a_diverging_pack_member_is_diverged_while_the_others_finish_unchanged(ray_address, store, tmp_path):
+    spec = write_spec(tmp_path / "div.yaml", PACKED.replace("b: {train.lr: 3.0e-3}", "b: {train.lr: 1.0e+20}"))
+    sane = {}
+    for pack in (8, 1):
+        experiment = f"packdiv-{pack}"
+        result = launch(spec, sets={"pack": pack, "seeds": [0, 1], "experiment": experiment}, tracking_uri=store)
+        assert result.status == "finished" and result.counts == {"diverged": 2, "finished": 2}
+        for child in runs(store, experiment, "trial"):
+            tags = child.data.tags
+            if tags["fasweep.condition"] == "b":
+                assert tags["fasweep.status"] == "diverged" and child.data.metrics["diverged"] == 1.0
+                assert steps(store, child, "train_loss") == [1]
+            else:
+                assert tags["fasweep.status"] == "finished" and steps(store, child) == [1, 2]
+                sane.setdefault(tags["fasweep.trial_key"], []).append(child.data.metrics["test_acc"])
+    assert len(sane) == 2 and all(abs(packed - alone) <= 1e-6 for packed, alone in sane.values()), sane
+
+
+def test_resume_continues_a_member_packed_or_alone(ray_address, store, tmp_path, capsys):
+    spec = write_spec(tmp_path / "resume.yaml", PACKED.replace("name: packed", "name: packres"))
+    sets = {"seeds": [0, 1], "pack": 4}
+    first = launch(spec, sets=sets, tracking_uri=store)
+    assert first.status == "finished"
+    client = MlflowClient(store)
+    before = {c.data.tags["fasweep.trial_key"]: c.data.metrics["test_acc"] for c in runs(store, "packres", "trial")}
+    for pack in (1, 4):  # packed checkpoints resumed alone, then solo ones resumed as a pack
+        client.set_tag(first.parent_run_id, "fasweep.status", "interrupted")
+        children = sorted(runs(store, "packres", "trial"), key=lambda c: c.data.tags["fasweep.trial_key"])
+        for child in children[:2]:
+            client.set_tag(child.info.run_id, "fasweep.status", "interrupted")
+        capsys.readouterr()
+        result = launch(spec, sets={**sets, "pack": pack}, tracking_uri=store, resume=True)
+        out = capsys.readouterr().out
+        assert result.status == "finished" and result.counts == {"finished": 4}, out
+        assert out.count("continues after epoch 2") == 2, out
+        for child in runs(store, "packres", "trial"):
+            key = child.data.tags["fasweep.trial_key"]
+            assert child.data.tags["fasweep.status"] == "finished" and steps(store, child) == [1, 2]
+            assert child.data.metrics["test_acc"] == before[key]
+        assert len(runs(store, "packres", "trial")) == 4
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -328,7 +406,8 @@ def test_a_running_launch_holds_the_sweep_and_a_killed_one_resumes_without_repea
             continue
         resumed_from = int(tags["fasweep.resumed_from"])
         assert int(tags["fasweep.epochs_run"]) == epochs - resumed_from, key  # no finished epoch ran twice
-        assert f"{key} " + (f"continues after epoch {resumed_from}" if resumed_from else "starts over") in out
+        if resumed_from or key in found:  # a line for each trial that had a checkpoint to continue from
+            assert f"{key} " + (f"continues after epoch {resumed_from}" if resumed_from else "starts over") in out
         if key == truncated:
             assert resumed_from == fallback  # the newest checkpoint was unreadable: the one before it
         elif key in found:

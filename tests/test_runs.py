@@ -337,3 +337,22 @@ def test_condition_runs_average_their_trials_through_errors_divergence_and_a_res
     assert parent.data.params == {"feedback.mode": "bp", "train.seed": "[0, 1, 2]"}
     (summary,) = sweep_summaries(uri, "cond")
     assert sum(summary.counts.values()) == 5  # status counts trials only
+
+
+def test_a_read_only_sqlite_store_is_refused_at_the_reachability_check(tmp_path: Path) -> None:
+    from fasweep.runs.store import check_reachable
+
+    source, folder = tmp_path / "rw", tmp_path / "ro"
+    source.mkdir()
+    folder.mkdir()
+    MlflowClient(f"sqlite:///{source / 'mlflow.db'}").search_experiments()
+    if subprocess.run(["mount", "--bind", str(source), str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        started = time.monotonic()
+        with pytest.raises(UserError, match=r"^tracking URI: got .*(is read-only|not writable)"):
+            check_reachable(f"sqlite:///{folder / 'mlflow.db'}")
+        assert time.monotonic() - started < 10
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

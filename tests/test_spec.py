@@ -320,8 +320,8 @@ def test_stage_init_from_is_symbolic_and_stage_overrides_apply() -> None:
         }
         init = trial.config["model"]["init_from"]
         assert init == {"checkpoint": "stage:pg0/PG0,loss=cross_entropy", "layers": [0], "freeze": True}
-    assert spec.reference_for("pg0", "PG0,loss=hinge") == {"test_acc": 0.3920}
-    assert spec.reference_for("untied", "PG-Fix-Untie,loss=hinge") == {"test_acc": 0.3436}
+    assert spec.reference_for("pg0", "PG0,loss=hinge") == {"test_acc@100": 0.3920}
+    assert spec.reference_for("untied", "PG-Fix-Untie,loss=hinge") == {"test_acc@200": 0.3436}
     assert spec.axes == ["model.arch", "train.loss", "train.epochs"]
 
 
@@ -587,3 +587,21 @@ def test_plan_difference_is_short_and_never_raises() -> None:
     assert plan_difference(earlier, same).startswith("the same spec plans other trials")
     assert plan_difference("name: [", same).startswith("the earlier launch's spec.yaml is unreadable (spec.yaml:1")
     assert plan_difference(_bomb(), same).startswith("the earlier launch's spec.yaml is unreadable (spec.yaml:6: a4")
+
+
+def test_packs_group_compatible_trials_and_refuse_asha() -> None:
+    text = (
+        "name: p\npack: 3\nbase: {data: {name: digits}}\nseeds: [0, 1]\n"
+        "conditions: {a: {train.lr: 0.01}, b: {train.lr: 0.02}, c: {model.arch: DSR1}}\n"
+    )
+    plan = parse_spec(text)
+    packs = [[t.key for t in pack] for pack in plan.packs("main")]
+    assert packs == [["main/a/s0", "main/a/s1", "main/b/s0"], ["main/b/s1"], ["main/c/s0", "main/c/s1"]]
+    assert plan.summary().endswith(" in 3 packs")
+    assert [len(p) for p in parse_spec(text, {"pack": 1}).packs("main")] == [1] * 6
+    for sets in ({"scheduler.asha.metric": "test_acc"}, {"pack": 1, "scheduler.asha.metric": "test_acc"}):
+        staged = "name: p\nstages:\n  - {name: s, pack: 2}\n" if "pack" in sets else text
+        with pytest.raises(UserError) as err:
+            parse_spec(staged, sets)
+        message = str(err.value)
+        assert "\n" not in message and "pack" in message and "ASHA would stop a whole pack" in message, message

@@ -45,6 +45,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             db = Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri.removeprefix("sqlite://"))
             if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
                 raise ConnectionError(f"directory {db.parent} does not exist or is not writable")
+            if db.exists() and not os.access(db, os.W_OK):  # MLflow would retry its writes for minutes
+                raise ConnectionError(f"{db} is read-only")
         elif scheme.split("+")[0] in ("postgresql", "mysql"):
             _check_database(uri, timeout_s)
         elif scheme in ("", "file"):
