@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "__duplicate__"}
 GRACE_S = 20.0  # after SIGTERM/SIGINT/SIGHUP the driver is gone within this (Kubernetes kills after 30 s)
 ERRORS_LOG = "errors.log"  # under the launch's storage: every trial error's full text
+ROOMY_BYTES = 50e9  # storage with this much free space is not checked against the plan's checkpoint sizes
 
 
 @dataclass
@@ -444,7 +445,7 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
     """Before any trial: every distinct data set found (or downloaded), the storage writable; the trials' configs
     with a relative `data.root` made absolute (against the directory `fasweep launch` runs in)."""
     from fasweep.config import DataConfig
-    from fasweep.data import locate
+    from fasweep.datasets import DATASETS
 
     configs: dict[str, dict[str, Any]] = {}
     datasets: dict[str, dict[str, Any]] = {}
@@ -455,8 +456,12 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
         configs[trial.key] = config
         datasets.setdefault(json.dumps(config["data"], sort_keys=True), config["data"])
     for data in datasets.values():
-        where = locate(DataConfig.model_validate(data))
-        console.print(f"data {data['name']}: {where}", markup=False, highlight=False, soft_wrap=True)
+        source = DATASETS[data["name"]].source  # a generated or bundled set needs no look (nor torch, here)
+        if source == "files":
+            from fasweep.data import locate
+
+            source = locate(DataConfig.model_validate(data))
+        console.print(f"data {data['name']}: {source}", markup=False, highlight=False, soft_wrap=True)
     storage = plan.spec.storage
     if "://" not in storage:
         folder = Path(storage).expanduser().resolve()
@@ -468,8 +473,9 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
         except OSError as exc:
             fault = describe_fault(exc, str(folder))
             raise UserError(f"storage {fault}" if fault else f"storage {folder}: not writable ({exc})") from None
-        need = _checkpoint_bytes(plan)
-        if need and shutil.disk_usage(folder).free < need:
+        free = shutil.disk_usage(folder).free
+        need = _checkpoint_bytes(plan) if free < ROOMY_BYTES else 0  # the estimate builds models (imports torch)
+        if need and free < need:
             console.print(
                 f"warning: storage {folder} has {free_space(folder)}; the plan's checkpoints may need "
                 f"{need / 1e9:.1f} GB ({plan.spec.checkpoint.keep} per trial)",
@@ -515,7 +521,7 @@ def launch(
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)  # before any compute
     configs = _preflight(plan, console)
-    from fasweep.report.trial_curves import trial_curves
+    from fasweep.trial_curves import trial_curves
 
     writer = RunWriter(uri, spec.experiment, spec.name, curves=trial_curves)
     lease: Lease | None = None

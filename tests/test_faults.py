@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "sweeps" / "quickstart.yaml"
-EPOCHS = 8
+EPOCHS = 5
 SETS = [
     *("--set", "base.data.name=digits", "--set", "resources.gpu=0", "--set", f"base.train.epochs={EPOCHS}"),
     *("--set", "seeds=[0]", "--set", "max_concurrent=2", "--set", "base.train.batch_size=8"),

@@ -532,7 +532,7 @@ def test_relative_data_root_resolves_against_the_launch_directory(ray_address, s
 
 
 def test_a_user_error_in_every_trial_is_one_digest_line_and_not_retried(ray_address, store, tmp_path, capsys):
-    sets = [*TINY[:4], "--set", "base.train.device=cuda", "--set", "max_retries=2"]
+    sets = [*TINY[:4], "--set", "base.train.device=cuda", "--set", "max_retries=2", "--set", "experiment=usererr"]
     assert cli("launch", str(QUICKSTART), "--tracking-uri", store, *sets) == 1
     out = capsys.readouterr().out
     digest = [line for line in out.splitlines() if "trials failed:" in line]
@@ -540,7 +540,9 @@ def test_a_user_error_in_every_trial_is_one_digest_line_and_not_retried(ray_addr
     assert "Traceback" not in out and "retry the failed trials" not in out  # a retry would fail the same way
     log = next((tmp_path / "fasweep-runs" / "quickstart").glob(f"*/{ERRORS_LOG}"))
     assert log.read_text().count("=== main/") == 6
-    for child in runs(store, "quickstart", "trial"):
+    children = runs(store, "usererr", "trial")
+    assert len(children) == 6
+    for child in children:
         assert child.data.tags["fasweep.status"] == "error" and "train.device" in child.data.tags["fasweep.error"]
         assert child.info.status == "FAILED"
 

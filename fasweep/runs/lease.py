@@ -26,7 +26,7 @@ from fasweep.runs.store import retry
 log = logging.getLogger(__name__)
 HEARTBEAT_S = float(os.environ.get("FASWEEP_LEASE_HEARTBEAT_S", "10"))
 STALE_S = float(os.environ.get("FASWEEP_LEASE_STALE_S", "60"))
-SETTLE_S = 1.0  # between writing the lease and reading it back
+SETTLE_S = 0.3  # between writing the lease and reading it back (two drivers' read-then-write gap is ms)
 
 
 @dataclass(frozen=True)
