@@ -44,6 +44,7 @@ def main() -> None:
     from ray import tune
 
     from fasweep.launch import launch
+    from fasweep.runs.layout import Role, Tag
 
     with tempfile.TemporaryDirectory(prefix="fasweep-bench-") as tmp:
         work = Path(tmp)
@@ -61,7 +62,8 @@ def main() -> None:
         trials = tune.ExperimentAnalysis(f"{result.storage}/main").trials
         trial_s = [t.last_result["time_total_s"] for t in trials]
         client = MlflowClient(result.tracking_uri)
-        children = client.search_runs([client.get_experiment_by_name("bench_launch").experiment_id])
+        experiment = client.get_experiment_by_name("bench_launch").experiment_id
+        children = client.search_runs([experiment], f"tags.`{Tag.ROLE}` = '{Role.TRIAL}'")  # not condition runs
         epoch_s = [sum(m.value for m in client.get_metric_history(r.info.run_id, "epoch_time_s")) for r in children]
     assert result.status == "finished" and len(trial_s) == args.trials, (result, len(trial_s))
     ideal_trial, ideal_epoch = sum(trial_s) / args.slots, sum(epoch_s) / args.slots
