@@ -107,14 +107,8 @@ def run_trial(
                 resume_from=resume_from,
                 on_epoch=on_epoch,
             )
-        except UserError as exc:  # deterministic: reported, not raised, so Tune does not retry it
-            tune.report({ERROR_KEY: str(exc), **info})
-            return
         except Exception as exc:
-            fault = describe_fault(exc, storage)
-            if fault is None:
-                raise  # a bug or a lost node: Tune retries from the checkpoint
-            tune.report({FAULT_KEY: fault, **info})
+            tune.report({**_failure(exc, storage), **info})
             return
         if not reported and result.final and resume_from is not None:  # resumed at its end: report it once more
             tune.report({**result.final, **info}, checkpoint=_marked(resume_from, epoch))
@@ -189,19 +183,24 @@ def _run_pack(
                 resume_from=resumes,
                 on_epoch=on_epoch,
             )
-        except UserError as exc:
-            tune.report({ERROR_KEY: str(exc)})
-            return
         except Exception as exc:
-            fault = describe_fault(exc, storage)
-            if fault is None:
-                raise
-            tune.report({FAULT_KEY: fault})
+            tune.report(_failure(exc, storage))
             return
         # members resumed at their end ran no epoch: their final metrics once more, with the pack's checkpoint
         pending.update({k: r.final for k, r in zip(keys, results, strict=True) if k not in reported and r.final})
         if pending:
             report()
+
+
+def _failure(exc: Exception, storage: str) -> dict[str, str]:
+    """The result that ends a trial on a user error (`ERROR_KEY`) or an environment fault (`FAULT_KEY`): a retry
+    would meet either again. Any other exception (a bug, a lost node) is raised again for Tune to retry."""
+    if isinstance(exc, UserError):
+        return {ERROR_KEY: str(exc)}
+    fault = describe_fault(exc, storage)
+    if fault is None:
+        raise exc
+    return {FAULT_KEY: fault}
 
 
 def _nothing_left(checkpoint: Path | None, planned: int) -> bool:
