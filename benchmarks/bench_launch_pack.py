@@ -3,9 +3,8 @@
 The same spec and launch() call on a local Ray (`--slots` CPUs, 1-CPU trials), only `pack` differs. Prints each
 sweep's wall time (Ray already up) and its Tune trials' own time (sum of time_total_s / slots: what the workers
 spent, the rest is the driver: Ray scheduling, MLflow writes, artifacts), the ratio to `pack: 1`, and the wall over
-the ideal: the sum of the solo
-trials' own times (Tune's time_total_s under `pack: 1`) / slots. Issue 12's targets: >= 3x less wall time, and
-`pack: 16`'s wall / ideal <= 1.5.
+the ideal: the sum of the solo trials' own times (Tune's time_total_s under `pack: 1`) / slots. Issue 12's targets:
+>= 3x less wall time, and `pack: 16`'s wall / ideal <= 1.5.
 
     .venv/bin/python benchmarks/bench_launch_pack.py [--trials 16] [--slots 2] [--epochs 3] [--packs 1 16]
 """
