@@ -65,9 +65,21 @@ class Holder:
         )
 
 
+def read_holder(mlflow: Any, experiment_id: str, sweep: str, uri: str = "") -> Holder | None:
+    """Who holds `sweep`'s lease in the experiment, None when it is free (or unreadable)."""
+    tags = retry(lambda: mlflow.get_experiment(experiment_id).tags, "read lease", uri=uri)
+    raw = tags.get(LEASE_TAG_PREFIX + sweep, "")
+    if not raw:
+        return None
+    try:
+        return Holder(**json.loads(raw))
+    except (TypeError, ValueError):
+        return None  # unreadable: as good as free
+
+
 def live_holder(mlflow: Any, experiment_id: str, sweep: str) -> Holder | None:
     """The driver holding `sweep`'s lease in the experiment, None when the lease is free or stale."""
-    holder = Lease(mlflow, experiment_id, sweep, "").holder()
+    holder = read_holder(mlflow, experiment_id, sweep)
     return holder if holder is not None and not holder.stale(time.time()) else None
 
 
@@ -87,14 +99,7 @@ class Lease:
 
     def holder(self) -> Holder | None:
         """The current holder, None when the lease is free."""
-        tags = retry(lambda: self._mlflow.get_experiment(self._experiment_id).tags, "read lease", uri=self._uri)
-        raw = tags.get(self._tag, "")
-        if not raw:
-            return None
-        try:
-            return Holder(**json.loads(raw))
-        except (TypeError, ValueError):
-            return None  # unreadable: as good as free
+        return read_holder(self._mlflow, self._experiment_id, self._sweep, self._uri)
 
     def _write(self, holder: Holder) -> None:
         value = json.dumps(asdict(holder))
