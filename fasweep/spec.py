@@ -19,7 +19,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self, get_args, get_origin
@@ -170,11 +170,12 @@ class Stage(Axes):
 
 
 class Checkpointing(Strict):
-    """How often a trial's checkpoint reaches the storage, and how many are kept there per trial.
+    """How often a trial writes its checkpoint, straight into its folder in the storage, and how many it keeps.
 
-    A checkpoint goes with an epoch's report when `every_epochs` epochs or `every_seconds` seconds have passed
-    since the last one (whichever comes first), and always with the last epoch. `keep` >= 2 leaves one to fall
-    back to when the newest is unreadable (a killed write)."""
+    A trial writes one after an epoch when `every_epochs` epochs or `every_seconds` seconds have passed since the
+    last (whichever comes first), and always after its last epoch or a diverged one; other epochs write nothing.
+    A retried or resumed trial continues from the newest; `keep` >= 2 leaves one to fall back to when the newest
+    is unreadable. The trainer's side of this is `fasweep.checkpoints.CheckpointPolicy`."""
 
     every_epochs: int = Field(default=1, ge=1)
     every_seconds: float | None = Field(default=None, gt=0, description="None: by epochs only")
@@ -897,18 +898,20 @@ class Plan:
         found = next(s for s, _ in _stages(self.spec) if s.name == stage)
         return found.pack or self.spec.pack
 
-    def packs(self, stage: str, keys: Collection[str] | None = None) -> list[list[PlannedTrial]]:
+    def packs(self, stage: str, keys: Collection[str] | None = None, slots: int = 1) -> list[list[PlannedTrial]]:
         """The stage's trials (those in `keys`, None: all) grouped by `fasweep.packed.packable` into packs of at
-        most `pack_size`; a trial that cannot share a pack is a pack of one."""
+        most `pack_size`, and into at least `slots` (packs the cluster runs at once) where the trials allow; a
+        trial that cannot share a pack is a pack of one."""
         mine = [t for t in self.stage_trials(stage) if keys is None or t.key in keys]
         size = self.pack_size(stage)
         if size == 1:
             return [[t] for t in mine]
-        groups = packable([TrialConfig.model_validate(t.config) for t in mine], size)
+        groups = packable([TrialConfig.model_validate(t.config) for t in mine], size, slots)
         return [[mine[i] for i in group] for group in groups]
 
-    def summary(self) -> str:
-        """`30 trials (10 conditions × 3 seeds)`, per stage when the spec has several."""
+    def summary(self, slots: Mapping[str, int] | None = None) -> str:
+        """`30 trials (10 conditions × 3 seeds)`, per stage when the spec has several; `in N packs` when it packs,
+        for a cluster running `slots[stage]` packs at once (None: one)."""
         parts = []
         for stage, _ in _stages(self.spec):
             mine = self.stage_trials(stage.name)
@@ -918,8 +921,13 @@ class Plan:
         n = len(self.trials)
         text = f"{n} trial{'s' * (n != 1)} ({'; '.join(parts)})"
         if any(self.pack_size(stage) > 1 for stage in self.stages):
-            packs = sum(len(self.packs(stage)) for stage in self.stages)
+            plain = {stage: len(self.packs(stage)) for stage in self.stages}
+            filled = {stage: len(self.packs(stage, slots=k)) for stage, k in (slots or {}).items() if k > 1}
+            packs = sum({**plain, **filled}.values())
             text += f" in {packs} pack{'s' * (packs != 1)}"
+            cut = sorted({k for stage, k in (slots or {}).items() if filled.get(stage, 0) > plain[stage]})
+            if cut:
+                text += f" (cut to fill {'/'.join(map(str, cut))} slots)"
         return text
 
     def gpus_needed(self) -> float:

@@ -11,6 +11,8 @@ import pickle
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import ClassVar
@@ -51,10 +53,20 @@ def test_digits_shapes_classes_and_pixels() -> None:
     assert data.x_train.shape == (1500, 1, 8, 8) and data.x_test.shape == (297, 1, 8, 8)
     assert data.x_train.dtype == torch.uint8 and data.y_train.dtype == torch.int64
     assert data.classes == tuple(str(i) for i in range(10)) and not data.augment
-    assert np.array_equal(data.x_test[:, 0].numpy(), bunch.images[1500:])
-    assert np.array_equal(data.y_train.numpy(), bunch.target[:1500])
+    assert np.array_equal(torch.cat([data.x_train, data.x_test])[:, 0].numpy(), bunch.images)  # 0..16: exact
+    assert np.array_equal(torch.cat([data.y_train, data.y_test]).numpy(), bunch.target)
     limited = load_data(DataConfig(name="digits", limit_train=100, limit_test=10))
     assert (limited.x_train.shape[0], limited.x_test.shape[0]) == (100, 10)
+
+
+def test_digits_are_read_without_importing_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
+    code = "import sys; from fasweep.config import DataConfig; from fasweep.data import load_data"
+    code += "; load_data(DataConfig(name='digits')); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # blocked, as if scikit-learn were not installed
+    with pytest.raises(UserError, match=r"data.name: got 'digits'; expected scikit-learn installed"):
+        load_data(DataConfig(name="digits"))
 
 
 def test_fashion_mnist_from_debian_files_matches_torchvision(fashion_mnist_root: Path, isolated: Path) -> None:

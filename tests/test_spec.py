@@ -589,6 +589,22 @@ def test_plan_difference_is_short_and_never_raises() -> None:
     assert plan_difference(_bomb(), same).startswith("the earlier launch's spec.yaml is unreadable (spec.yaml:6: a4")
 
 
+def test_packs_are_balanced_and_cut_to_fill_the_slots() -> None:
+    text = "name: p\npack: 16\nbase: {data: {name: digits}}\nseeds: [%s]\n"
+    plan = parse_spec(text % ", ".join(map(str, range(17))))
+    assert [len(p) for p in plan.packs("main")] == [9, 8]  # not 16 + 1
+    sixteen = parse_spec(text % ", ".join(map(str, range(16))))
+    assert [len(p) for p in sixteen.packs("main")] == [16]
+    assert [len(p) for p in sixteen.packs("main", slots=2)] == [8, 8]
+    assert [len(p) for p in sixteen.packs("main", slots=3)] == [6, 5, 5]
+    assert [[t.key for t in p] for p in sixteen.packs("main", slots=40)] == [[t.key] for t in sixteen.trials]
+    assert sixteen.summary({"main": 2}).endswith(" in 2 packs (cut to fill 2 slots)")
+    mixed = parse_spec(text % "0, 1, 2" + "conditions: {a: {}, b: {model.arch: DSR1}}\n")
+    packs = [[t.key.removeprefix("main/") for t in p] for p in mixed.packs("main", slots=3)]
+    assert packs == [["a/s0", "a/s1"], ["a/s2"], ["b/s0", "b/s1", "b/s2"]]  # the first of the largest is cut
+    assert mixed.summary({"main": 3}).endswith(" in 3 packs (cut to fill 3 slots)")
+
+
 def test_packs_group_compatible_trials_and_refuse_asha() -> None:
     text = (
         "name: p\npack: 3\nbase: {data: {name: digits}}\nseeds: [0, 1]\n"
@@ -596,8 +612,8 @@ def test_packs_group_compatible_trials_and_refuse_asha() -> None:
     )
     plan = parse_spec(text)
     packs = [[t.key for t in pack] for pack in plan.packs("main")]
-    assert packs == [["main/a/s0", "main/a/s1", "main/b/s0"], ["main/b/s1"], ["main/c/s0", "main/c/s1"]]
-    assert plan.summary().endswith(" in 3 packs")
+    assert packs == [["main/a/s0", "main/a/s1"], ["main/b/s0", "main/b/s1"], ["main/c/s0", "main/c/s1"]]  # 4: 2+2
+    assert plan.summary().endswith(" in 3 packs") and plan.summary({"main": 3}).endswith(" in 3 packs")
     assert [len(p) for p in parse_spec(text, {"pack": 1}).packs("main")] == [1] * 6
     for sets in ({"scheduler.asha.metric": "test_acc"}, {"pack": 1, "scheduler.asha.metric": "test_acc"}):
         staged = "name: p\nstages:\n  - {name: s, pack: 2}\n" if "pack" in sets else text

@@ -13,7 +13,9 @@ reason in `not_packable` always runs alone.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,8 +71,12 @@ def pack_differences(a: TrialConfig, b: TrialConfig) -> list[str]:
     return reasons + sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def packable(configs: Sequence[TrialConfig], size: int | None = None) -> list[list[int]]:
-    """Indices of `configs` grouped into packs of at most `size` (None: no limit), in order of first appearance."""
+def packable(configs: Sequence[TrialConfig], size: int | None = None, slots: int = 1) -> list[list[int]]:
+    """Indices of `configs` grouped into packs of at most `size` (None: no limit), in order of first appearance.
+
+    Each group of compatible trials is cut into packs of near-equal size (17 trials at most 16 a pack: 9 and 8);
+    while there are fewer packs than `slots` (how many a cluster runs at once), the largest are cut further, so
+    every slot trains (16 trials, 2 slots: 8 and 8)."""
     if size is not None and size < 1:
         raise UserError.field("pack", size, "an integer >= 1")
     groups: dict[str, list[int]] = {}
@@ -83,4 +89,18 @@ def packable(configs: Sequence[TrialConfig], size: int | None = None) -> list[li
                 groups[key] = order[-1]
         (order[-1] if key is None else groups[key]).append(i)
     step = size or max(len(configs), 1)
-    return [group[j : j + step] for group in order for j in range(0, len(group), step)]
+    cuts = [math.ceil(len(group) / step) for group in order]
+    while order and sum(cuts) < slots:
+        largest = max(range(len(order)), key=lambda g: math.ceil(len(order[g]) / cuts[g]))
+        if len(order[largest]) <= cuts[largest]:
+            break  # every pack is a single trial
+        cuts[largest] += 1
+    return [part for group, n in zip(order, cuts, strict=True) for part in _balanced(group, n)]
+
+
+def _balanced(group: list[int], n: int) -> list[list[int]]:
+    """`group` cut into `n` consecutive parts whose sizes differ by at most one (the larger first)."""
+    small, extra = divmod(len(group), n)
+    sizes = [small + (k < extra) for k in range(n)]
+    starts = itertools.accumulate(sizes[:-1], initial=0)
+    return [group[start : start + size] for start, size in zip(starts, sizes, strict=True)]

@@ -2,10 +2,10 @@
 elementwise update of the stacked tensors.
 
 Adam and SGD are elementwise, so K of them over K slices are one update over the stack: member k's slice gets
-the ops of torch's own single-tensor Adam/SGD in the same order, with its own lr and step count, which gives
-it bitwise what its own optimizer would (`tests/test_pack.py` checks against K `torch.optim` instances). The
-members' torch optimizers stay the holders of their hyperparameters and lr (their schedulers move it) and of
-the `state_dict` format; their own state is moved into the stack.
+the ops of torch's own single-tensor Adam/SGD in the same order, with its own lr and step count (members that
+agree in them share each op), which gives it bitwise what its own optimizer would (`tests/test_pack.py` checks
+against K `torch.optim` instances). The members' torch optimizers stay the holders of their hyperparameters and
+lr (their schedulers move it) and of the `state_dict` format; their own state is moved into the stack.
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ _ADAM = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}
 _SGD = {"dampening": 0, "maximize": False}
 
 
-def _per_member(values: Sequence[float], like: Tensor) -> float | Tensor:
-    """One value for all members, or a (K, 1, ...) tensor of them in `like`'s dtype (as torch casts a scalar)."""
-    if len(set(values)) == 1:
-        return values[0]
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+def _runs(values: Sequence[Any]) -> list[tuple[slice, Any]]:
+    """Runs of consecutive members with equal `values`: the stack's rows and their value (one run when all agree)."""
+    out: list[tuple[slice, Any]] = []
+    start = 0
+    for k in range(1, len(values) + 1):
+        if k == len(values) or values[k] != values[start]:
+            out.append((slice(start, k), values[start]))
+            start = k
+    return out
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -60,6 +64,7 @@ class StackedOptimizer:
         self.steps = [self._steps(opt) for opt in self.optimizers]
         params = [[p for g in opt.param_groups for p in g["params"]] for opt in self.optimizers]
         self.state: dict[str, dict[str, Tensor]] = {}
+        self.scratch: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         for i, name in enumerate(n for names in self.groups for n in names):
             self.state[name] = {
                 key: torch.stack(
@@ -92,6 +97,14 @@ class StackedOptimizer:
             for key, t in state.items():
                 state[key] = t.index_select(0, torch.tensor(keep, device=t.device))
 
+    def _scratch(self, like: Tensor, slot: int) -> Tensor:
+        """Scratch space shaped as `like` (slot 0 or 1), kept across steps: on the CPU a fresh temporary of a
+        stacked tensor's size is a fresh mmap, paid again in page faults at every step."""
+        key, size = (slot, like.dtype, like.device), like.numel()
+        if key not in self.scratch or self.scratch[key].numel() < size:
+            self.scratch[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return self.scratch[key][:size].view(like.shape)
+
     @torch.no_grad()
     def step(self, tensors: dict[str, Tensor]) -> None:
         """One step of every member's optimizer on the grads of `tensors` (all members take a step)."""
@@ -108,35 +121,29 @@ class StackedOptimizer:
                     self._sgd(p, p.grad, self.state[name], lrs, hyper)
 
     def _adam(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]) -> None:
-        # torch.optim.adam._single_tensor_adam, op for op; addcdiv_(value=-step_size) spelt mul/div/add per member
+        # torch.optim.adam._single_tensor_adam op for op, its temporaries in scratch space
         beta1, beta2 = h["betas"]
         if h["weight_decay"] != 0:
-            grad = grad.add(p, alpha=h["weight_decay"])
+            grad = torch.add(grad, p, alpha=h["weight_decay"], out=self._scratch(p, 1))
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = _per_member([lr / (1 - beta1**s) for lr, s in zip(lrs, self.steps, strict=True)], p)
-        bias_correction2_sqrt = _per_member([(1 - beta2**s) ** 0.5 for s in self.steps], p)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(h["eps"])
-        if isinstance(step_size, float):
-            p.addcdiv_(exp_avg, denom, value=-step_size)
-        else:
-            p.add_(exp_avg.mul(-step_size).div_(denom))
+        denom = torch.sqrt(exp_avg_sq, out=self._scratch(p, 0))
+        scalars = [(lr / (1 - beta1**s), (1 - beta2**s) ** 0.5) for lr, s in zip(lrs, self.steps, strict=True)]
+        for rows, (step_size, bias_correction2_sqrt) in _runs(scalars):
+            denom[rows].div_(bias_correction2_sqrt).add_(h["eps"])
+            p[rows].addcdiv_(exp_avg[rows], denom[rows], value=-step_size)
 
     def _sgd(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]) -> None:
         # torch.optim.sgd._single_tensor_sgd; a fresh momentum buffer is zeros, so 0 * m + grad = torch's clone
         if h["weight_decay"] != 0:
-            grad = grad.add(p, alpha=h["weight_decay"])
+            grad = torch.add(grad, p, alpha=h["weight_decay"], out=self._scratch(p, 1))
         if h["momentum"] != 0:
             buf = state["momentum_buffer"]
             buf.mul_(h["momentum"]).add_(grad, alpha=1)
-            grad = grad.add(buf, alpha=h["momentum"]) if h["nesterov"] else buf
-        if len(set(lrs)) == 1:
-            p.add_(grad, alpha=-lrs[0])
-            return
-        for lr in sorted(set(lrs)):  # add(alpha=-lr) per lr: the same fused multiply-add as a lone SGD
-            mask = torch.tensor([x == lr for x in lrs], device=p.device).view(-1, *[1] * (p.dim() - 1))
-            p.add_(torch.where(mask, grad, 0.0), alpha=-lr)
+            grad = torch.add(grad, buf, alpha=h["momentum"], out=self._scratch(p, 0)) if h["nesterov"] else buf
+        for rows, lr in _runs(lrs):
+            p[rows].add_(grad[rows], alpha=-lr)
 
     def member_state_dict(self, k: int) -> dict[str, Any]:
         """Member k's optimizer `state_dict()`, as its own torch optimizer would give it (tensors on the CPU)."""
