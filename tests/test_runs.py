@@ -3,6 +3,7 @@ launch lease, on a real SQLite MLflow store. Fast: no Ray, no training."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -337,6 +338,54 @@ def test_condition_runs_average_their_trials_through_errors_divergence_and_a_res
     assert parent.data.params == {"feedback.mode": "bp", "train.seed": "[0, 1, 2]"}
     (summary,) = sweep_summaries(uri, "cond")
     assert sum(summary.counts.values()) == 5  # status counts trials only
+
+
+def test_condition_runs_stay_exact_when_an_epoch_arrives_late_or_an_errored_trial_restarts(
+    uri: str, tmp_path: Path
+) -> None:
+    """A trial's epoch backfilled below the condition's written epochs (from its checkpoint's history) and a trial
+    that errored before its first epoch, resumed: the condition run is rewritten, never left with stale epochs."""
+    declared = _declared({"C": [0, 1, 2]}, epochs=3)
+    writer = RunWriter(uri, "late", "late")
+    writer.open_parent("L1", {}, "name: late\n", parent=declared)
+    for key in ("main/C/s0", "main/C/s1", "main/C/s2"):
+        writer.trial_started(_info(key))
+    writer.trial_ended("main/C/s2", error="RuntimeError: no GPU")  # before its first epoch: settled, not counted
+    late = [_epoch(epoch, 0.4 + 0.1 * epoch) for epoch in (1, 2, 3)]
+    for epoch in (1, 2, 3):
+        writer.trial_epoch("main/C/s0", _epoch(epoch, 0.5 + 0.1 * epoch))
+        if epoch != 2:  # s1's epoch 2 never reached the driver: epoch 2 is written with s0 alone
+            writer.trial_epoch("main/C/s1", late[epoch - 1])
+    writer.flush()
+    first = check_condition_runs(uri, "late")
+    checkpoint = tmp_path / "ckpt" / "checkpoint.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    (checkpoint.parent / "history.json").write_text(json.dumps(late))
+    writer.trial_ended("main/C/s0", last=_epoch(3, 0.8))
+    writer.trial_ended("main/C/s1", fetch_checkpoint=lambda _: checkpoint)  # backfills epoch 2
+    writer.flush()
+    writer.finish_parent(LaunchStatus.INTERRUPTED)
+    writer.close()
+    (replaced,) = check_condition_runs(uri, "late")
+    assert replaced.info.run_id != first[0].info.run_id and replaced.data.tags["fasweep.status"] == "error"
+
+    mlflow = MlflowClient(uri)
+    (launch,) = find_launches(mlflow, "late")
+    resumed = RunWriter(uri, "late", "late")
+    resumed.open_parent("L1", {}, "name: late\n", run_id=launch.run_id, parent=declared)
+    resumed.trial_started(_info("main/C/s2"))  # running again, no epoch yet: no epoch of C is settled
+    resumed.flush()
+    (waiting,) = mlflow.search_runs([resumed.experiment_id], "tags.`fasweep.role` = 'condition'")
+    assert waiting.data.metrics == {}
+    for epoch in (1, 2, 3):
+        resumed.trial_epoch("main/C/s2", _epoch(epoch, 0.6))
+    resumed.trial_ended("main/C/s2", last=_epoch(3, 0.6))
+    resumed.flush()
+    resumed.finish_parent(LaunchStatus.FINISHED)
+    resumed.close()
+    (final,) = check_condition_runs(uri, "late")
+    assert final.data.metrics["n"] == 3 and final.data.tags["fasweep.status"] == "finished"
 
 
 def test_a_read_only_sqlite_store_is_refused_at_the_reachability_check(tmp_path: Path) -> None:

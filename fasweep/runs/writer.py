@@ -34,6 +34,7 @@ from fasweep.runs.conditions import (
     condition_status,
     merged_params,
     settled_through,
+    trial_counts_at,
 )
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT_DIR,
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 HOLD_S = 0.25  # a metrics write waits this long for more epochs to join it (one SQL transaction per trial per batch)
 
-Curves = Callable[[list[dict[str, float]], str], Any]  # (history, title) -> a matplotlib Figure or None
+# (history, title, path) -> whether a curves PNG was written to path; an empty history loads what drawing needs
+Curves = Callable[[list[dict[str, float]], str, Path], bool]
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class _Cond:
     statuses: dict[str, str] = field(default_factory=dict)  # trial key -> status (absent: no run yet)
     histories: dict[str, History] = field(default_factory=dict)  # trial key -> the epochs in its run
     written: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> the condition's values in its run
+    changed: set[int] = field(default_factory=set)  # epochs up to the last written one where a trial counts anew
     obsolete: list[str] = field(default_factory=list)  # replaced runs: trials to re-point from, runs to delete
 
 
@@ -160,6 +163,8 @@ class RunWriter:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _parent: ParentInfo | None = field(default=None, init=False)
     _conds: dict[tuple[str, str], _Cond] = field(default_factory=dict, init=False)
+    _tried: set[str] = field(default_factory=set, init=False)  # trials whose run this writer tried to create
+    _reopened: bool = field(default=False, init=False)  # a resumed launch: runs of it may exist already
 
     def __post_init__(self) -> None:
         # Our retry loop is the policy; MLflow's default (7 retries, 120 s timeouts) would hide outages for minutes.
@@ -196,7 +201,7 @@ class RunWriter:
         for c in parent.conditions if parent else ():
             self._conds[c.stage, c.condition] = _Cond(c, list(c.keys))
         if run_id:
-            self.parent_id = run_id
+            self.parent_id, self._reopened = run_id, True
             self.sync("reopen parent run", lambda: self._set_status(run_id, LaunchStatus.RUNNING))
             return
         tags = {
@@ -237,9 +242,14 @@ class RunWriter:
     # --- queued writes (called from the Tune loop) ----------------------------------------------------
 
     def trial_started(self, trial: TrialInfo) -> None:
-        """Queue: find or create the trial's run, log its params, mark it running."""
+        """Queue: find or create the trial's run, log its params, mark it running; after the first trial's, load
+        what drawing curves needs (while trials run, rather than when they end)."""
+        first = not self._trials
         self._trials[trial.key] = trial
         self._queue.submit(f"start run {trial.key}", lambda: self._ensure_run(trial.key, reopen=True))
+        if first and self.curves is not None:
+            curves = self.curves
+            self._queue.submit("load curves", lambda: curves([], "", Path()))
 
     def trial_tags(self, key: str, tags: dict[str, str]) -> None:
         """Queue: set tags on a started trial's run."""
@@ -336,15 +346,14 @@ class RunWriter:
             Tag.STATUS: TrialStatus.RUNNING,
         }
         tags = {str(k): str(v) for k, v in tags.items()}
-        if run is None:  # a retried create may have succeeded server-side, or a resumed launch made it: look first
-            found = search_all(
-                self.client,
-                [self.experiment_id],
-                f"tags.`{Tag.LAUNCH}` = {quote(self.launch_id)} AND tags.`{Tag.TRIAL_KEY}` = {quote(key)}",
-            )
+        if run is None:  # look first where a run may exist: a resumed launch's, or one a failed create made
+            where = f"tags.`{Tag.LAUNCH}` = {quote(self.launch_id)} AND tags.`{Tag.TRIAL_KEY}` = {quote(key)}"
+            maybe = self._reopened or key in self._tried
+            found = search_all(self.client, [self.experiment_id], where) if maybe else []
             if found:
                 run = _Run(found[0].info.run_id, "")
             else:
+                self._tried.add(key)
                 name = trial_run_name(cond.info.name, info.seed)
                 run = _Run(
                     self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id, logged=set()
@@ -401,12 +410,12 @@ class RunWriter:
             self._log_epochs(key, [(m, stamp) for m in history])
             if ckpt is not None:
                 self.client.log_artifact(run.run_id, str(ckpt), CHECKPOINT_ARTIFACT_DIR)
+            curves = Path(tmp) / CURVES_ARTIFACT
+            if self.curves and self.curves(history, key, curves):
+                self.client.log_artifact(run.run_id, str(curves))
         status = TrialStatus.ERROR if error else trial_status(history, self._trials[key].planned_epochs)
         if status == TrialStatus.ERROR and not error:
             error = "the trial ended without reporting an epoch"
-        figure = self.curves(history, key) if self.curves else None
-        if figure is not None:
-            self.client.log_figure(run.run_id, figure, CURVES_ARTIFACT)
         extra = {str(k): v for k, v in tags.items()} | ({str(Tag.ERROR): error[:5000]} if error else {})
         self._set_status(run.run_id, status, extra)
         run.status = status
@@ -460,6 +469,7 @@ class RunWriter:
             tags = {str(k): str(v) for k, v in tags.items()}
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=cond.info.name)
             cond.run_id, cond.status = run.info.run_id, TrialStatus.RUNNING
+            cond.loaded |= not self._reopened  # a new launch's: no trial run of it to read
         self._log_params(cond.run_id, cond.info.params)
         return cond.run_id
 
@@ -473,7 +483,8 @@ class RunWriter:
 
     def _loaded(self, key: str) -> _Cond:
         """The trial's condition with its trials' statuses and histories and its own written epochs read from the
-        store (once per writer: afterwards the writer keeps them, being the only writer)."""
+        store (once per writer, and not for a new launch's condition run it made: afterwards the writer keeps them,
+        being the only writer)."""
         cond = self._condition(key)
         if not cond.loaded:
             run_id = self._ensure_condition(cond)
@@ -485,39 +496,60 @@ class RunWriter:
                 cond.histories[trial] = self._history(r.info.run_id, r.data.metrics)
             run = self.client.get_run(run_id)
             cond.written = self._history(run_id, run.data.metrics)
+            cond.changed |= set(range(1, max(cond.written, default=0) + 1))  # an earlier driver's: checked once
             cond.status = run.data.tags.get(Tag.STATUS, "")
             cond.loaded = True
-        if key not in cond.histories:  # a run made after the load
-            run_id = self._runs[key].run_id
-            cond.histories[key] = self._history(run_id, self.client.get_run(run_id).data.metrics)
+        run = self._runs[key]
+        if key not in cond.histories:  # a run made after the load: read, unless known to hold no epoch yet
+            empty = run.logged is not None and not run.logged
+            cond.histories[key] = (
+                {} if empty else self._history(run.run_id, self.client.get_run(run.run_id).data.metrics)
+            )
         return cond
 
     def _condition_trial(self, key: str, status: str) -> None:
-        """A trial of the condition started or ended: recheck every epoch (who counts may have changed)."""
+        """A trial of the condition started or ended (who counts may have changed)."""
         cond = self._loaded(key)
+        span = range(1, max(cond.written, default=0) + 1)
+        before = _counted(cond, key, span)
         cond.statuses[key] = status
-        self._write_condition(cond, recheck=True)
+        self._write_condition(cond, key, span, before)
 
     def _condition_epochs(self, key: str, epochs: dict[int, dict[str, float]]) -> None:
         """Epochs newly logged on a trial: write the condition's epochs they settle."""
         cond = self._loaded(key)
-        cond.histories[key].update(epochs)
-        self._write_condition(cond, recheck=False)
+        history = cond.histories[key]
+        first = min([*epochs, max(history, default=0) + 1])  # below it, how it counts stays (see trial_counts_at)
+        span = range(first, max(cond.written, default=0) + 1)
+        before = _counted(cond, key, span)
+        history.update(epochs)
+        self._write_condition(cond, key, span, before)
 
-    def _write_condition(self, cond: _Cond, recheck: bool) -> None:
-        """Log the condition's newly settled epochs and its status. With `recheck`, every written epoch is
-        recomputed; if one changed (a trial errored, or an errored one was resumed), the run is replaced by a
-        new one holding the right values (MLflow cannot overwrite a metric's step)."""
+    def _write_condition(self, cond: _Cond, key: str, span: range, before: list[dict[str, float] | None]) -> None:
+        """Log the condition's newly settled epochs and its status after a change to trial `key`, which counted as
+        `before` at the epochs `span` (up to the last written, where it may count differently now). The epochs
+        where a trial counts differently are recomputed; if a written one changed, or one is no longer settled (a
+        trial errored, or an errored one was resumed), the run is replaced by a new one holding the right values
+        (MLflow cannot overwrite a metric's step)."""
         from mlflow.entities import Metric, RunTag
 
+        after = _counted(cond, key, span)
+        cond.changed |= {e for e, a, b in zip(span, before, after, strict=True) if a is not b}
         trials = [(cond.statuses.get(k), cond.histories.get(k, {})) for k in cond.keys]
         through = settled_through(trials, cond.info.epochs)
-        first = 1 if recheck else max(cond.written, default=0) + 1
-        values = {e: row for e in range(first, through + 1) if (row := aggregate(trials, e))}
-        if recheck and any(not _same(row, values.get(e)) for e, row in cond.written.items()):
+        top = max(cond.written, default=0)
+        values = {
+            e: row for e in sorted({*cond.changed, *range(top + 1, through + 1)}) if (row := aggregate(trials, e))
+        }
+        stale = top > through or any(
+            not _same(cond.written[e], values.get(e)) for e in cond.changed & cond.written.keys()
+        )
+        cond.changed.clear()
+        if stale:
             cond.obsolete.append(cond.run_id)
             cond.run_id, cond.written, cond.status = "", {}, ""
             self._ensure_condition(cond)
+            values = {e: row for e in range(1, through + 1) if (row := aggregate(trials, e))}
         stamp = int(time.time() * 1000)
         new = [Metric(k, v, stamp, e) for e, row in values.items() if e not in cond.written for k, v in row.items()]
         for i in range(0, len(new), 1000):
@@ -568,6 +600,12 @@ class RunWriter:
         )
         tags = {Tag.BEST_CONDITION: name, Tag.NOTE: self._parent.description + result}
         self.client.log_batch(self.parent_id, metrics=metrics, tags=[RunTag(str(k), v) for k, v in tags.items()])
+
+
+def _counted(cond: _Cond, key: str, epochs: range) -> list[dict[str, float] | None]:
+    """How trial `key` counts in its condition at `epochs` (None: not at all)."""
+    status, history = cond.statuses.get(key), cond.histories[key]
+    return [trial_counts_at(status, history, e) for e in epochs]
 
 
 def _same(a: dict[str, float], b: dict[str, float] | None) -> bool:
