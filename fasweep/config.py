@@ -119,8 +119,8 @@ class TrainConfig(Strict):
     batch_manhattan: bool = Field(default=False, description="update with sign(batch gradient)")
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool = Field(default=False, description="CUDA only: bf16 autocast")
-    compile: bool = Field(default=False, description="CUDA only: torch.compile the model")
+    bf16: bool = Field(default=False, description="bf16 autocast (CUDA, or the CPU)")
+    compile: bool = Field(default=False, description="torch.compile the model (inductor, on CUDA or the CPU)")
     alignment_every: int = Field(default=1, ge=0, description="measure alignment angles every N epochs; 0 off")
 
     @field_validator("l2")

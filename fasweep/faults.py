@@ -42,12 +42,21 @@ def free_space(path: str | Path) -> str:
     return f"{free} bytes free"
 
 
+def _named_in(text: str) -> int | None:
+    """The fault an error's text names in words (`No space left on device`), if any."""
+    text = text.lower()
+    return next((code for words, code in _WORDS.items() if words in text), None)
+
+
 def _errno(exc: BaseException) -> int | None:
     for err in (exc, exc.__cause__, exc.__context__):
         if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
             return err.errno
-    text = str(exc).lower()
-    return next((code for words, code in _WORDS.items() if words in text), None) if isinstance(exc, OSError) else None
+    return _named_in(str(exc)) if isinstance(exc, OSError) else None
+
+
+def _line(code: int, where: str) -> str:
+    return f"{where}: {errno.errorcode.get(code, code)} ({os.strerror(code)}, {free_space(where)}); {_FIX[code]}"
 
 
 def describe_fault(exc: BaseException, fallback_path: str = "") -> str | None:
@@ -56,5 +65,10 @@ def describe_fault(exc: BaseException, fallback_path: str = "") -> str | None:
     if code is None:
         return None
     path = next((e.filename for e in (exc, exc.__cause__) if isinstance(e, OSError) and e.filename), fallback_path)
-    where = str(path) if path else fallback_path or "storage"
-    return f"{where}: {errno.errorcode.get(code, code)} ({os.strerror(code)}, {free_space(where)}); {_FIX[code]}"
+    return _line(code, str(path) if path else fallback_path or "storage")
+
+
+def describe_fault_text(text: str, storage: str = "") -> str | None:
+    """`describe_fault`'s line for an error known only by its text (a retried trial's, from Tune), at `storage`."""
+    code = _named_in(text)
+    return None if code is None else _line(code, storage or "storage")

@@ -538,3 +538,23 @@ def test_exact_backprop_restores_rules():
     ref(x2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
     assert not any(m.rule.exact for m in net if isinstance(m, FALinear))
+
+
+def test_alignment_batch_random_draws_only_from_its_forked_rng():
+    rule = make_rule("sign_concordant", concordance=0.8, magnitude="batch_random")
+    net = nn.Sequential(FALinear(6, 8, feedback=rule), nn.ReLU(), FALinear(8, 8, feedback=rule), nn.ReLU())
+    net.append(FALinear(8, 3, feedback=rule))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    rng = torch.get_rng_state()
+    metrics = alignment(net, x, y, F.cross_entropy)
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe leaves the trial's RNG where it was
+    # the first layer's B (no forward of its own drew one) comes from the forked RNG, after the forward's draws
+    torch.set_rng_state(rng)
+    for m in (net[2], net[4]):
+        torch.randn_like(m.weight)
+    first = net[0]
+    b = np.sign(npy(first.weight)) * npy(first.rule.signed_magnitude) * np.abs(npy(torch.randn_like(first.weight)))
+    b *= first.rule.sigma
+    w = npy(first.weight).ravel()
+    want = np.degrees(np.arccos(b.ravel() @ w / np.linalg.norm(b) / np.linalg.norm(w)))
+    assert metrics["bw_angle/0"] == pytest.approx(want, abs=1e-3)

@@ -651,12 +651,25 @@ def test_many_conditions_curves_grouped_by_axis() -> None:
     from fasweep.report.collect import Sweep, Trial
     from fasweep.report.plots import MAX_CURVES, curve_groups
 
+    def trial(c: int, s: int) -> Trial:
+        key, condition = f"r{c}{s}", f"lr={c},seed_axis={s}"
+        return Trial(
+            run_id=key,
+            key=key,
+            stage="main",
+            condition=condition,
+            seed=s,
+            status="finished",
+            name=key,
+            start_time=c,
+            end_time=0,
+            metrics={"test_acc": 0.5},
+            params={"train.lr": str(c)},
+            tags={},
+        )
+
     def sweep(n: int) -> Sweep:
-        trials = [
-            Trial(f"r{c}{s}", "main", f"lr={c},seed_axis={s}", "finished", c, {"train.lr": str(c)}, {"test_acc": 0.5})
-            for c in range(n)
-            for s in range(2)
-        ]
+        trials = [trial(c, s) for c in range(n) for s in range(2)]
         order = list(dict.fromkeys(t.label for t in trials))
         return Sweep("s", "sqlite://", ["p"], ["L"], ["L"], ["train.lr"], {}, order, trials)
 

@@ -198,7 +198,22 @@ EPOCHS = 4
 def trial(cond: str, seed: int, acc: list[float], status: str = "finished", planned: int | None = EPOCHS) -> Trial:
     params = {"train.seed": str(seed)} | ({"train.epochs": str(planned)} if planned else {})
     hist = list(enumerate(acc, start=1))
-    return Trial(f"{cond}-{seed}", "main", cond, status, seed, params, {"test_acc": acc[-1]}, {"test_acc": hist})
+    key = f"{cond}-{seed}"
+    return Trial(
+        run_id=key,
+        key=key,
+        stage="main",
+        condition=cond,
+        seed=seed,
+        status=status,
+        name=key,
+        start_time=seed,
+        end_time=0,
+        metrics={"test_acc": acc[-1]},
+        params=params,
+        tags={},
+        histories={"test_acc": hist},
+    )
 
 
 def curve(final: float, epochs: int = EPOCHS) -> list[float]:

@@ -62,6 +62,8 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor,
             fa = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
             with exact_backprop(model):
                 bp = torch.autograd.grad(loss, targets, allow_unused=True)
+            # a layer whose forward drew no B (a first layer) draws it here, on the forked RNG too
+            feedback = {n: layers[n].feedback_weight for n in names}
     finally:
         for h in handles:
             h.remove()
@@ -72,10 +74,9 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor,
     for i, name in enumerate(names):
         if fa[i] is None or bp[i] is None:
             continue
-        layer = layers[name]
         metrics[f"angle/{name}"] = angle(fa[i], bp[i])
         metrics[f"delta_angle/{name}"] = angle(fa[k + i], bp[k + i])
-        B, W = layer.feedback_weight, layer.weight
+        B, W = feedback[name], layers[name].weight
         if B.shape == W.shape:
             metrics[f"bw_angle/{name}"] = angle(B, W)
             metrics[f"bw_norm_ratio/{name}"] = float(B.norm() / W.detach().norm())

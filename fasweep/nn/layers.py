@@ -1,4 +1,4 @@
-"""FA layers: `FALinear`, `FAConv2d` and the one autograd Function every layer kind shares.
+"""FA layers: `FALinear`, `FAConv2d` and the one autograd Function every layer kind (and a pack) shares.
 
 The Function's backward returns the ordinary dL/dW and dL/db; only dL/dx goes through the rule
 (`rule.input_grad`, normally the layer op's `input_grad` applied to B instead of W).
@@ -6,7 +6,7 @@ The Function's backward returns the ordinary dL/dW and dL/db; only dL/dx goes th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -15,26 +15,65 @@ from torch import Tensor, nn
 from fasweep.nn.rules import FeedbackRule, LayerOp, resolve_rule
 
 
+class InputGradRule(Protocol):
+    """What the Function's backward asks for dL/dx: a `FeedbackRule` (or a pack's stand-in for its members')."""
+
+    def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor: ...
+
+
 class _FeedbackFunction(torch.autograd.Function):
     """y = op.forward(x, W, b); backward: dx from the rule (B), dW and db as in stock autograd."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor, op: LayerOp, rule: FeedbackRule
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        feedback: Tensor,
+        op: LayerOp,
+        rule: InputGradRule,
+        contiguous_grad: bool,
     ) -> Tensor:
         ctx.save_for_backward(x, weight, feedback)
-        ctx.op, ctx.rule = op, rule
+        ctx.op, ctx.rule, ctx.contiguous_grad = op, rule, contiguous_grad
         return op.forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, feedback = ctx.saved_tensors
+        if ctx.contiguous_grad:
+            grad_out = grad_out.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = ctx.rule.input_grad(ctx.op, grad_out, weight, feedback, x) if need_x else None
         grad_w = grad_b = None
         if need_w or need_b:
             grad_w, grad_b = ctx.op.param_grads(grad_out, x, weight, need_w, need_b)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def apply_feedback(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    feedback: Tensor,
+    op: LayerOp,
+    rule: InputGradRule,
+    contiguous_grad: bool = False,
+) -> Tensor:
+    """op.forward(x, W, b) whose backward sends dx through `rule` (B) and gives dW, db as stock autograd does.
+
+    Under autocast it runs in the autocast dtype (the casts outside it carry grads back to fp32).
+    `contiguous_grad`: G made contiguous first (a pack: each member's sums then run in the order they do alone).
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return _FeedbackFunction.apply(x, weight, bias, feedback, op, rule, contiguous_grad)
+    dtype = torch.get_autocast_dtype(device)
+    x, weight, feedback = x.to(dtype), weight.to(dtype), feedback.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _FeedbackFunction.apply(x, weight, bias, feedback, op, rule, contiguous_grad)
 
 
 class FALayer(nn.Module):
@@ -71,15 +110,7 @@ class FALayer(nn.Module):
         self.rule.track(weight)
         # B only matters when dL/dx is wanted (not for a first layer fed with data)
         feedback = self.rule.feedback_for_forward(weight) if x.requires_grad else weight.detach()
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            # run the Function in the autocast dtype; the casts outside it carry grads back to fp32
-            dtype = torch.get_autocast_dtype(device)
-            x, weight, feedback = x.to(dtype), weight.to(dtype), feedback.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-            with torch.autocast(device, enabled=False):
-                return _FeedbackFunction.apply(x, weight, bias, feedback, op, self.rule)
-        return _FeedbackFunction.apply(x, weight, bias, feedback, op, self.rule)
+        return apply_feedback(x, weight, bias, feedback, op, self.rule)
 
 
 class LinearOp:

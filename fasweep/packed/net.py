@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fasweep.errors import UserError
 from fasweep.nn import FAConv2d, FALayer, FALinear, UntiedConv2d, angle
-from fasweep.nn.layers import Conv2dOp
+from fasweep.nn.layers import Conv2dOp, apply_feedback
 from fasweep.nn.untied import UntiedOp
 from fasweep.packed.optim import StackedOptimizer
 
@@ -157,33 +157,13 @@ class _PerMember:
 
 
 class _Backward:
-    """Read by every backward of a `PackedNet`: `exact` sends dx through W, as `fasweep.nn.exact_backprop`."""
+    """The rule every backward of a `PackedNet` asks for dx (`FeedbackRule.input_grad`): through the members'
+    stacked B, or through W while `exact` (as `fasweep.nn.exact_backprop`)."""
 
     exact = False
 
-
-class _StackedFeedback(torch.autograd.Function):
-    """The stacked twin of the FA layers' Function: y = op.forward(x, W, b); dx through `matrix` (W when
-    `mode.exact` at backward time), dW and db exact."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, matrix: Tensor, op: Any, mode: _Backward
-    ) -> Tensor:
-        ctx.save_for_backward(x, weight, matrix)
-        ctx.op, ctx.mode = op, mode
-        return op.forward(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, matrix = ctx.saved_tensors
-        grad_out = grad_out.contiguous()  # e.g. through a batch norm's layout change: sums in the order alone
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = ctx.op.input_grad(grad_out, weight if ctx.mode.exact else matrix, x) if need_x else None
-        grad_w = grad_b = None
-        if need_w or need_b:
-            grad_w, grad_b = ctx.op.param_grads(grad_out, x, weight, need_w, need_b)
-        return grad_x, grad_w, grad_b, None, None, None
+    def input_grad(self, op: Any, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
+        return op.input_grad(grad_out, weight if self.exact else feedback, x)
 
 
 class _FALayer:
@@ -238,15 +218,9 @@ class _FALayer:
         else:
             # B only matters when dL/dx is wanted (not for a first layer fed with data)
             matrix = self.feedback(net, weight) if x.requires_grad else None
-            args = [x, weight, bias, weight.detach() if matrix is None else matrix]
-            device = x.device.type
-            if torch.is_autocast_enabled(device):  # as FALayer: the Function runs in the autocast dtype
-                dtype = torch.get_autocast_dtype(device)
-                args = [None if a is None else a.to(dtype) for a in args]
-                with torch.autocast(device, enabled=False):
-                    out = _StackedFeedback.apply(*args, self.op, net.backward)
-            else:
-                out = _StackedFeedback.apply(*args, self.op, net.backward)
+            feedback = weight.detach() if matrix is None else matrix
+            # G made contiguous (e.g. after a batch norm's layout change): sums in the order of a member alone
+            out = apply_feedback(x, weight, bias, feedback, self.op, net.backward, contiguous_grad=True)
         if capture is not None:
             capture[self.name] = (out, matrix)
         return out
@@ -458,10 +432,7 @@ class PackedNet:
                 bp = torch.autograd.grad(loss, targets, allow_unused=True)
                 self.backward.exact = False
             feedback: dict[str, Tensor] = {}
-            # a layer whose forward drew no B (`FALayer.feedback_weight` of a first layer) draws it now; alignment()
-            # does that after its fork_rng, from the trial's own RNG: so do the members measured here
-            due = set(members)
-            self.generators = [g if i in due else g.clone_state() for i, g in enumerate(saved)]
+            # a layer whose forward drew no B (a first layer) draws it now, from the forked generators too
             for layer, w in zip(layers, weights, strict=True):
                 used = capture[layer.name][1]
                 feedback[layer.name] = layer.feedback(self, w) if used is None else used

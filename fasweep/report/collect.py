@@ -19,19 +19,11 @@ from fasweep.runs.store import check_reachable
 from fasweep.spec import Plan, SweepSpec, parse_spec
 
 
-@dataclass
-class Trial:
-    """One trial run: its identity tags, params (flattened TrialConfig, as str) and metric histories."""
+@dataclass(frozen=True)
+class Trial(TrialRecord):
+    """One trial run as the run reader gives it, and the metric histories the report fetched (`fetch_histories`)."""
 
-    run_id: str
-    stage: str
-    condition: str
-    status: str
-    start_time: int
-    params: dict[str, str]
-    latest: dict[str, float]
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    seed: int = 0
 
     @property
     def label(self) -> str:
@@ -57,7 +49,7 @@ class Sweep:
     @property
     def metrics(self) -> list[str]:
         """Every metric key logged by any trial, sorted."""
-        return sorted({k for t in self.trials for k in t.latest})
+        return sorted({k for t in self.trials for k in t.metrics})
 
 
 def _check_store(uri: str) -> None:
@@ -102,19 +94,6 @@ def _load_spec_artifact(client: MlflowClient, run_id: str) -> Plan | str:
         return f"the parent's {SPEC_ARTIFACT} no longer validates ({exc})"
 
 
-def _trial(record: TrialRecord) -> Trial:
-    return Trial(
-        run_id=record.run_id,
-        stage=record.stage,
-        condition=record.condition,
-        status=record.status,
-        start_time=record.start_time,
-        params=record.params,
-        latest=record.metrics,
-        seed=record.seed,
-    )
-
-
 def _condition_order(plan: Plan | None, trials: list[Trial]) -> list[str]:
     """Labels in the plan's order, then any others by first start time."""
     planned = [] if plan is None else [label(t.stage, t.condition) for t in plan.trials]
@@ -140,7 +119,8 @@ def load_sweep(tracking_uri: str, sweep: str, *, launch: str = "latest", plan: P
         known = ", ".join(sorted({p.sweep for p in every}))
         raise UserError.field("sweep", sweep, f"a sweep in {tracking_uri}: {known}")
     chosen, notes = select_launches(mine, launch)
-    trials = sorted((_trial(r) for p in chosen for r in launch_trials(client, p)), key=lambda t: t.start_time)
+    records = (r for p in chosen for r in launch_trials(client, p))
+    trials = sorted((Trial(**vars(r)) for r in records), key=lambda t: t.start_time)
     if plan is None:
         loaded = _load_spec_artifact(client, chosen[0].run_id)
         plan = loaded if isinstance(loaded, Plan) else None
@@ -171,7 +151,7 @@ def fetch_histories(tracking_uri: str, trials: list[Trial], keys: Iterable[str],
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     wanted = set(keys)
-    jobs = [(t, k) for t in trials for k in sorted(wanted & set(t.latest)) if k not in t.histories]
+    jobs = [(t, k) for t in trials for k in sorted(wanted & set(t.metrics)) if k not in t.histories]
 
     def get(job: tuple[Trial, str]) -> list[tuple[int, float]]:
         trial, key = job

@@ -75,7 +75,7 @@ def _band_title(grouping: str) -> str:
 
 def learning_curves(name: str, groups: dict[str, list[Trial]], grouping: str, metric: str, path: Path) -> Path:
     """`metric` and train loss against epoch, one line per group with a band."""
-    logged = any("train_loss" in t.latest for trials in groups.values() for t in trials)
+    logged = any("train_loss" in t.metrics for trials in groups.values() for t in trials)
     keys = [metric] + (["train_loss"] if logged and metric != "train_loss" else [])
     fig = Figure(figsize=(5.5 * len(keys) + 2, 4), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
@@ -88,7 +88,7 @@ def learning_curves(name: str, groups: dict[str, list[Trial]], grouping: str, me
 
 def angle_keys(sweep: Sweep) -> list[str]:
     """The `angle/<layer>` metrics any trial logged, sorted by layer name."""
-    return sorted({k for t in sweep.trials for k in t.latest if k.startswith("angle/")})
+    return sorted({k for t in sweep.trials for k in t.metrics if k.startswith("angle/")})
 
 
 def angle_curves(name: str, groups: dict[str, list[Trial]], grouping: str, keys: list[str], path: Path) -> Path:
