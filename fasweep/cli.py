@@ -59,7 +59,7 @@ def train(
     dataset: Annotated[str | None, typer.Option(help="cifar10, fashion_mnist, digits, ...")] = None,
     epochs: Annotated[int | None, typer.Option(help="number of epochs")] = None,
     feedback: Annotated[str | None, typer.Option(help="default rule: bp, random, random_updated, ...")] = None,
-    out: Annotated[Path | None, typer.Option(help="directory for checkpoints and metrics.jsonl")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for metrics.jsonl and checkpoints (epoch-N/)")] = None,
     set_: TrialSetOpt = None,
 ) -> None:
     """Run one trial locally (no Ray) with a progress bar and print the final metrics."""
@@ -98,7 +98,7 @@ def train(
     with Progress(*columns, TextColumn("{task.fields[last]}"), console=console) as progress:
         task = progress.add_task(title, total=trial.train.epochs, last="")
 
-        def on_epoch(metrics: dict[str, float], _checkpoint: Path | None) -> None:
+        def on_epoch(metrics: dict[str, float], _checkpoint: str | None) -> None:
             if metrics_file is not None:
                 with metrics_file.open("a") as fh:
                     fh.write(json.dumps(metrics) + "\n")

@@ -3,17 +3,19 @@
 One Tune trial per planned trial, or per pack of trials (`pack:` in the spec, grouped by `Plan.packs`): the param
 space is only the trial (or pack) key, the configs travel with `tune.with_parameters` to
 `fasweep.worker.run_trial`. A pack's members are trials everywhere else: each its own run, status and progress
-count, logged from the pack's per-epoch results and ended with its own checkpoint from the pack's folder.
+count, logged from the pack's per-epoch results and ended with its own checkpoint.
 
 Stages run in order, each as its own Tune experiment under `<storage>/<sweep>/<launch_id>/<stage>`, trial folders
-named by the run-record layout; a stage's `init_from` is resolved through the run reader after the earlier stage
-ends, and the checkpoint's bytes reach the workers through the Ray object store (no shared filesystem).
+named by the run-record layout; the trials write their checkpoints themselves, into their own folders under
+`<storage>/<sweep>/<launch_id>/_checkpoints/` (`fasweep.checkpoints`; Tune receives metrics only), and a trial's
+newest one is uploaded to its run when it ends. A stage's `init_from` is resolved through the run reader after the
+earlier stage ends, and the checkpoint's bytes reach the workers through the Ray object store (no shared
+filesystem).
 
 `--resume` reads what is complete from MLflow and runs only the rest, as a new Tune experiment of the stage
-(`<stage>.resume-xxxx` beside the first), each trial continuing from its newest readable checkpoint anywhere under
-the launch's storage (`fasweep.worker.find_checkpoints`). Tune's `Tuner.restore` is not used: the experiment
-snapshot a SIGKILLed driver leaves can name checkpoints already deleted, and restarting its trials instead stalls
-its grid generator under max_concurrent.
+(`<stage>.resume-xxxx` beside the first), each trial continuing from the newest readable checkpoint in its own
+folder, as a retried one does. Tune's `Tuner.restore` is not used: restarting a SIGKILLed driver's trials from its
+experiment snapshot stalls its grid generator under max_concurrent.
 
 Tune pickles its callbacks with the experiment, so the callback here is stateless: it forwards every hook to the
 driver of the launch running in this process (`_ACTIVE`).
@@ -31,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,19 +42,20 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 from rich.console import Console
 
+from fasweep.checkpoints import CheckpointPolicy, find_checkpoints, newest_checkpoint
 from fasweep.config import set_path
 from fasweep.errors import UserError
-from fasweep.faults import describe_fault, free_space
+from fasweep.faults import describe_fault, describe_fault_text, free_space
 from fasweep.progress import Progress, progress_line
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT,
-    CHECKPOINT_FILE,
     COMPLETE,
     SPEC_ARTIFACT,
     Best,
     LaunchStatus,
     Tag,
     TrialStatus,
+    trial_checkpoints,
     trial_dirname,
     trial_status,
 )
@@ -65,7 +69,6 @@ from fasweep.worker import (
     FAULT_KEY,
     MEMBERS_KEY,
     RESUMED_KEY,
-    find_checkpoints,
     pack_id,
     run_trial,
 )
@@ -139,6 +142,16 @@ def _error_text(error: Any) -> str:
     return str(error or "").strip() or _NO_TEXT
 
 
+def _trials_n(n: int) -> str:
+    """`1 trial`, `2 trials`."""
+    return f"{n} trial{'s' * (n != 1)}"
+
+
+def _listed(keys: list[str]) -> str:
+    """The first four keys, and how many more."""
+    return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
 def _error_line(text: str) -> str:
     """The last non-empty line of an error's text (where a traceback says what went wrong)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -154,21 +167,16 @@ def _metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _fetcher(checkpoint: Any, member: str = "") -> Any:
-    """A function copying a Tune checkpoint (local or s3://; of a pack: the `member`'s subfolder) to a local dir;
-    returns the checkpoint file."""
-    if checkpoint is None:
-        return None
-    if member:
-        checkpoint = tune.Checkpoint(f"{checkpoint.path}/{trial_dirname(member)}", checkpoint.filesystem)
+def _fetcher(root: str, key: str) -> Callable[[Path], Path | None]:
+    """A function giving a trial's newest checkpoint file from its folder under the launch's storage `root` (local,
+    or copied under the given dir from a URI); None when it has none."""
 
     def fetch(dst: Path) -> Path | None:
         try:
-            local = Path(checkpoint.to_directory(str(dst / "tune"))) / CHECKPOINT_FILE
-        except Exception as exc:  # e.g. a node-local storage path on a multi-node cluster
-            log.warning("checkpoint %s not readable on the driver (%s); use shared storage", checkpoint.path, exc)
+            return newest_checkpoint(trial_checkpoints(root, key), dst)
+        except Exception as exc:  # e.g. storage the driver cannot reach
+            log.warning("checkpoint of %s not readable on the driver (%s); use shared storage", key, exc)
             return None
-        return local if local.is_file() else None
 
     return fetch
 
@@ -194,7 +202,9 @@ class _Driver:
         self.fault = ""  # an environment fault a trial hit: the launch stops
         self.signal: int | None = None  # a signal that asks the launch to stop
         self.storage = ""  # the launch's storage root
-        self.checkpointed: set[str] = set()  # trials with checkpoints to continue from (--resume)
+        self.awaited: set[str] = set()  # this stage's --resume trials not yet reporting where they continue
+        self.checkpointed: set[str] = set()  # this stage's --resume trials whose folders hold checkpoints
+        self.continued: dict[str, int] = {}  # this stage's --resume trials -> the epoch each continued after
         self.packs: dict[str, list[str]] = {}  # pack key -> its members' trial keys
 
     def start_stage(self, stage: str, statuses: dict[str, str]) -> None:
@@ -220,6 +230,26 @@ class _Driver:
         if callable(handler):  # Tune's interrupt handler is installed while an experiment runs
             signal.raise_signal(signal.SIGUSR1)
 
+    def resuming(self, keys: list[str], checkpointed: set[str]) -> None:
+        """This stage's `--resume` runs `keys`, those in `checkpointed` with checkpoints in their folders."""
+        self.awaited, self.checkpointed, self.continued = set(keys), checkpointed & set(keys), {}
+
+    def say_resumed(self) -> None:
+        """One line for the stage's `--resume` (once its trials have said where they continue, or at its end): how
+        many continue and after which epochs, how many start over and which."""
+        epochs = sorted(e for e in self.continued.values() if e)
+        over = sorted(k for k, e in self.continued.items() if not e and k in self.checkpointed)
+        self.awaited, self.continued = set(), {}
+        parts = []
+        if epochs:
+            span = f"epoch {epochs[0]}" if epochs[0] == epochs[-1] else f"epochs {epochs[0]}-{epochs[-1]}"
+            parts.append(f"{_trials_n(len(epochs))} continue{'s' * (len(epochs) == 1)} after {span}")
+        if over:
+            verb = "starts" if len(over) == 1 else "start"
+            parts.append(f"{len(over)} {verb} over (no readable checkpoint: {_listed(over)})")
+        if parts:
+            self.progress.say(f"[{self.stage}] " + "; ".join(parts))
+
     # Tune hooks (a pack's key stands for its members)
     def trial_started(self, key: str) -> None:
         for member in self.packs.get(key, [key]):
@@ -242,9 +272,11 @@ class _Driver:
         if RESUMED_KEY in result and key not in self.resumed:
             epoch = self.resumed[key] = int(result[RESUMED_KEY])
             self.writer.trial_tags(key, {Tag.RESUMED_FROM: str(epoch)})
-            if epoch or key in self.checkpointed:  # one line per trial that had something to continue from
-                how = f"continues after epoch {epoch}" if epoch else "starts over (no readable checkpoint)"
-                self.progress.say(f"[{self.stage}] {key} {how}")
+            if key in self.awaited:
+                self.awaited.discard(key)
+                self.continued[key] = epoch
+                if not self.awaited:
+                    self.say_resumed()
         if ERROR_KEY in result:
             self.user_errors[key] = self.errors[key] = str(result[ERROR_KEY])
         if FAULT_KEY in result and not self.fault:
@@ -261,7 +293,7 @@ class _Driver:
         """A trial failed and Tune retries it from its checkpoint (unless the failure is the environment's)."""
         for member in self.packs.get(key, [key]):
             self.retried[member] = error
-        fault = describe_fault(OSError(_error_line(error)), self.storage)
+        fault = describe_fault_text(_error_line(error), self.storage)
         if fault and not self.fault:
             self.fault = fault
             self.interrupt()
@@ -272,10 +304,10 @@ class _Driver:
         key = trial.config["key"]
         members = self.packs.get(key)
         if members is None:
-            self._ended(key, _metrics(trial.last_result or {}), _fetcher(trial.checkpoint), error)
+            self._ended(key, _metrics(trial.last_result or {}), _fetcher(self.storage, key), error)
             return
         for member in members:  # a member's last metrics: from the last result that carried it
-            self._ended(member, self.latest.get(member, {}), _fetcher(trial.checkpoint, member), error)
+            self._ended(member, self.latest.get(member, {}), _fetcher(self.storage, member), error)
 
     def _ended(self, key: str, last: dict[str, float], fetch: Any, error: str) -> None:
         if key in self.user_errors:
@@ -313,8 +345,7 @@ class _Driver:
             for key, text in sorted(errors.items()):
                 by_line.setdefault(_error_line(text), []).append(key)
             for line, keys in by_line.items():
-                shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-                lines.append(f"{len(keys)} trial{'s' * (len(keys) != 1)} {what}: {line} ({shown})")
+                lines.append(f"{_trials_n(len(keys))} {what}: {line} ({_listed(keys)})")
         return lines
 
 
@@ -376,6 +407,21 @@ def _check_fits(trials: tuple[PlannedTrial, ...], *, local: bool) -> None:
             raise UserError.field(
                 f"resources.{kind}", need, f"at most {have:g} on this machine's Ray (--set resources.{kind}={have:g})"
             )
+
+
+def _slots(plan: Plan) -> dict[str, int]:
+    """How many packs of each stage the Ray cluster runs at once: its CPUs and GPUs over a pack's (the stage's
+    `resources`), at most `max_concurrent`; at least 1."""
+    import ray
+
+    total = ray.cluster_resources()
+    slots = {}
+    for stage in plan.stages:
+        need = plan.stage_trials(stage)[0].resources
+        fits = [total.get(kind.upper(), 0.0) / need[kind] for kind in ("cpu", "gpu") if need[kind] > 0]
+        slots[stage] = max(1, min(int(f + 1e-6) for f in fits))  # Ray counts resources in 1e-4 units
+        slots[stage] = min(slots[stage], plan.spec.max_concurrent or slots[stage])
+    return slots
 
 
 def _resume_target(writer: RunWriter, plan: Plan, console: Console) -> LaunchRecord | None:
@@ -595,7 +641,9 @@ def _run(
     driver = _Driver(writer, plan, configs, best, console)
     driver.storage = root
     verb = "resuming" if target else "launching"
-    driver.progress.say(f"{verb} {spec.name} @ {launch_id}: {plan.summary()}; MLflow {writer.uri}; storage {root}")
+    driver.progress.say(
+        f"{verb} {spec.name} @ {launch_id}: {plan.summary(_slots(plan))}; MLflow {writer.uri}; storage {root}"
+    )
     if address and "://" not in spec.storage:
         driver.progress.say(f"note: storage {root} must be a path shared by every Ray node (or s3://) for checkpoints")
     status = LaunchStatus.FAILED
@@ -669,9 +717,11 @@ def _run_stages(plan: Plan, driver: _Driver, root: str, resume: bool) -> LaunchS
         driver.start_stage(stage, {t.key: TrialStatus.PENDING if t in todo else stored[t.key] for t in mine})
         init = _resolve_init(mine, driver)
         name = f"{stage}.resume-{secrets.token_hex(2)}" if resume else stage
-        found = find_checkpoints(root, [t.key for t in todo]) if resume else None
-        driver.checkpointed = set(found or ())
-        outcome = _run_stage(plan, todo, driver, root, name, found, init)
+        if resume:
+            keys = [t.key for t in todo]
+            driver.resuming(keys, set(find_checkpoints(root, keys)))
+        outcome = _run_stage(plan, todo, driver, root, name, resume, init)
+        driver.say_resumed()  # what trials that never reported left unsaid
         if outcome != LaunchStatus.FINISHED:
             if stage != stages[-1]:
                 driver.progress.say(f"[{stage}] ended {outcome}; later stages not started (`--resume` continues)")
@@ -726,27 +776,25 @@ def _run_stage(
     driver: _Driver,
     root: str,
     name: str,
-    found: dict[str, list[str]] | None,
+    resumed: bool,
     init: Any,
 ) -> LaunchStatus:
-    """One Tune experiment `<root>/<name>` running `trials`; finished | failed | interrupted."""
+    """One Tune experiment `<root>/<name>` running `trials` (`resumed`: of a --resume); finished | failed |
+    interrupted."""
     spec = plan.spec
     keys = [t.key for t in trials]
-    resume = None if found is None else {k: found.get(k, []) for k in keys}
     configs = {t.key: driver.infos[t.key].config for t in trials}
-    groups = [[t.key for t in g] for g in plan.packs(trials[0].stage, set(keys))]
+    groups = [[t.key for t in g] for g in plan.packs(trials[0].stage, set(keys), _slots(plan)[trials[0].stage])]
     units = {pack_id(g) if len(g) > 1 else g[0]: g for g in groups}  # Tune trial key -> trial keys
     driver.packs = {unit: members for unit, members in units.items() if len(members) > 1}
     planned = {t.key: t for t in trials}
-    policy = spec.checkpoint
     trainable = tune.with_parameters(
         run_trial,
         configs=configs,
         init=init,
-        resume=resume,
+        resumed=resumed,
         storage=root,
-        every_epochs=policy.every_epochs,
-        every_seconds=policy.every_seconds,
+        checkpointing=CheckpointPolicy(**spec.checkpoint.model_dump()),
         packs=driver.packs,
     )
     resources = {  # a pack's: its stage's (every member's)
@@ -771,7 +819,6 @@ def _run_stage(
             name=name,
             storage_path=root,
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=policy.keep),
             verbose=0,
             callbacks=[_Hooks()],
         ),

@@ -1,48 +1,50 @@
 """One trial, no Ray: `train(TrialConfig)` trains a net with its learning rule and emits per-epoch metrics.
 
-Seeds everything from `train.seed` (bitwise deterministic on CPU), keeps the data on the device, writes
-an atomic checkpoint (and a torch-free `history.json` beside it) every epoch that a resumed trial continues
-from exactly, and ends a trial whose
-loss turns non-finite with status `diverged` (the last good weights and the history kept).
+Seeds everything from `train.seed` (bitwise deterministic on CPU), keeps the data on the device, and ends a
+trial whose loss turns non-finite with status `diverged` (the last good weights and the history kept). Given a
+checkpoint folder (a path or URI, see `fasweep.checkpoints`), it writes the checkpoint a resumed trial continues
+from exactly (and a torch-free `history.json` beside it) straight into that folder, in the epochs its
+`CheckpointPolicy` makes due (always the last and a diverged one), keeping the newest `keep`; an epoch that is not
+due serializes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy
 from fasweep.config import TrainConfig, TrialConfig, flatten
 from fasweep.data import TensorData, load_data
 from fasweep.errors import UserError
 from fasweep.models import build_model, layer_group, parse_layers, resolve_arch
 from fasweep.nn import alignment, optimizer_step
-from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE
 
 PROBE_SIZE = 256
 # fields a resumed trial may change; any other difference means a different trial
 _RESUMABLE = {"train.epochs", "train.device", "train.alignment_every", "train.compile"}
 
-EpochCallback = Callable[[dict[str, float], Path | None], None]
+EpochCallback = Callable[[dict[str, float], str | None], None]  # (metrics, the checkpoint written after it or None)
 
 
 @dataclass
 class TrialResult:
-    """What a trial ends with: its status, every epoch's metrics, the last epoch's, the checkpoint path."""
+    """What a trial ends with: its status, every epoch's metrics, the last epoch's."""
 
     status: Literal["finished", "diverged"]
     history: list[dict[str, float]] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
-    checkpoint: Path | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -90,21 +92,25 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """torch.save to a temporary file beside `path`, then rename: a reader never sees half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+class Checkpointer:
+    """One trial's checkpoints: `save` writes a `state()` dict to its folder when the policy makes it due."""
 
+    def __init__(self, location: str | Path, policy: CheckpointPolicy, epoch: int) -> None:
+        self.folder = CheckpointFolder(location)
+        self.policy = policy
+        self.last = (epoch, time.monotonic())  # the epoch of the latest checkpoint (or the resumed one), and when
 
-def save_history(path: Path, history: list[dict[str, float]]) -> Path:
-    """Every epoch's metrics as JSON (readable without torch), written atomically like the checkpoint."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(history))
-    os.replace(tmp, path)
-    return path
+    def save(self, epoch: int, final: bool, state: Callable[[], dict[str, Any]]) -> str | None:
+        """Write `state()` as the checkpoint after `epoch` if due (`final`: the trial's last epoch); where, or None."""
+        since, at = self.last
+        if not self.policy.due(epoch - since, time.monotonic() - at, final=final):
+            return None
+        saved, buffer = state(), io.BytesIO()
+        torch.save(saved, buffer)
+        history = json.dumps(saved["history"]).encode()
+        where = self.folder.write(epoch, history, buffer.getbuffer(), self.policy.keep)
+        self.last = (epoch, time.monotonic())
+        return where
 
 
 def load_checkpoint(path: Path, config: TrialConfig) -> dict[str, Any]:
@@ -119,10 +125,19 @@ def load_checkpoint(path: Path, config: TrialConfig) -> dict[str, Any]:
     return state
 
 
-class _Trial:
-    """The mutable state of one trial: data, model, optimizer, RNGs; `epoch()` runs one and returns metrics."""
+def use_channels_last(device: torch.device, input_shape: tuple[int, ...], asked: bool | None = None) -> bool:
+    """Whether image data (C, H, W) and its convolutions go channels_last: as `asked`, by default (None) on CUDA."""
+    return len(input_shape) == 3 and (device.type == "cuda" if asked is None else asked)
 
-    def __init__(self, config: TrialConfig) -> None:
+
+class _Trial:
+    """The mutable state of one trial: data, model, optimizer, RNGs; `epoch()` runs one and returns metrics.
+
+    bf16 autocast, `torch.compile` and channels_last run on the CPU as on CUDA (`channels_last`: see
+    `use_channels_last`).
+    """
+
+    def __init__(self, config: TrialConfig, channels_last: bool | None = None) -> None:
         self.config = config
         cfg = config.train
         self.device = pick_device(cfg.device)
@@ -132,10 +147,10 @@ class _Trial:
         self.data: TensorData = load_data(config.data, device=str(self.device), seed=cfg.seed)
         self.model = build_model(config.model, config.feedback, self.data.input_shape, self.data.num_outputs)
         self.model.to(self.device)
-        self.channels_last = self.cuda and len(self.data.input_shape) == 3
+        self.channels_last = use_channels_last(self.device, self.data.input_shape, channels_last)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.net: nn.Module = torch.compile(self.model) if cfg.compile and self.cuda else self.model
+        self.net: nn.Module = torch.compile(self.model) if cfg.compile else self.model
         self.loss_fn = make_loss(cfg.loss, self.data.task)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
@@ -143,8 +158,7 @@ class _Trial:
         self.history: list[dict[str, float]] = []
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        enabled = self.cuda and self.config.train.bf16
-        return torch.autocast("cuda", torch.bfloat16) if enabled else contextlib.nullcontext()
+        return torch.autocast(self.device.type, torch.bfloat16) if self.config.train.bf16 else contextlib.nullcontext()
 
     def _inputs(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, ...]]:
         for x, y in batches:
@@ -247,34 +261,37 @@ class _Trial:
 def train(
     config: TrialConfig,
     *,
-    checkpoint_dir: Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpointing: CheckpointPolicy = CheckpointPolicy(),
     resume_from: Path | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> TrialResult:
-    """Train one trial; `on_epoch(metrics, checkpoint_path)` after every epoch. See the module docstring."""
+    """Train one trial (from the checkpoint file `resume_from`), writing its checkpoints to the folder
+    `checkpoint_dir` as `checkpointing` says; `on_epoch(metrics, checkpoint or None)` after every epoch. See the
+    module docstring."""
     parse_layers(resolve_arch(config.model.arch))  # a bad arch fails before the data set loads
     state = load_checkpoint(Path(resume_from), config) if resume_from is not None else None
     if state is not None and state["status"] == "diverged":
         history = list(state["history"])
-        return TrialResult("diverged", history, history[-1], Path(resume_from) if resume_from else None)
+        return TrialResult("diverged", history, history[-1])
     trial = _Trial(config)
     try:
         if state is not None:
             trial.restore(state)
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+        start = len(trial.history)
+        saver = Checkpointer(checkpoint_dir, checkpointing, start) if checkpoint_dir is not None else None
         status: Literal["finished", "diverged"] = "finished"
-        for number in range(len(trial.history) + 1, config.train.epochs + 1):
+        for number in range(start + 1, config.train.epochs + 1):
             metrics = trial.epoch(number)
             status = "diverged" if metrics["diverged"] else "finished"
-            if ckpt is not None:
-                save_checkpoint(ckpt, trial.state(number, status))
-                save_history(ckpt.parent / HISTORY_FILE, trial.history)
+            final = status == "diverged" or number == config.train.epochs
+            saved = saver.save(number, final, partial(trial.state, number, status)) if saver is not None else None
             if on_epoch is not None:
-                on_epoch(dict(metrics), ckpt)
+                on_epoch(dict(metrics), saved)
             if status == "diverged":
                 break
         history = trial.history
-        return TrialResult(status, history, dict(history[-1]) if history else {}, ckpt)
+        return TrialResult(status, history, dict(history[-1]) if history else {})
     finally:
         cuda = trial.cuda
         del trial

@@ -189,25 +189,43 @@ def test_driver_sigkill_leaves_nothing_running_once_status_looks_and_resumes(ray
     assert max(resumed.values()) >= 2
 
 
-def test_a_killed_worker_process_is_retried_from_its_checkpoint(ray_address, uri, tmp_path):
-    driver = Driver(tmp_path, uri, ray_address)
-    wait_for(driver, mid_way(uri, 1), "a trial was mid-way")
+def kill_trial_workers() -> None:
+    """SIGKILL every Ray worker process running a trial (of this test's Ray only, not another on the machine)."""
     import psutil
 
-    workers = psutil.Process().children(recursive=True)  # this test's Ray only (not another on the machine)
+    workers = psutil.Process().children(recursive=True)
     pids = [p.pid for p in workers if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ImplicitFunc")]
     assert pids, "no Ray worker runs a trial"
-    for pid in pids:  # every trial's worker, the mid-way one among them
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
+
+
+def assert_retried_cleanly(driver: Driver, uri: str) -> list[int]:
+    """The launch finished after Tune's retries: exit 0, a bounded console, every epoch once, nothing running; the
+    epoch each retried trial continued from."""
     code, _ = driver.wait()
     assert code == 0, driver.output()
     assert len(driver.lines()) <= MAX_LINES, driver.output()
     assert_every_epoch_once(uri)
     assert_no_run_running(uri)
-    resumed = [
-        int(r.data.tags["fasweep.resumed_from"]) for r in trial_runs(uri) if "fasweep.resumed_from" in r.data.tags
-    ]
+    return [int(r.data.tags["fasweep.resumed_from"]) for r in trial_runs(uri) if "fasweep.resumed_from" in r.data.tags]
+
+
+def test_a_killed_worker_process_is_retried_from_its_checkpoint(ray_address, uri, tmp_path):
+    driver = Driver(tmp_path, uri, ray_address)
+    wait_for(driver, mid_way(uri, 1), "a trial was mid-way")
+    kill_trial_workers()  # every trial's worker, the mid-way one among them
+    resumed = assert_retried_cleanly(driver, uri)
     assert resumed and max(resumed) >= 1  # the retry continued from a checkpoint, not from epoch 0
+
+
+def test_a_killed_pack_is_retried_and_every_member_continues_from_its_own_checkpoint(ray_address, uri, tmp_path):
+    one_pack = ("--set", "conditions={DS0: {model.arch: DS0}}", "--set", "seeds=[0, 1, 2]", "--set", "pack=3")
+    driver = Driver(tmp_path, uri, ray_address, *one_pack)
+    wait_for(driver, mid_way(uri, 3), "the pack's members were mid-way")
+    kill_trial_workers()
+    resumed = assert_retried_cleanly(driver, uri)
+    assert len(resumed) == 3 and min(resumed) >= 2, resumed  # each member after the epoch it had reported
 
 
 def test_a_full_storage_stops_the_launch_once_with_one_line(ray_address, uri, tmp_path):

@@ -15,12 +15,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from fasweep.checkpoints import find_checkpoints
 from fasweep.cli import main
 from fasweep.launch import ERRORS_LOG, launch
-from fasweep.runs.layout import LaunchStatus
+from fasweep.runs.layout import CHECKPOINTS_DIR, LaunchStatus, epoch_marker, trial_checkpoints
 from fasweep.runs.store import TrackingError
 from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.worker import find_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 SIGN_CONCORDANCE = REPO / "sweeps" / "sign_concordance.yaml"
@@ -198,8 +198,9 @@ def test_a_packed_sweep_gives_every_member_its_own_run_and_the_solo_metrics(ray_
             assert "checkpoint" in {a.path for a in MlflowClient(store).list_artifacts(child.info.run_id)}
         finals[pack] = {c.data.tags["fasweep.trial_key"]: c.data.metrics["test_acc"] for c in children}
         found = find_checkpoints(result.storage, sorted(finals[pack]))
-        assert sorted(found) == sorted(finals[pack])  # a member's checkpoint, found inside its pack's folder
-        assert all(("/pack_" in paths[0]) == (pack > 1) for paths in found.values())
+        assert found == {  # a member's checkpoints are in the folder it has alone
+            key: [f"{trial_checkpoints(result.storage, key)}/{epoch_marker(e)}" for e in (2, 1)] for key in finals[pack]
+        }
     assert finals[4].keys() == finals[1].keys()
     for key, value in finals[1].items():
         assert abs(finals[4][key] - value) <= 1e-6, key
@@ -239,7 +240,7 @@ def test_resume_continues_a_member_packed_or_alone(ray_address, store, tmp_path,
         result = launch(spec, sets={**sets, "pack": pack}, tracking_uri=store, resume=True)
         out = capsys.readouterr().out
         assert result.status == "finished" and result.counts == {"finished": 4}, out
-        assert out.count("continues after epoch 2") == 2, out
+        assert "[main] 2 trials continue after epoch 2\n" in out, out
         for child in runs(store, "packres", "trial"):
             key = child.data.tags["fasweep.trial_key"]
             assert child.data.tags["fasweep.status"] == "finished" and steps(store, child) == [1, 2]
@@ -406,8 +407,6 @@ def test_a_running_launch_holds_the_sweep_and_a_killed_one_resumes_without_repea
             continue
         resumed_from = int(tags["fasweep.resumed_from"])
         assert int(tags["fasweep.epochs_run"]) == epochs - resumed_from, key  # no finished epoch ran twice
-        if resumed_from or key in found:  # a line for each trial that had a checkpoint to continue from
-            assert f"{key} " + (f"continues after epoch {resumed_from}" if resumed_from else "starts over") in out
         if key == truncated:
             assert resumed_from == fallback  # the newest checkpoint was unreadable: the one before it
         elif key in found:
@@ -415,6 +414,10 @@ def test_a_running_launch_holds_the_sweep_and_a_killed_one_resumes_without_repea
         else:
             assert resumed_from == 0  # never checkpointed: starts over
     assert intact in found and int(children[intact].data.tags["fasweep.resumed_from"]) >= 2
+    epochs = sorted(e for c in children.values() if (e := int(c.data.tags.get("fasweep.resumed_from", 0))))
+    span = f"epoch {epochs[0]}" if epochs[0] == epochs[-1] else f"epochs {epochs[0]}-{epochs[-1]}"
+    digest = [line for line in out.splitlines() if line.startswith("[main]") and " continue" in line]
+    assert digest == [f"[main] {len(epochs)} trials continue after {span}"], out  # one line for them all
 
 
 def _sets(flags: list[str]) -> dict:
@@ -569,7 +572,7 @@ def test_a_40_trial_sweep_prints_few_lines_and_keeps_few_checkpoints(ray_address
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "mlflow.store.db.utils" not in line]
     assert len(lines) <= 40, "\n".join(lines)
     assert len(runs(store, "forty", "trial")) == 40
-    trial_dirs = [d for d in (tmp_path / "fasweep-runs" / "forty").glob("*/main/*") if d.is_dir()]
+    trial_dirs = list((tmp_path / "fasweep-runs" / "forty").glob(f"*/{CHECKPOINTS_DIR}/*"))
     assert len(trial_dirs) == 40
-    for folder in trial_dirs:
-        assert 1 <= len(list(folder.glob("checkpoint_*"))) <= 2, folder
+    for folder in trial_dirs:  # written every epoch, the newest 2 kept, nothing else
+        assert sorted(p.name for p in folder.iterdir()) == [epoch_marker(3), epoch_marker(4)], folder

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fasweep.checkpoints import CheckpointPolicy, newest_checkpoint
 from fasweep.config import TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
@@ -27,7 +28,7 @@ from fasweep.models import build_model
 from fasweep.packed import not_packable, pack_differences, packable, train_pack
 from fasweep.packed.net import PackedNet
 from fasweep.packed.optim import StackedOptimizer
-from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE
+from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, epoch_marker
 from fasweep.train import train
 
 DENSE = "Dense32(sign_concordant) Dense16(sign_concordant) Dense10(R*)"
@@ -67,6 +68,13 @@ def _members(arch: str, **sections: dict[str, Any]) -> list[TrialConfig]:
 
 def _untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+
+def _saved(folder: Path) -> Path:
+    """The newest checkpoint file a trial (or member) wrote to `folder`."""
+    path = newest_checkpoint(folder, folder)
+    assert path is not None, f"no checkpoint in {folder}"
+    return path
 
 
 def _bitwise(a: Any, b: Any) -> bool:
@@ -167,12 +175,12 @@ def test_a_diverging_member_leaves_the_pack_and_the_others_finish_unchanged(tmp_
     for k, (config, member) in enumerate(zip(configs, packed, strict=True)):
         alone = train(config, checkpoint_dir=tmp_path / f"alone{k}")
         assert member.status == alone.status and _bitwise(_untimed(member.history), _untimed(alone.history))
-        saved = torch.load(dirs[k] / CHECKPOINT_FILE, weights_only=True)
-        solo = torch.load(tmp_path / f"alone{k}" / CHECKPOINT_FILE, weights_only=True)
+        saved = torch.load(_saved(dirs[k]), weights_only=True)
+        solo = torch.load(_saved(tmp_path / f"alone{k}"), weights_only=True)
         assert _bitwise(saved["model"], solo["model"]) and saved["status"] == member.status
-    frozen = torch.load(dirs[1] / CHECKPOINT_FILE, weights_only=True)["model"]
+    frozen = torch.load(_saved(dirs[1]), weights_only=True)["model"]
     assert all(torch.isfinite(t).all() for t in frozen.values())  # the last good weights
-    again = train_pack(configs[:2], resume_from=[None, dirs[1] / CHECKPOINT_FILE])
+    again = train_pack(configs[:2], resume_from=[None, _saved(dirs[1])])
     assert again[1].status == "diverged" and _bitwise(again[1].history, packed[1].history)
 
 
@@ -183,8 +191,8 @@ def _interrupt_after(epoch: int, last: int) -> Any:
     class Interrupted(Exception):
         pass
 
-    def on_epoch(k: int, metrics: dict[str, float], ckpt: Path | None) -> None:
-        assert ckpt is not None and ckpt.is_file() and (ckpt.parent / HISTORY_FILE).is_file()
+    def on_epoch(k: int, metrics: dict[str, float], saved: str | None) -> None:
+        assert saved is not None and {p.name for p in Path(saved).iterdir()} == {CHECKPOINT_FILE, HISTORY_FILE}
         if metrics["epoch"] == epoch and k == last:
             raise Interrupted
 
@@ -202,17 +210,39 @@ def test_a_member_checkpoint_is_the_trials_own_and_resumes_bitwise_in_either_tra
         interrupted_solo, solo_on_epoch = _interrupt_after(1, last=0)
         with pytest.raises(interrupted_solo):
             train(config, checkpoint_dir=solo_dir, on_epoch=lambda m, c, f=solo_on_epoch: f(0, m, c))
-        packed_state = torch.load(dirs[k] / CHECKPOINT_FILE, weights_only=True)
-        solo_state = torch.load(solo_dir / CHECKPOINT_FILE, weights_only=True)
+        packed_state = torch.load(_saved(dirs[k]), weights_only=True)
+        solo_state = torch.load(_saved(solo_dir), weights_only=True)
         packed_state["history"], solo_state["history"] = (_untimed(s["history"]) for s in (packed_state, solo_state))
         assert _bitwise(packed_state, solo_state)  # model, optimizer, schedule, every RNG, history, config
         whole = train(config)
-        resumed = train(config, resume_from=dirs[k] / CHECKPOINT_FILE)  # a pack's member, resumed alone
+        resumed = train(config, resume_from=_saved(dirs[k]))  # a pack's member, resumed alone
         assert _bitwise(_untimed(resumed.history), _untimed(whole.history))
     # a trial's own checkpoints resume as a pack, members at different epochs (own lr schedule positions)
-    resume = [tmp_path / "solo0" / CHECKPOINT_FILE, None, tmp_path / "solo2" / CHECKPOINT_FILE]
+    resume = [_saved(tmp_path / "solo0"), None, _saved(tmp_path / "solo2")]
     for config, member in zip(configs, train_pack(configs, resume_from=resume), strict=True):
         assert _bitwise(_untimed(member.history), _untimed(train(config).history))
+
+
+def test_each_member_checkpoints_when_its_own_epochs_make_it_due(tmp_path: Path) -> None:
+    configs = [_config(DENSE, seed, train={"epochs": 4}, data={"limit_train": 200}) for seed in range(2)]
+    first = configs[1].model_copy(update={"train": configs[1].train.model_copy(update={"epochs": 1})})
+    train(first, checkpoint_dir=tmp_path / "m1")  # member 1 joins after its epoch 1
+    written: dict[int, list[float]] = {0: [], 1: []}
+
+    def on_epoch(k: int, metrics: dict[str, float], saved: str | None) -> None:
+        if saved is not None:
+            written[k].append(metrics["epoch"])
+
+    policy = CheckpointPolicy(every_epochs=2, keep=9)
+    dirs = [tmp_path / "m0", tmp_path / "m1"]
+    train_pack(
+        configs, checkpoint_dirs=dirs, checkpointing=policy, resume_from=[None, _saved(dirs[1])], on_epoch=on_epoch
+    )
+    assert written == {0: [2.0, 4.0], 1: [3.0, 4.0]}  # 2 epochs after each one's last, and the last
+    assert [sorted(p.name for p in d.iterdir()) for d in dirs] == [
+        [epoch_marker(2), epoch_marker(4)],
+        [epoch_marker(1), epoch_marker(3), epoch_marker(4)],
+    ]
 
 
 def test_a_batched_member_checkpoint_has_the_trials_format_and_resumes_alone(tmp_path: Path) -> None:
@@ -221,8 +251,8 @@ def test_a_batched_member_checkpoint_has_the_trials_format_and_resumes_alone(tmp
     configs = [_config(arch, seed, model={"batchnorm": True}, train=sgd) for seed in range(3)]
     train_pack(configs, checkpoint_dirs=[tmp_path / f"m{k}" for k in range(3)], batched=True)
     train(configs[2], checkpoint_dir=tmp_path / "solo")
-    packed_state = torch.load(tmp_path / "m2" / CHECKPOINT_FILE, weights_only=True)
-    solo_state = torch.load(tmp_path / "solo" / CHECKPOINT_FILE, weights_only=True)
+    packed_state = torch.load(_saved(tmp_path / "m2"), weights_only=True)
+    solo_state = torch.load(_saved(tmp_path / "solo"), weights_only=True)
 
     def shapes(tree: Any) -> Any:
         if isinstance(tree, dict):
@@ -233,7 +263,7 @@ def test_a_batched_member_checkpoint_has_the_trials_format_and_resumes_alone(tmp
 
     assert shapes(packed_state) == shapes(solo_state)
     more = configs[2].model_copy(update={"train": configs[2].train.model_copy(update={"epochs": 3})})
-    resumed = train(more, resume_from=tmp_path / "m2" / CHECKPOINT_FILE)
+    resumed = train(more, resume_from=_saved(tmp_path / "m2"))
     _close(resumed.history, train(more).history, loss=1e-3, degrees=1.0, acc=0.01)
 
 
@@ -308,7 +338,7 @@ def test_packable_groups_trials_that_differ_only_per_member() -> None:
     ]
     groups = packable(same + other)
     assert groups[0] == [0, 1, 2, 3, 4, 5] and all(len(g) == 1 for g in groups[1:]) and len(groups) == 1 + len(other)
-    assert packable(same, size=4) == [[0, 1, 2, 3], [4, 5]]
+    assert packable(same, size=4) == [[0, 1, 2], [3, 4, 5]]
     assert "dropout" in str(not_packable(other[-2])) and "dfa" in str(not_packable(other[-1]))
     assert pack_differences(same[0], other[1]) == ["train.batch_size"]
     split = [_config("DSR1", seed, data={"val_fraction": 0.1}) for seed in (0, 0, 1)]

@@ -7,15 +7,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import pytest
 import torch
 
+from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy, newest_checkpoint
 from fasweep.cli import main
 from fasweep.config import TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
-from fasweep.runs.layout import CHECKPOINT_FILE
-from fasweep.train import make_loss, make_optimizer, train
+from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, epoch_marker
+from fasweep.train import _Trial, make_loss, make_optimizer, train
 
 TIMING = {"epoch_time_s"}
 
@@ -29,6 +31,13 @@ def _config(**sections: dict[str, Any]) -> TrialConfig:
 
 def _untimed(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+def _saved(folder: Path) -> Path:
+    """The newest checkpoint file a trial wrote to `folder`."""
+    path = newest_checkpoint(folder, folder)
+    assert path is not None, f"no checkpoint in {folder}"
+    return path
 
 
 def test_digits_with_random_feedback_learns() -> None:
@@ -56,7 +65,7 @@ def test_linear_task_fa_angle_below_90_and_matches_explicit_products(tmp_path: P
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0]
     assert angles[-1] < 90.0 and angles[-1] < angles[0]
     # the same angle from the final weights by explicit matrix products on the probe batch (256 test pairs)
-    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["model"]
+    state = torch.load(_saved(tmp_path), weights_only=True)["model"]
     data = load_data(cfg.data)
     x, y = data.x_test[:256].double(), data.y_test[:256].double()
     w1, b1, w2, b2 = (state[k].double() for k in ("dense0.weight", "dense0.bias", "dense1.weight", "dense1.bias"))
@@ -79,8 +88,8 @@ def test_resume_after_interruption_continues_bitwise(tmp_path: Path) -> None:
     class Interrupted(Exception):
         pass
 
-    def crash_after_two(metrics: dict[str, float], ckpt: Path | None) -> None:
-        assert ckpt is not None and ckpt.is_file()
+    def crash_after_two(metrics: dict[str, float], saved: str | None) -> None:
+        assert saved is not None and (Path(saved) / CHECKPOINT_FILE).is_file()
         if metrics["epoch"] == 2:
             raise Interrupted
 
@@ -90,17 +99,35 @@ def test_resume_after_interruption_continues_bitwise(tmp_path: Path) -> None:
     resumed = train(
         cfg,
         checkpoint_dir=tmp_path / "cut",
-        resume_from=tmp_path / "cut" / CHECKPOINT_FILE,
+        resume_from=_saved(tmp_path / "cut"),
         on_epoch=lambda m, _: seen.append(m["epoch"]),
     )
     assert seen == [3.0]
     assert _untimed(resumed.history) == _untimed(whole.history)
-    a = torch.load(tmp_path / "whole" / CHECKPOINT_FILE, weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / CHECKPOINT_FILE, weights_only=True)["model"]
+    a = torch.load(_saved(tmp_path / "whole"), weights_only=True)["model"]
+    b = torch.load(_saved(tmp_path / "cut"), weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = cfg.model_copy(update={"feedback": cfg.feedback.model_copy(update={"mode": "random"})})
     with pytest.raises(UserError, match=r"resume_from: .* differs in \['feedback.mode'\]"):
-        train(other, resume_from=tmp_path / "cut" / CHECKPOINT_FILE)
+        train(other, resume_from=_saved(tmp_path / "cut"))
+
+
+def test_alignment_probe_leaves_training_unchanged(tmp_path: Path) -> None:
+    # batch_random draws B's magnitudes from the RNG for every batch: the probe must not consume any of it
+    def run(every: int) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+        cfg = _config(
+            model={"arch": "Dense32(sign_concordant) Dense16(sign_concordant) Dense10"},
+            feedback={"magnitude": "batch_random"},
+            train={"epochs": 2, "batch_size": 50, "alignment_every": every},
+            data={"limit_train": 300},
+        )
+        result = train(cfg, checkpoint_dir=tmp_path / str(every))
+        history = [{k: v for k, v in h.items() if "angle" not in k and "ratio" not in k} for h in result.history]
+        return _untimed(history), torch.load(_saved(tmp_path / str(every)), weights_only=True)["model"]
+
+    (probed, a), (plain, b) = run(1), run(0)
+    assert probed == plain
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_divergence_ends_the_trial_with_its_history(tmp_path: Path) -> None:
@@ -111,24 +138,123 @@ def test_divergence_ends_the_trial_with_its_history(tmp_path: Path) -> None:
     assert result.history == calls and len(calls) < 5
     assert result.final["diverged"] == 1.0 and not math.isfinite(result.final["train_loss"])
     assert all(h["diverged"] == 0.0 for h in result.history[:-1])
-    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    saved = torch.load(_saved(tmp_path), weights_only=True)
     assert saved["status"] == "diverged" and len(saved["history"]) == len(calls)
-    again = train(cfg, resume_from=tmp_path / CHECKPOINT_FILE)
+    again = train(cfg, resume_from=_saved(tmp_path))
     assert again.status == "diverged" and len(again.history) == len(calls)
+
+
+def test_checkpoints_are_written_only_when_due_straight_into_the_trials_folder(tmp_path: Path) -> None:
+    cfg = _config(
+        model={"arch": "Dense16 Dense10"}, train={"epochs": 5, "alignment_every": 0}, data={"limit_train": 200}
+    )
+    written: dict[float, str | None] = {}
+    policy = CheckpointPolicy(every_epochs=2, keep=2)
+    train(
+        cfg, checkpoint_dir=tmp_path / "t", checkpointing=policy, on_epoch=lambda m, s: written.update({m["epoch"]: s})
+    )
+    due = [2, 4, 5]  # every 2 epochs, and the last
+    assert written == {e: str(tmp_path / "t" / epoch_marker(e)) if e in due else None for e in range(1, 6)}
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [epoch_marker(4), epoch_marker(5)]  # the newest 2
+    for epoch in (4, 5):
+        folder = tmp_path / "t" / epoch_marker(epoch)
+        assert sorted(p.name for p in folder.iterdir()) == [CHECKPOINT_FILE, HISTORY_FILE]
+        assert torch.load(folder / CHECKPOINT_FILE, weights_only=True)["epoch"] == epoch
+        assert len(json.loads((folder / HISTORY_FILE).read_text())) == epoch
+    train(cfg, checkpoint_dir=tmp_path / "last", checkpointing=CheckpointPolicy(every_epochs=100))
+    assert [p.name for p in (tmp_path / "last").iterdir()] == [epoch_marker(5)]
+    train(
+        cfg,
+        checkpoint_dir=tmp_path / "timed",
+        checkpointing=CheckpointPolicy(every_epochs=100, every_seconds=1e-6, keep=9),
+    )
+    assert len(list((tmp_path / "timed").iterdir())) == 5  # every epoch: a microsecond has always passed
+
+
+def test_a_resumed_trial_rewrites_the_epochs_it_replays_and_drops_what_killed_writes_left(tmp_path: Path) -> None:
+    cfg = _config(
+        model={"arch": "Dense16 Dense10"}, train={"epochs": 4, "alignment_every": 0}, data={"limit_train": 200}
+    )
+    whole = train(cfg, checkpoint_dir=tmp_path / "whole")
+    folder = tmp_path / "trial"
+    train(cfg, checkpoint_dir=folder, checkpointing=CheckpointPolicy(keep=4))
+    (folder / f".{epoch_marker(3)}.dead.tmp").mkdir()  # a write killed before its rename
+    replayed = train(cfg, checkpoint_dir=folder, resume_from=folder / epoch_marker(2) / CHECKPOINT_FILE)
+    assert _untimed(replayed.history) == _untimed(whole.history)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        epoch_marker(3),
+        epoch_marker(4),
+    ]  # keep 2: rewritten, nothing else
+    a = torch.load(_saved(tmp_path / "whole"), weights_only=True)["model"]
+    b = torch.load(_saved(folder), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_where_folders_cannot_be_renamed_a_checkpoint_is_written_in_place_checkpoint_last(tmp_path: Path) -> None:
+    # an object store (s3://) has no folder rename: a filesystem that is not the local one takes that path
+    folder = CheckpointFolder(tmp_path / "t")
+    folder.fs, folder.path = pyarrow.fs.SubTreeFileSystem(str(tmp_path), pyarrow.fs.LocalFileSystem()), "t"
+    folder.on_disk = False
+    (tmp_path / "t" / epoch_marker(4)).mkdir(parents=True)
+    (tmp_path / "t" / epoch_marker(4) / HISTORY_FILE).write_text("[]")  # a write killed before its checkpoint
+    assert folder.epochs() == []
+    for epoch in (1, 2, 3):
+        folder.write(epoch, b"[]", f"state {epoch}".encode(), keep=2)
+    assert folder.epochs() == [3, 2]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [epoch_marker(2), epoch_marker(3)]
+    copy = folder.local(3, tmp_path / "copy")
+    assert copy.parent == tmp_path / "copy" and (copy / CHECKPOINT_FILE).read_bytes() == b"state 3"
 
 
 def test_init_from_freezes_layers_and_keeps_them_unchanged(tmp_path: Path) -> None:
     source = _config(model={"arch": "Conv3*3/8 Pool3*3 Dense32 Dense10"}, train={"epochs": 1})
     train(source, checkpoint_dir=tmp_path / "src")
-    src = torch.load(tmp_path / "src" / CHECKPOINT_FILE, weights_only=True)["model"]
-    init = {"checkpoint": str(tmp_path / "src" / CHECKPOINT_FILE), "layers": [0, "dense2"]}
+    src = torch.load(_saved(tmp_path / "src"), weights_only=True)["model"]
+    init = {"checkpoint": str(_saved(tmp_path / "src")), "layers": [0, "dense2"]}
     target = _config(model={"arch": "FixConv3*3/8 Pool3*3 Dense32(R) Dense10(R)", "init_from": init})
     train(target, checkpoint_dir=tmp_path / "dst")
-    dst = torch.load(tmp_path / "dst" / CHECKPOINT_FILE, weights_only=True)["model"]
+    dst = torch.load(_saved(tmp_path / "dst"), weights_only=True)["model"]
     for src_key, dst_key in [("conv0", "fixconv0"), ("dense2", "dense2")]:
         for p in ("weight", "bias"):
             assert torch.equal(dst[f"{dst_key}.{p}"], src[f"{src_key}.{p}"])
     assert not torch.equal(dst["dense3.weight"], src["dense3.weight"])
+
+
+# --- bf16 autocast, channels_last and torch.compile on the CPU -----------------------------------------
+CONV = "Conv3*3/8 Conv3*3/8(sign_concordant) Pool3*3 UntieConv3*3/4(R*) Dense10(R)"
+QUICK = {"epochs": 3, "lr": 3e-3, "batch_size": 32}
+
+
+def _close(history: list[dict[str, float]], reference: list[dict[str, float]], rel: float) -> None:
+    """Every metric of every epoch within `rel` (angles near 0 within 1e-3 degrees)."""
+    got, want = _untimed(history), _untimed(reference)
+    assert [h.keys() for h in got] == [h.keys() for h in want]
+    for g, w in zip(got, want, strict=True):
+        assert g == {k: pytest.approx(v, rel=rel, abs=1e-3 if "angle" in k else 1e-6) for k, v in w.items()}
+
+
+def test_bf16_autocast_and_channels_last_run_on_the_cpu() -> None:
+    cfg = _config(model={"arch": CONV}, feedback={"mode": "random"}, train=QUICK)
+    fp32 = train(cfg)
+    bf16 = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": True})}))
+    assert bf16.status == "finished" and bf16.final["test_acc"] > 0.7
+    assert bf16.final["test_acc"] == pytest.approx(fp32.final["test_acc"], abs=0.05)
+    assert bf16.final["test_loss"] != fp32.final["test_loss"]  # bf16 did run
+    trial = _Trial(cfg, channels_last=True)
+    assert trial.model.get_submodule("conv1").weight.stride() == (72, 1, 24, 8)  # (O, C, kh, kw) as channels_last
+    # the same fp32 maths in another memory layout: only the kernels' summation order differs
+    _close([trial.epoch(n) for n in range(1, 4)], fp32.history, rel=1e-3)
+
+
+def test_compiled_trial_learns_and_matches_eager_on_the_cpu() -> None:
+    cfg = _config(model={"arch": "Dense32(sign_concordant) Dense16(R*) Dense10(R)"}, train=QUICK)
+    eager = train(cfg)
+    torch._dynamo.reset()
+    compiled = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})}))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # inductor did compile the net
+    assert compiled.final["test_acc"] > 0.7
+    # fp32 under inductor: fused kernels only reorder float sums
+    _close(compiled.history, eager.history, rel=1e-5)
 
 
 def test_l2_per_layer_group_and_loss_choice() -> None:
@@ -152,7 +278,7 @@ def test_cli_train_writes_metrics_and_checkpoint(tmp_path: Path, capsys: pytest.
     main([*argv, "--set", "train.lr=0.002", "--set", "feedback.mode=random"])
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1.0
-    saved = torch.load(tmp_path / "out" / CHECKPOINT_FILE, weights_only=True)
+    saved = torch.load(tmp_path / "out" / epoch_marker(1) / CHECKPOINT_FILE, weights_only=True)
     assert saved["config"]["train"]["lr"] == 0.002 and saved["config"]["feedback"]["mode"] == "random"
     assert saved["config"]["train"]["batch_size"] == 64
     assert "finished after 1 epochs" in capsys.readouterr().out

@@ -4,8 +4,7 @@ Each member is the trial `fasweep.train.train` would run: seeded from its own `t
 masks drawn exactly as alone), its own data order and augmentation (a generator per seed), optimizer state,
 lr schedule, history and status, and it writes the checkpoint and `history.json` that `train()` writes for
 that trial, so either trainer resumes it. A member whose loss turns non-finite stops before that step, leaves
-the pack with its last good weights (evaluated, as alone) and ends `diverged`; the others go on. Unlike
-`train()`, bf16 autocast, `torch.compile` and channels_last also run on the CPU.
+the pack with its last good weights (evaluated, as alone) and ends `diverged`; the others go on.
 """
 
 from __future__ import annotations
@@ -16,12 +15,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from fasweep.checkpoints import CheckpointPolicy
 from fasweep.config import TrialConfig
 from fasweep.data import TensorData, load_data
 from fasweep.errors import UserError
@@ -29,20 +30,19 @@ from fasweep.models import build_model
 from fasweep.packed.group import not_packable, pack_differences
 from fasweep.packed.net import PackedNet
 from fasweep.packed.optim import StackedOptimizer
-from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE
 from fasweep.train import (
     PROBE_SIZE,
+    Checkpointer,
     TrialResult,
     load_checkpoint,
     make_loss,
     make_optimizer,
     make_scheduler,
     pick_device,
-    save_checkpoint,
-    save_history,
+    use_channels_last,
 )
 
-PackEpochCallback = Callable[[int, dict[str, float], Path | None], None]
+PackEpochCallback = Callable[[int, dict[str, float], str | None], None]  # (member, metrics, its checkpoint or None)
 Status = Literal["finished", "diverged"]
 
 
@@ -125,8 +125,7 @@ class _Pack:
         self.batched = batched
         self.net = PackedNet([m.model for m in members], self.device, [m.draws for m in members], batched)
         self.optimizer = StackedOptimizer([m.optimizer for m in members], [m.model for m in members], self.device)
-        images = len(data.input_shape) == 3
-        self.channels_last = images and (self.device.type == "cuda" if channels_last is None else channels_last)
+        self.channels_last = use_channels_last(self.device, data.input_shape, channels_last)
         self.forward: Callable[[Tensor], Tensor] = torch.compile(self.net.forward) if cfg.compile else self.net.forward
         self.loss_fn = make_loss(cfg.loss, data.task)
         self.probe = next(data.batches("test", PROBE_SIZE, shuffle=False))
@@ -288,7 +287,8 @@ class _Pack:
 def train_pack(
     configs: Sequence[TrialConfig],
     *,
-    checkpoint_dirs: Sequence[Path | None] | None = None,
+    checkpoint_dirs: Sequence[str | Path | None] | None = None,
+    checkpointing: CheckpointPolicy = CheckpointPolicy(),
     resume_from: Sequence[Path | None] | None = None,
     on_epoch: PackEpochCallback | None = None,
     channels_last: bool | None = None,
@@ -296,8 +296,9 @@ def train_pack(
 ) -> list[TrialResult]:
     """Train `configs` (one pack, see `fasweep.packed.group`) as `train()` trains each; results in their order.
 
-    `checkpoint_dirs[k]`/`resume_from[k]` are member k's `checkpoint_dir`/`resume_from` of `train()`;
-    `on_epoch(k, metrics, checkpoint_path)` after each epoch of member k. `channels_last` (image data) and
+    `checkpoint_dirs[k]`/`resume_from[k]` are member k's `checkpoint_dir`/`resume_from` of `train()`, each member
+    checkpointed by its own epochs and clock under `checkpointing`; `on_epoch(k, metrics, checkpoint or None)` after
+    each epoch of member k. `channels_last` (image data) and
     `batched` (conv and untied layers as one call for all members, see `PackedNet`): None = on CUDA.
     """
     n = len(configs)
@@ -316,12 +317,12 @@ def train_pack(
     for k, (state, path) in enumerate(zip(states, resumes, strict=True)):
         if state is not None and path is not None and state["status"] == "diverged":  # as train(): nothing to run
             history = list(state["history"])
-            results[k] = TrialResult("diverged", history, history[-1], Path(path))
+            results[k] = TrialResult("diverged", history, history[-1])
     device = pick_device(configs[0].train.device)
     cfg0 = configs[0]
     data = load_data(cfg0.data, device=str(device), seed=cfg0.train.seed)
     members = [_Member(k, configs[k], data, device, states[k]) for k in range(n) if k not in results]
-    ckpts = {m: Path(d) / CHECKPOINT_FILE if (d := dirs[m.index]) is not None else None for m in members}
+    savers = {m: Checkpointer(d, checkpointing, len(m.history)) for m in members if (d := dirs[m.index]) is not None}
     status: dict[_Member, Status] = dict.fromkeys(members, "finished")
     pack = None
     try:
@@ -331,20 +332,23 @@ def train_pack(
             epoch = pack.epoch()
             for m, metrics in epoch:
                 status[m] = "diverged" if metrics["diverged"] else "finished"
-                path = ckpts[m]
-                if path is not None:
-                    if m in pack.members:
-                        pack.sync(pack.members.index(m))
-                    save_checkpoint(path, m.state(status[m]))
-                    save_history(path.parent / HISTORY_FILE, m.history)
+                saver = savers.get(m)
+                saved = saver.save(len(m.history), m.done, partial(_state, pack, m, status[m])) if saver else None
                 if on_epoch is not None:
-                    on_epoch(m.index, dict(metrics), path)
+                    on_epoch(m.index, dict(metrics), saved)
             pack.retire_done()
         for m in members:
-            results[m.index] = TrialResult(status[m], m.history, dict(m.history[-1]) if m.history else {}, ckpts[m])
+            results[m.index] = TrialResult(status[m], m.history, dict(m.history[-1]) if m.history else {})
         return [results[k] for k in range(n)]
     finally:
         del pack
         if device.type == "cuda":  # several packs share one GPU: give its memory back now
             gc.collect()
             torch.cuda.empty_cache()
+
+
+def _state(pack: _Pack, member: _Member, status: Status) -> dict[str, Any]:
+    """A member's checkpoint (`_Member.state`), its net and optimizer state synced from the pack while in it."""
+    if member in pack.members:
+        pack.sync(pack.members.index(member))
+    return member.state(status)

@@ -3,9 +3,10 @@
 MLflow: one parent run per launch (`<sweep>@<launch_id>`, role `parent`), under it one condition run per
 (stage, condition) (role `condition`: per-epoch mean and sd of its trials), under each its trial runs (role
 `trial`, one per seed), each tagged with the `Tag` names below and named by `condition_run_names`; per-epoch
-metrics use step = epoch. Storage: `<storage>/<sweep>/<launch_id>/<tune experiment>/<trial dir>/checkpoint_*/`,
-each checkpoint folder holding `CHECKPOINT_FILE`, `HISTORY_FILE` and an epoch marker. Everything that writes or
-reads any of this imports the names from here; nothing else spells them.
+metrics use step = epoch. Storage: `<storage>/<sweep>/<launch_id>/` holds one Tune experiment per stage (and per
+`--resume` of it) and `CHECKPOINTS_DIR/<trial dir>/epoch-NNNNNN/` per checkpoint of a trial (`trial_checkpoints`),
+each holding `CHECKPOINT_FILE` and `HISTORY_FILE`. Everything that writes or reads any of this imports the names
+from here; nothing else spells them.
 """
 
 from __future__ import annotations
@@ -185,11 +186,12 @@ def _short_values(values: list[str], named: bool) -> dict[str, str]:
 
 
 def trial_dirname(key: str) -> str:
-    """A trial's folder in a Tune experiment: a readable prefix and a digest of its key (one folder per key)."""
+    """A trial's folder (in a Tune experiment, and of its checkpoints): a readable prefix and a digest of its key."""
     safe = "".join(c if c.isalnum() or c in "-.=," else "_" for c in key.replace("/", ":"))
     return f"{safe[:60]}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
+CHECKPOINTS_DIR = "_checkpoints"  # under a launch's storage root; `_`: never the name of a stage's Tune experiment
 CHECKPOINT_FILE = "checkpoint.pt"  # train()'s checkpoint (torch)
 HISTORY_FILE = "history.json"  # beside it: every epoch's metrics so far, written by train() (no torch to read)
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # a trial run's final checkpoint in MLflow: checkpoint/checkpoint.pt
@@ -200,13 +202,19 @@ REPORT_ARTIFACT_DIR = "report"  # the launch's main report on the parent run (`f
 _MARKER = re.compile(r"epoch-(\d{6,})")
 
 
+def trial_checkpoints(root: str, key: str) -> str:
+    """A trial's checkpoint folder under a launch's storage `root` (a path or URI): the same for every stage
+    experiment and `--resume` of the launch, and for a pack's member as for the trial alone."""
+    return f"{root.rstrip('/')}/{CHECKPOINTS_DIR}/{trial_dirname(key)}"
+
+
 def epoch_marker(epoch: int) -> str:
-    """The empty file in a checkpoint folder that names the epoch it holds (found without reading the folder)."""
+    """The name of a trial's checkpoint folder after `epoch` (its epoch is read off the name)."""
     return f"epoch-{epoch:06d}"
 
 
 def marked_epoch(name: str) -> int | None:
-    """The epoch of an `epoch_marker` file name, None for any other name."""
+    """The epoch of an `epoch_marker` folder name, None for any other name."""
     match = _MARKER.fullmatch(name)
     return int(match.group(1)) if match else None
 
