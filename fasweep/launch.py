@@ -633,7 +633,8 @@ def _run(
     }
     from fasweep.runs.conditions import parent_info
 
-    described = parent_info(plan, configs, best, launch_id)  # params, description, condition runs
+    slots = _slots(plan)
+    described = parent_info(plan, configs, best, launch_id, slots)  # params, description, condition runs
     writer.open_parent(
         launch_id, {str(k): v for k, v in tags.items()}, dump_spec(spec), target.run_id if target else "", described
     )
@@ -642,7 +643,7 @@ def _run(
     driver.storage = root
     verb = "resuming" if target else "launching"
     driver.progress.say(
-        f"{verb} {spec.name} @ {launch_id}: {plan.summary(_slots(plan))}; MLflow {writer.uri}; storage {root}"
+        f"{verb} {spec.name} @ {launch_id}: {plan.summary(slots)}; MLflow {writer.uri}; storage {root}"
     )
     if address and "://" not in spec.storage:
         driver.progress.say(f"note: storage {root} must be a path shared by every Ray node (or s3://) for checkpoints")
@@ -699,10 +700,8 @@ def _trials(writer: RunWriter, launch_id: str) -> list[TrialRecord]:
 
 def _run_stages(plan: Plan, driver: _Driver, root: str, resume: bool) -> LaunchStatus:
     """Run the stages in order; the launch status (finished | failed | interrupted)."""
-    # Tune's own console output off (the legacy engine honours verbose=0); checkpoints force snapshots of the
-    # experiment state by design, so its "snapshotting often" warning is noise here; Tune's result files off.
+    # Tune's own console output off (the legacy engine honours verbose=0); Tune's result files off.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the log (saves the driver ~30% CPU)
     writer = driver.writer
     stages = plan.stages

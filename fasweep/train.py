@@ -265,16 +265,17 @@ def train(
     checkpointing: CheckpointPolicy = CheckpointPolicy(),
     resume_from: Path | None = None,
     on_epoch: EpochCallback | None = None,
+    channels_last: bool | None = None,
 ) -> TrialResult:
     """Train one trial (from the checkpoint file `resume_from`), writing its checkpoints to the folder
-    `checkpoint_dir` as `checkpointing` says; `on_epoch(metrics, checkpoint or None)` after every epoch. See the
-    module docstring."""
+    `checkpoint_dir` as `checkpointing` says; `on_epoch(metrics, checkpoint or None)` after every epoch;
+    `channels_last`: see `use_channels_last`. See the module docstring."""
     parse_layers(resolve_arch(config.model.arch))  # a bad arch fails before the data set loads
     state = load_checkpoint(Path(resume_from), config) if resume_from is not None else None
     if state is not None and state["status"] == "diverged":
         history = list(state["history"])
         return TrialResult("diverged", history, history[-1])
-    trial = _Trial(config)
+    trial = _Trial(config, channels_last)
     try:
         if state is not None:
             trial.restore(state)

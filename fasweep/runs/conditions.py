@@ -13,7 +13,7 @@ resumed (then the writer replaces the run).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +67,12 @@ def merged_params(configs: Sequence[dict[str, Any]]) -> dict[str, str]:
     return {k: v if len(v) <= PARAM_MAX else v[: PARAM_MAX - 1] + "…" for k, v in out.items()}
 
 
-def parent_info(plan: Plan, configs: dict[str, dict[str, Any]], best: Best, launch_id: str) -> ParentInfo:
+def parent_info(
+    plan: Plan, configs: dict[str, dict[str, Any]], best: Best, launch_id: str, slots: Mapping[str, int] | None = None
+) -> ParentInfo:
     """The parent run's params (the trials' `configs` merged: the base config, each varied key as its list of
-    values), its description and the launch's conditions (each with its trials' configs merged as params)."""
+    values), its description (its packs cut to fill `slots`, see `Plan.summary`) and the launch's conditions (each
+    with its trials' configs merged as params)."""
     spec = plan.spec
     groups: dict[tuple[str, str], list[str]] = {}
     for t in plan.trials:
@@ -94,7 +97,7 @@ def parent_info(plan: Plan, configs: dict[str, dict[str, Any]], best: Best, laun
     what = f"{spec.description.strip()}\n\n" if spec.description.strip() else ""
     direction = "highest" if best.mode == "max" else "lowest"
     description = (
-        f"**{spec.name}** @ {launch_id}: {plan.summary()}.\n\n{what}"
+        f"**{spec.name}** @ {launch_id}: {plan.summary(slots)}.\n\n{what}"
         f"Compares {varied}{f' (fixed here: {fixed})' if fixed else ''}; seeds {seeds}. "
         f"Best = the {direction} final `{best.metric}`.\n\n"
         "- **Compare conditions:** one child run per condition holds the mean of its seeds per epoch "
