@@ -642,9 +642,7 @@ def _run(
     driver = _Driver(writer, plan, configs, best, console)
     driver.storage = root
     verb = "resuming" if target else "launching"
-    driver.progress.say(
-        f"{verb} {spec.name} @ {launch_id}: {plan.summary(slots)}; MLflow {writer.uri}; storage {root}"
-    )
+    driver.progress.say(f"{verb} {spec.name} @ {launch_id}: {plan.summary(slots)}; MLflow {writer.uri}; storage {root}")
     if address and "://" not in spec.storage:
         driver.progress.say(f"note: storage {root} must be a path shared by every Ray node (or s3://) for checkpoints")
     status = LaunchStatus.FAILED
