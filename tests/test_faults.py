@@ -28,6 +28,7 @@ SETS = [
     *("--set", "seeds=[0]", "--set", "max_concurrent=2", "--set", "base.train.batch_size=8"),
     *("--set", "max_retries=1"),
 ]
+SLOWER = ("--set", "base.train.batch_size=4")  # twice the steps per epoch: a longer window mid-way
 MAX_LINES = 25  # a driver's whole console for one of these launches
 pytestmark = pytest.mark.slow
 
@@ -130,10 +131,11 @@ def assert_every_epoch_once(uri: str) -> None:
         assert run.data.tags["fasweep.status"] == "finished"
 
 
-def resume_and_check(tmp_path: Path, uri: str, address: str) -> dict[str, int]:
-    """`--resume` finishes the launch: every epoch once; returns trial -> epoch it continued from."""
+def resume_and_check(tmp_path: Path, uri: str, address: str, *extra: str) -> dict[str, int]:
+    """`--resume` (with the launch's `extra` flags) finishes the launch: every epoch once; returns trial -> epoch it
+    continued from."""
     before = {r.data.tags["fasweep.trial_key"]: r.data.tags["fasweep.status"] for r in trial_runs(uri)}
-    driver = Driver(tmp_path, uri, address, "--resume")
+    driver = Driver(tmp_path, uri, address, *extra, "--resume")
     code, _ = driver.wait()
     assert code == 0, driver.output()
     assert len(driver.lines()) <= MAX_LINES, driver.output()
@@ -158,7 +160,7 @@ def uri(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_driver_signal_stops_marks_interrupted_and_resumes(ray_address, uri, tmp_path, sig, code):
-    driver = Driver(tmp_path, uri, ray_address)
+    driver = Driver(tmp_path, uri, ray_address, *SLOWER)  # two trials must be seen mid-way together
     wait_for(driver, mid_way(uri, 2), "two trials were mid-way")
     driver.kill(sig)
     got, seconds = driver.wait(60)
@@ -169,7 +171,7 @@ def test_driver_signal_stops_marks_interrupted_and_resumes(ray_address, uri, tmp
     assert parent.data.tags["fasweep.status"] == "interrupted" and parent.info.status == "KILLED"
     assert_no_run_running(uri)
     assert {r.data.tags["fasweep.status"] for r in trial_runs(uri)} <= {"interrupted", "finished"}
-    resumed = resume_and_check(tmp_path, uri, ray_address)
+    resumed = resume_and_check(tmp_path, uri, ray_address, *SLOWER)
     assert sum(epoch >= 2 for epoch in resumed.values()) >= 2  # the mid-way trials continued
 
 
@@ -221,6 +223,7 @@ def test_a_killed_worker_process_is_retried_from_its_checkpoint(ray_address, uri
 
 def test_a_killed_pack_is_retried_and_every_member_continues_from_its_own_checkpoint(ray_address, uri, tmp_path):
     one_pack = ("--set", "conditions={DS0: {model.arch: DS0}}", "--set", "seeds=[0, 1, 2]", "--set", "pack=3")
+    one_pack += ("--set", "max_concurrent=1")  # one slot: the 3 trials stay one pack (not cut to fill 2 slots)
     driver = Driver(tmp_path, uri, ray_address, *one_pack)
     wait_for(driver, mid_way(uri, 3), "the pack's members were mid-way")
     kill_trial_workers()
