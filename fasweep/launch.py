@@ -202,9 +202,8 @@ class _Driver:
         self.fault = ""  # an environment fault a trial hit: the launch stops
         self.signal: int | None = None  # a signal that asks the launch to stop
         self.storage = ""  # the launch's storage root
-        self.awaited: set[str] = set()  # this stage's --resume trials not yet reporting where they continue
-        self.checkpointed: set[str] = set()  # this stage's --resume trials whose folders hold checkpoints
-        self.continued: dict[str, int] = {}  # this stage's --resume trials -> the epoch each continued after
+        self.resuming_keys: set[str] = set()  # this stage's --resume trials, until its one line is said
+        self.checkpointed: set[str] = set()  # those whose folders hold checkpoints
         self.packs: dict[str, list[str]] = {}  # pack key -> its members' trial keys
 
     def start_stage(self, stage: str, statuses: dict[str, str]) -> None:
@@ -232,14 +231,15 @@ class _Driver:
 
     def resuming(self, keys: list[str], checkpointed: set[str]) -> None:
         """This stage's `--resume` runs `keys`, those in `checkpointed` with checkpoints in their folders."""
-        self.awaited, self.checkpointed, self.continued = set(keys), checkpointed & set(keys), {}
+        self.resuming_keys, self.checkpointed = set(keys), checkpointed & set(keys)
 
     def say_resumed(self) -> None:
         """One line for the stage's `--resume` (once its trials have said where they continue, or at its end): how
         many continue and after which epochs, how many start over and which."""
-        epochs = sorted(e for e in self.continued.values() if e)
-        over = sorted(k for k, e in self.continued.items() if not e and k in self.checkpointed)
-        self.awaited, self.continued = set(), {}
+        continued = {k: self.resumed[k] for k in self.resuming_keys if k in self.resumed}
+        epochs = sorted(e for e in continued.values() if e)
+        over = sorted(k for k, e in continued.items() if not e and k in self.checkpointed)
+        self.resuming_keys = set()
         parts = []
         if epochs:
             span = f"epoch {epochs[0]}" if epochs[0] == epochs[-1] else f"epochs {epochs[0]}-{epochs[-1]}"
@@ -272,11 +272,8 @@ class _Driver:
         if RESUMED_KEY in result and key not in self.resumed:
             epoch = self.resumed[key] = int(result[RESUMED_KEY])
             self.writer.trial_tags(key, {Tag.RESUMED_FROM: str(epoch)})
-            if key in self.awaited:
-                self.awaited.discard(key)
-                self.continued[key] = epoch
-                if not self.awaited:
-                    self.say_resumed()
+            if key in self.resuming_keys and self.resuming_keys <= self.resumed.keys():
+                self.say_resumed()
         if ERROR_KEY in result:
             self.user_errors[key] = self.errors[key] = str(result[ERROR_KEY])
         if FAULT_KEY in result and not self.fault:
@@ -650,7 +647,7 @@ def _run(
     unsaved: TrackingError | None = None
     try:
         _ACTIVE = driver
-        status = _run_stages(plan, driver, root, resume=target is not None)
+        status = _run_stages(plan, driver, root, target is not None, slots)
     except KeyboardInterrupt:
         status = LaunchStatus.INTERRUPTED
     except Exception:
@@ -696,8 +693,9 @@ def _trials(writer: RunWriter, launch_id: str) -> list[TrialRecord]:
     )
 
 
-def _run_stages(plan: Plan, driver: _Driver, root: str, resume: bool) -> LaunchStatus:
-    """Run the stages in order; the launch status (finished | failed | interrupted)."""
+def _run_stages(plan: Plan, driver: _Driver, root: str, resume: bool, slots: dict[str, int]) -> LaunchStatus:
+    """Run the stages in order (each stage's packs cut to fill its `slots`); the launch status (finished | failed |
+    interrupted)."""
     # Tune's own console output off (the legacy engine honours verbose=0); Tune's result files off.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # MLflow is the log (saves the driver ~30% CPU)
@@ -717,7 +715,7 @@ def _run_stages(plan: Plan, driver: _Driver, root: str, resume: bool) -> LaunchS
         if resume:
             keys = [t.key for t in todo]
             driver.resuming(keys, set(find_checkpoints(root, keys)))
-        outcome = _run_stage(plan, todo, driver, root, name, resume, init)
+        outcome = _run_stage(plan, todo, driver, root, name, resume, init, slots[stage])
         driver.say_resumed()  # what trials that never reported left unsaid
         if outcome != LaunchStatus.FINISHED:
             if stage != stages[-1]:
@@ -775,13 +773,14 @@ def _run_stage(
     name: str,
     resumed: bool,
     init: Any,
+    slots: int,
 ) -> LaunchStatus:
-    """One Tune experiment `<root>/<name>` running `trials` (`resumed`: of a --resume); finished | failed |
-    interrupted."""
+    """One Tune experiment `<root>/<name>` running `trials` (`resumed`: of a --resume; packs cut to fill `slots`);
+    finished | failed | interrupted."""
     spec = plan.spec
     keys = [t.key for t in trials]
     configs = {t.key: driver.infos[t.key].config for t in trials}
-    groups = [[t.key for t in g] for g in plan.packs(trials[0].stage, set(keys), _slots(plan)[trials[0].stage])]
+    groups = [[t.key for t in g] for g in plan.packs(trials[0].stage, set(keys), slots)]
     units = {pack_id(g) if len(g) > 1 else g[0]: g for g in groups}  # Tune trial key -> trial keys
     driver.packs = {unit: members for unit, members in units.items() if len(members) > 1}
     planned = {t.key: t for t in trials}
