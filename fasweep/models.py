@@ -206,11 +206,19 @@ def assemble(
     feedback_cfg: FeedbackConfig,
     input_shape: tuple[int, ...],
     num_outputs: int,
+    seed: int | None = None,
 ) -> torch.nn.Sequential:
-    """Build the network of `specs` (no init_from, no finalize): FA layers for every weight layer."""
+    """Build the network of `specs` (no init_from, no finalize): FA layers for every weight layer.
+
+    W comes from the global RNG, layer by layer; each rule draws from its own streams of (`seed`, token index)
+    (`FeedbackRule.seed_streams`; None: `torch.initial_seed()`), so W does not depend on the rules.
+    """
+    import torch
     from torch import nn
 
     from fasweep.nn import FAConv2d, FALinear, UntiedConv2d, make_rule
+
+    seed = torch.initial_seed() if seed is None else seed
 
     options = feedback_cfg.model_dump(exclude={"mode"})
     last_dense = max(i for i, s in enumerate(specs) if s.kind == "dense")
@@ -230,7 +238,7 @@ def assemble(
             shape = (shape[0], _pool_out(shape[1], spec.kernel), _pool_out(shape[2], spec.kernel))
             pools_seen += 1
             continue
-        rule = make_rule(spec.feedback or feedback_cfg.mode, **options)
+        rule = make_rule(spec.feedback or feedback_cfg.mode, **options).seed_streams(seed, i)
         if spec.kind == "dense":
             if len(shape) != 1:
                 layers["flatten"] = nn.Flatten()
@@ -301,13 +309,21 @@ def load_init(model: torch.nn.Module, init: InitFrom) -> None:
 
 
 def build_model(
-    model_cfg: ModelConfig, feedback_cfg: FeedbackConfig, input_shape: tuple[int, ...], num_outputs: int
+    model_cfg: ModelConfig,
+    feedback_cfg: FeedbackConfig,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    seed: int | None = None,
 ) -> torch.nn.Module:
-    """Build the net of `model_cfg.arch` for the data shape; load init_from; freeze FixConv; finalize (DFA)."""
+    """Build the net of `model_cfg.arch` for the data shape; load init_from; freeze FixConv; finalize (DFA).
+
+    Seed the global RNG with the trial seed first; `seed` (default `torch.initial_seed()`) seeds the rules' own
+    streams (`assemble`): one seed gives every rule the same forward weights.
+    """
     from fasweep.nn import finalize
 
     specs = parse_layers(resolve_arch(model_cfg.arch))
-    model = assemble(specs, model_cfg, feedback_cfg, input_shape, num_outputs)
+    model = assemble(specs, model_cfg, feedback_cfg, input_shape, num_outputs, seed)
     fixed = [i for i, spec in enumerate(specs) if spec.kind == "fixconv"]
     init = model_cfg.init_from
     missing = [i for i in fixed if init is None or not any(str(e) in (str(i), f"fixconv{i}") for e in init.layers)]

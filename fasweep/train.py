@@ -145,7 +145,7 @@ class _Trial:
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
         self.data: TensorData = load_data(config.data, device=str(self.device), seed=cfg.seed)
-        self.model = build_model(config.model, config.feedback, self.data.input_shape, self.data.num_outputs)
+        self.model = build_model(config.model, config.feedback, self.data.input_shape, self.data.num_outputs, cfg.seed)
         self.model.to(self.device)
         self.channels_last = use_channels_last(self.device, self.data.input_shape, channels_last)
         if self.channels_last:

@@ -203,3 +203,58 @@ def test_dfa_preset_runs_after_finalize() -> None:
     out = model(torch.randn(3, 1, 8, 8))
     nn.functional.cross_entropy(out, torch.tensor([0, 1, 2])).backward()
     assert model.dense0.weight.grad is not None
+
+
+def _forward_weights(arch: str, mode: str, seed: int) -> dict[str, torch.Tensor]:
+    from fasweep.models import assemble
+
+    torch.manual_seed(seed)  # as train() does before building
+    model = assemble(
+        parse_layers(resolve_arch(arch)), ModelConfig(pool="poggio"), FeedbackConfig(mode=mode), (3, 32, 32), 10
+    )
+    return {k: v for k, v in model.state_dict().items() if ".rule." not in k}
+
+
+_FAMILIES = {
+    "dense shallow": ["DS0", "DSR1", "DSR2", "DSR1-U", "DSR2-U"],
+    "dense deep": ["DD0", "DDR1", "DDR2", "DDR4", "DDR1-U", "DDR2-U", "DDR4-U"],
+    "poggio": ["PG0", "PGR1", "PGR2", "PGR1-U", "PGR2-U"],
+    "untied": ["PG-Untie", "PG-Untie-R1", "PG-Untie-R2", "PG-Untie-R1-U", "PG-Untie-R2-U", "PGR3-Untie"],
+    "fixed first layer": [
+        "PG-Fix-Untie",
+        "PG-Fix-Untie-R2",
+        "PG-Fix-Untie-R3",
+        "PG-Fix-Untie-R2-U",
+        "PG-Fix-Untie-R3-U",
+    ],
+}
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_one_seed_gives_every_rule_of_a_family_the_same_forward_weights(family: str) -> None:
+    """Pairing by seed: W depends on (seed, shapes) only; B, masks and magnitudes come from streams of their own."""
+    first, *others = _FAMILIES[family]
+    base = _forward_weights(first, "bp", seed=7)
+    variants = [(arch, "bp") for arch in others] + [(first, m) for m in ("random", "sign_concordant", "dfa")]
+    for arch, mode in variants:
+        got = _forward_weights(arch, mode, seed=7)
+        assert got.keys() == base.keys()
+        for name, w in base.items():
+            assert torch.equal(got[name], w), f"{arch} ({mode}): {name} differs from {first} (bp) at one seed"
+    other_seed = _forward_weights(first, "bp", seed=8)
+    assert not any(torch.equal(other_seed[k], w) for k, w in base.items() if k.endswith("weight"))
+
+
+def test_rule_streams_differ_by_layer_and_seed_but_not_by_rule() -> None:
+    """R and R* share B at one seed (their only difference is the update); layers and seeds get their own B."""
+
+    def feedback(arch: str, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        model = _build(arch, (1, 8, 8))
+        return {k.split(".")[0]: v for k, v in model.state_dict().items() if k.endswith(".rule.B")}
+
+    r, u = feedback("Dense16(R) Dense16(R) Dense10(R)", 3), feedback("Dense16(R*) Dense16(R*) Dense10(R*)", 3)
+    assert r.keys() == u.keys() == {"dense0", "dense1", "dense2"}
+    assert all(torch.equal(r[k], u[k]) for k in r)
+    assert not torch.equal(r["dense1"][:10, :10], r["dense2"][:10, :10])
+    assert not torch.equal(feedback("Dense16(R) Dense16(R) Dense10(R)", 4)["dense1"], r["dense1"])

@@ -252,7 +252,7 @@ def test_compiled_trial_learns_and_matches_eager_on_the_cpu() -> None:
     torch._dynamo.reset()
     compiled = train(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})}))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # inductor did compile the net
-    assert compiled.final["test_acc"] > 0.7
+    assert compiled.final["test_acc"] > 0.6  # chance: 0.1
     # fp32 under inductor: fused kernels only reorder float sums
     _close(compiled.history, eager.history, rel=1e-5)
 

@@ -6,6 +6,12 @@ Every layer kind (dense, conv, untied) takes the same rules; the layer only supp
 Rule names, their options and the options' checks live in `fasweep.rule_options` (torch-free, shared
 with the spec validator); each rule here is keyed by its name there.
 
+Random draws: a rule seeded with `seed_streams(seed, layer)` (as `fasweep.models` does for every layer it
+builds) draws its B, sign mask and fixed magnitudes from streams of its own, each seeded by (seed, layer,
+purpose), never from the global RNG: the forward weights W of a net then depend only on the seed and the layer
+shapes, not on which rule each layer uses, so trials of one seed pair across rules. An unseeded rule draws from
+the global RNG. batch_random's per-batch magnitudes always come from the global RNG (the trial's, checkpointed).
+
 Scales: with `init_scale=None`, random B is drawn from W's own init, U(-1/sqrt(fan_in), 1/sqrt(fan_in));
 sign-concordant magnitudes use sigma = init_scale or that distribution's std, 1/sqrt(3 fan_in), so
 the RMS of B equals the RMS of a freshly initialised W for every magnitude option.
@@ -13,7 +19,9 @@ the RMS of B equals the RMS of a freshly initialised W for every magnitude optio
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -23,6 +31,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fasweep.errors import UserError
 from fasweep.rule_options import OPTIONS, RULE_OPTIONS, Magnitude, require_option
+
+
+def stream_seed(seed: int, layer: int, purpose: str) -> int:
+    """The seed of one random draw of a rule: layer `layer`'s `purpose` ("B", "signs", ...) in the trial of `seed`."""
+    digest = hashlib.blake2b(f"fasweep/{seed}/{layer}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class LayerOp(Protocol):
@@ -58,6 +72,7 @@ class FeedbackRule(nn.Module):
         self.bound = False
         self.exact = False  # set by `exact_backprop`: behave as bp
         self.last: Tensor | None = None  # B used by the last gradient-carrying forward
+        self.stream: tuple[int, int] | None = None  # (seed, layer) of `seed_streams`; None: the global RNG
 
     def options(self) -> dict[str, Any]:
         """Constructor keyword options, to make an unbound copy of this rule."""
@@ -67,17 +82,34 @@ class FeedbackRule(nn.Module):
         """A fresh rule with the same options (a rule belongs to one layer)."""
         return type(self)(**self.options())
 
+    def seed_streams(self, seed: int, layer: int) -> FeedbackRule:
+        """Draw this rule's random tensors from streams of (seed, layer, purpose) instead of the global RNG."""
+        self.stream = (seed, layer)
+        return self
+
+    def generator(self, purpose: str) -> torch.Generator | None:
+        """A CPU generator for one draw (`purpose`) of this rule, or None (the global RNG) for an unseeded rule."""
+        if self.stream is None:
+            return None
+        return torch.Generator().manual_seed(stream_seed(*self.stream, purpose))
+
     def bind(self, weight: Tensor, fan_in: int) -> None:
         """Attach to a layer's weight: draw whatever B needs (called once by the layer)."""
         self.fan_in = fan_in
         self.bound = True
 
-    def draw_like_init(self, weight: Tensor) -> Tensor:
+    def draw(self, like: Tensor, purpose: str, fill: Callable[[Tensor, torch.Generator | None], Tensor]) -> Tensor:
+        """`fill(empty tensor shaped like `like`, generator)` from this rule's `purpose` stream, on like's device."""
+        g = None if like.is_meta else self.generator(purpose)
+        out = torch.empty(like.shape, dtype=like.dtype, device=like.device if g is None else "cpu")
+        return fill(out, g).to(like.device)
+
+    def draw_like_init(self, weight: Tensor, purpose: str = "B") -> Tensor:
         """A tensor shaped like `weight` from N(0, init_scale), or W's init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
         if self.init_scale is not None:
-            return torch.randn_like(weight) * self.init_scale
+            return self.draw(weight, purpose, lambda t, g: t.normal_(0.0, self.init_scale, generator=g))
         bound = 1.0 / math.sqrt(self.fan_in)
-        return torch.empty_like(weight).uniform_(-bound, bound)
+        return self.draw(weight, purpose, lambda t, g: t.uniform_(-bound, bound, generator=g))
 
     def matrix(self, weight: Tensor) -> Tensor:
         """B to send the gradient back through, for the forward pass about to run."""
@@ -201,6 +233,10 @@ register_optimizer_step_pre_hook(_before_optimizer_step)
 register_optimizer_step_post_hook(_after_optimizer_step)
 
 
+def _permutation(out: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randperm(out.numel(), generator=generator, out=out)
+
+
 class SignConcordantFeedback(FeedbackRule):
     """`sign_concordant` (Liao, Leibo & Poggio 2016): B = M * sign(W) * s, recomputed from the current W.
 
@@ -222,13 +258,15 @@ class SignConcordantFeedback(FeedbackRule):
         super().bind(weight, fan_in)
         self.sigma = self.init_scale if self.init_scale is not None else 1.0 / math.sqrt(3.0 * fan_in)
         n = weight.numel()
+        order = self.draw(torch.empty(n, dtype=torch.long, device=weight.device), "signs", _permutation)
         agree = torch.zeros(n, dtype=torch.bool, device=weight.device)
-        agree[torch.randperm(n, device=weight.device)[: round(self.concordance * n)]] = True
+        agree[order[: round(self.concordance * n)]] = True
         signs = torch.where(agree, 1.0, -1.0).to(weight.dtype).view_as(weight)
         if self.magnitude == "uniform":
             signs *= self.sigma
         elif self.magnitude == "fixed_random":
-            signs *= self._draw_magnitude(weight.detach())
+            signs *= self.draw(weight.detach(), "magnitude", lambda t, g: t.normal_(generator=g).abs_())
+            signs *= self.sigma
         self.register_buffer("signed_magnitude", signs)
 
     def _draw_magnitude(self, weight: Tensor) -> Tensor:
@@ -268,7 +306,8 @@ class DirectFeedback(FeedbackRule):
             raise RuntimeError("dfa layer has no output error for this batch: call fasweep.nn.finalize(model)")
         e = error.reshape(error.shape[0], -1)
         if self.B.numel() == 0:
-            self.B = self.draw_like_init(torch.empty(e.shape[1], x[0].numel(), dtype=e.dtype, device=e.device))
+            like = torch.empty(e.shape[1], x[0].numel(), dtype=e.dtype, device=e.device)
+            self.B = self.draw_like_init(like, "dfa")
         self.last = self.B
         return (e.to(self.B.dtype) @ self.B).view(x.shape).to(x.dtype)
 

@@ -57,7 +57,7 @@ class _Member:
         self.index, self.config, self.device = index, config, device
         torch.manual_seed(cfg.seed)  # as train(): the same W, B and masks as the trial alone
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
-        self.model = build_model(config.model, config.feedback, data.input_shape, data.num_outputs)
+        self.model = build_model(config.model, config.feedback, data.input_shape, data.num_outputs, cfg.seed)
         rng_cpu = torch.get_rng_state()
         self.rng_cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
         self.optimizer = make_optimizer(self.model, cfg)
