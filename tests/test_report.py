@@ -745,6 +745,8 @@ def test_small_multiples_past_the_legend_limit(
     assert f"![curves.png](curves.png)\n\n{caption}" in md
     assert f"<figcaption class='note'>{html.escape(caption)}</figcaption>" in page
     assert json.loads((out / "report.json").read_text())["captions"]["curves.png"] == caption
+    again = learning_curves(sweep, "test_acc").save(tmp_path)  # same data, same bytes
+    assert again.read_bytes() == (out / "curves.png").read_bytes()
 
 
 def test_bands_clipped_to_the_metric_range(deep_store: str) -> None:
@@ -789,7 +791,7 @@ def test_identically_zero_angles_omitted_and_named(
     for ax in axes:
         assert [line.get_label() for line in ax.get_lines()] == [a for a in DEEP_ARCHS if a != "DS0"]
     note = (
-        "not drawn, angle identically 0° (within 0.001°) at every epoch and seed: exact gradient: "
+        "Not drawn, angle identically 0° (within 0.001°) at every epoch and seed: exact gradient: "
         "layer dense4 (every condition); DS0,loss=cross_entropy (every layer); DS0,loss=hinge (every layer)"
     )
     assert note in plot.caption and note in " ".join(plot.figure.get_suptitle().split())

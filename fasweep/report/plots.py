@@ -28,7 +28,7 @@ from fasweep.runs.layout import TrialStatus
 MAX_CURVES = 12  # the legend's limit: more conditions than this are drawn as small multiples (one row per value)
 MAX_PANELS = 8  # metric vs axis: at most this many panels for the axes beyond x and line, else those are pooled
 STAGE = "stage"  # the pseudo-axis of a staged sweep's stages
-BAND = "band: 95% CI of the mean over seeds (Student t)"
+BAND = "band: 95% CI of that mean, Student t"
 
 # The values a metric can take, by metric-name prefix (the longest matching prefix wins): every band and error bar
 # is clipped to it, so a wide interval of few seeds never draws an accuracy below 0 or an angle below 0°.
@@ -219,7 +219,7 @@ def _legend(ax: Axes) -> None:
 
 
 def _wrap(text: str) -> str:
-    return "\n".join(textwrap.wrap(text, 160))
+    return "\n".join(line for paragraph in text.split("\n") for line in textwrap.wrap(paragraph, 160))
 
 
 def learning_curves(sweep: Sweep, metric: str) -> Plot:
@@ -267,7 +267,7 @@ def _degenerate(trials: list[Trial], key: str) -> str | None:
 
 
 def _omitted_text(omitted: dict[str, dict[str, list[str]]], layers: list[str], conditions: list[str]) -> str:
-    """'not drawn, <reason>: layer dense4 (every condition); DD0 (every layer)' per reason, from
+    """'Not drawn, <reason>: layer dense4 (every condition); DD0 (every layer)' per reason, from
     reason -> condition -> layers omitted."""
     parts = []
     for reason, by_condition in omitted.items():
@@ -278,7 +278,7 @@ def _omitted_text(omitted: dict[str, dict[str, list[str]]], layers: list[str], c
             if rest:
                 every = len(rest) == len(layers) - len(whole_layers)
                 names.append(f"{cond} ({'every layer' if every else 'layer ' + ', '.join(rest)})")
-        parts.append(f"not drawn, {reason}: {'; '.join(names)}")
+        parts.append(f"Not drawn, {reason}: {'; '.join(names)}")
     return ". ".join(parts)
 
 
