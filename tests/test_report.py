@@ -6,6 +6,7 @@ Every number the report prints is recomputed here independently from `mlflow.sea
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import os
@@ -646,38 +647,183 @@ def test_stages_and_stopped_trials(layout_store: str, capsys: pytest.CaptureFixt
     ]
 
 
-def test_many_conditions_curves_grouped_by_axis() -> None:
-    """Beyond MAX_CURVES conditions the curves pool per value of the plotted axis; up to it, one per condition."""
-    from fasweep.report.collect import Sweep, Trial
-    from fasweep.report.plots import MAX_CURVES, curve_groups
+# in the plan's order (yaml.safe_dump sorts the logged spec's conditions); DS0 is BP: all its angles are 0°
+DEEP_ARCHS = ["DD0", "DDR1", "DDR2", "DDR4", "DS0", "DSR1", "DSR1-U", "DSR2", "DSR2-U"]
+DEEP_SPEC = {
+    "name": "deep",
+    "base": {"data": {"name": "digits"}, "train": {"epochs": EPOCHS}},
+    "conditions": {arch: {"model.arch": arch} for arch in DEEP_ARCHS},
+    "grid": {"train.loss": ["cross_entropy", "hinge"]},
+    "seeds": [0, 1],
+}
+WIDE = "DSR1,loss=hinge"  # its two seeds' test_acc: 0.02 and 0.40 at every epoch, a t band far below 0
 
-    def trial(c: int, s: int) -> Trial:
-        key, condition = f"r{c}{s}", f"lr={c},seed_axis={s}"
-        return Trial(
-            run_id=key,
-            key=key,
-            stage="main",
-            condition=condition,
-            seed=s,
-            status="finished",
-            name=key,
-            start_time=c,
-            end_time=0,
-            metrics={"test_acc": 0.5},
-            params={"train.lr": str(c)},
-            tags={},
-        )
 
-    def sweep(n: int) -> Sweep:
-        trials = [trial(c, s) for c in range(n) for s in range(2)]
-        order = list(dict.fromkeys(t.label for t in trials))
-        return Sweep("s", "sqlite://", ["p"], ["L"], ["L"], ["train.lr"], {}, order, trials)
+def deep_trials(rng: np.random.Generator) -> list[dict[str, Any]]:
+    """9 archs × 2 losses = 18 conditions (past MAX_CURVES) × 2 seeds; hinge losses on another scale than
+    cross-entropy; the last layer's angle is 0° (exactly, or 1e-6° of float noise) everywhere, and every
+    angle of the BP arch DS0 is exactly 0°."""
+    out = []
+    for arch in DEEP_ARCHS:
+        for loss in ("cross_entropy", "hinge"):
+            for s in (0, 1):
+                metrics = _curves(rng)
+                if loss == "hinge":
+                    metrics["train_loss"] = rng.uniform(5, 60, EPOCHS).tolist()
+                if f"{arch},loss={loss}" == WIDE:
+                    metrics["test_acc"] = [(0.02, 0.40)[s]] * EPOCHS
+                metrics["angle/dense4"] = [1e-6 * (loss == "hinge")] * EPOCHS
+                if arch == "DS0":
+                    metrics["angle/dense0"] = metrics["angle/dense2"] = [0.0] * EPOCHS
+                params = {"model.arch": arch, "train.loss": loss, "train.seed": s, "train.epochs": EPOCHS}
+                out.append({"condition": f"{arch},loss={loss}", "seed": s, "metrics": metrics, "params": params})
+    return out
 
-    groups, grouping = curve_groups(sweep(MAX_CURVES // 2), "train.lr")
-    assert grouping == "condition" and len(groups) == MAX_CURVES
-    groups, grouping = curve_groups(sweep(MAX_CURVES), "train.lr")
-    assert grouping == "train.lr" and list(groups) == [f"lr={c}" for c in range(MAX_CURVES)]
-    assert all(len(g) == 2 for g in groups.values())
+
+@pytest.fixture(scope="module")
+def deep_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("deep")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    write_sweep(
+        uri, root, DEEP_SPEC, "launch-D", deep_trials(np.random.default_rng(3)), axes=["model.arch", "train.loss"]
+    )
+    return uri
+
+
+def loaded(uri: str, name: str) -> Any:
+    """The sweep as the report reads it, with the histories its plots use."""
+    from fasweep.report.collect import fetch_histories, load_sweep
+    from fasweep.report.plots import angle_keys
+
+    sweep = load_sweep(uri, name)
+    fetch_histories(uri, sweep.trials, ["test_acc", "train_loss", *angle_keys(sweep)])
+    return sweep
+
+
+def band_ys(ax: Any) -> np.ndarray:
+    """The y of every vertex of the axes' bands (fill_between's PolyCollections)."""
+    ys = [p.vertices[:, 1] for c in ax.collections for p in c.get_paths()]
+    return np.concatenate(ys) if ys else np.array([])
+
+
+def test_small_multiples_past_the_legend_limit(
+    deep_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """18 conditions (9 archs × 2 losses): one row per train.loss value, one line per condition in it (the mean of
+    its own 2 seeds, from the metric histories), nothing pooled; the report's md and html captions say so."""
+    from fasweep.report.plots import MAX_CURVES, learning_curves
+
+    sweep = loaded(deep_store, "deep")
+    assert len(sweep.condition_order) > MAX_CURVES
+    plot = learning_curves(sweep, "test_acc")
+    axes = [ax for ax in plot.figure.axes if ax.get_visible()]
+    assert len(axes) == 4  # 2 losses × (test_acc, train_loss)
+    client = MlflowClient(deep_store)
+    df = trial_runs(deep_store, "deep")
+    for ax in axes:
+        loss = ax.get_title().removeprefix("train.loss = ")
+        key = ax.get_ylabel()
+        assert loss in ("cross_entropy", "hinge") and key in ("test_acc", "train_loss")
+        lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+        assert list(lines) == DEEP_ARCHS  # one line per condition of this loss, labelled by its arch
+        for arch, ys in lines.items():
+            runs = df[df["tags.fasweep.condition"] == f"{arch},loss={loss}"]["run_id"]
+            assert len(runs) == 2
+            seeds = [[m.value for m in sorted(client.get_metric_history(r, key), key=lambda m: m.step)] for r in runs]
+            assert ys == pytest.approx(np.mean(seeds, axis=0), abs=1e-12)
+    for ax in plot.figure.axes[1::2]:  # each row's legend: that row's 9 conditions
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == DEEP_ARCHS
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, "deep", "--tracking-uri", deep_store, "--out", str(out), "--no-log")
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.png")) == ["angles.png", "curves.png", "test_acc_vs_model.arch.png"]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    caption = plot.caption
+    assert "one row per train.loss value (18 conditions, more than 12 for one legend)" in caption
+    assert "mean over its seeds (n = 2 seeds)" in caption and "95% CI" in caption and "Nothing pooled" in caption
+    assert "pooled over" not in caption
+    assert f"![curves.png](curves.png)\n\n{caption}" in md
+    assert f"<figcaption class='note'>{html.escape(caption)}</figcaption>" in page
+    assert json.loads((out / "report.json").read_text())["captions"]["curves.png"] == caption
+    again = learning_curves(sweep, "test_acc").save(tmp_path)  # same data, same bytes
+    assert again.read_bytes() == (out / "curves.png").read_bytes()
+
+
+def test_bands_clipped_to_the_metric_range(deep_store: str) -> None:
+    """A 2-seed t band of 0.02 and 0.40 reaches far below 0: drawn from 0 (accuracy), as losses from 0 and
+    angles within [0°, 180°]."""
+    from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_range
+
+    assert 0.21 - math.tan(0.475 * math.pi) * np.std([0.02, 0.40], ddof=1) / math.sqrt(2) < -1  # unclipped
+    sweep = loaded(deep_store, "deep")
+    curves = learning_curves(sweep, "test_acc")
+    angles = angle_curves(sweep, angle_keys(sweep))
+    checked = 0
+    for ax in curves.figure.axes + angles.figure.axes:
+        if not ax.get_visible() or not ax.collections:
+            continue
+        key = ax.get_ylabel() if ax.get_ylabel() in ("test_acc", "train_loss") else "angle/"
+        low, high = metric_range(key)
+        ys = band_ys(ax)
+        assert len(ys) and low <= ys.min() and ys.max() <= high, (ax.get_title(), key)
+        checked += 1
+    assert checked == 4 + 4  # curves: 2 rows × 2 panels; angles: 2 rows × dense0, dense2
+    [wide_ax] = [ax for ax in curves.figure.axes if ax.get_title().endswith("hinge") and ax.get_ylabel() == "test_acc"]
+    [wide] = [c for c, line in zip(wide_ax.collections, wide_ax.get_lines(), strict=True) if line.get_label() == "DSR1"]
+    assert min(p.vertices[:, 1].min() for p in wide.get_paths()) == 0.0  # clipped at 0, not dropped
+    assert metric_range("bw_norm_ratio/dense0") == (0.0, math.inf) and metric_range("epoch") == (-math.inf, math.inf)
+
+
+def test_identically_zero_angles_omitted_and_named(
+    deep_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last layer (0° or 1e-6° everywhere) gets no panel and the BP arch no line; the figure's title and the
+    report's captions say which and why."""
+    from fasweep.report.plots import angle_curves, angle_keys
+
+    sweep = loaded(deep_store, "deep")
+    assert angle_keys(sweep) == ["angle/dense0", "angle/dense2", "angle/dense4"]
+    plot = angle_curves(sweep, angle_keys(sweep))
+    axes = [ax for ax in plot.figure.axes if ax.get_visible()]
+    assert sorted(ax.get_title() for ax in axes) == sorted(
+        f"{layer} · train.loss = {loss}" for layer in ("dense0", "dense2") for loss in ("cross_entropy", "hinge")
+    )
+    for ax in axes:
+        assert [line.get_label() for line in ax.get_lines()] == [a for a in DEEP_ARCHS if a != "DS0"]
+    note = (
+        "Not drawn, angle identically 0° (within 0.001°) at every epoch and seed: exact gradient: "
+        "layer dense4 (every condition); DS0,loss=cross_entropy (every layer); DS0,loss=hinge (every layer)"
+    )
+    assert note in plot.caption and note in " ".join(plot.figure.get_suptitle().split())
+    out = tmp_path / "r"
+    code, _, err = run_cli(capsys, "deep", "--tracking-uri", deep_store, "--out", str(out), "--no-log")
+    assert code == 0, err
+    assert note in (out / "report.md").read_text() and html.escape(note) in (out / "report.html").read_text()
+
+
+def test_metric_vs_axis_splits_or_names_what_it_pools(
+    layout_store: str, deep_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A varied axis beyond x and line gets a panel per value (stages too); past MAX_PANELS values it is pooled,
+    and the title and caption say over what and with how many trials per point."""
+    from fasweep.report.plots import metric_vs_axis
+
+    staged = metric_vs_axis(loaded(layout_store, "staged"), "test_acc", "final", "feedback.mode", None)
+    titles = [ax.get_title() for ax in staged.figure.axes if ax.get_visible()]
+    assert titles == ["stage = pre", "stage = post"]  # pre/bp and post/bp never share a point
+    assert "one panel per stage value" in staged.caption and "Nothing pooled beyond seeds" in staged.caption
+    grid = loaded(layout_store, "grid")
+    by_mag = metric_vs_axis(grid, "test_acc", "final", "feedback.concordance", None)
+    assert len([ax for ax in by_mag.figure.axes if ax.get_visible()]) == len(MAGNITUDE)
+    deep = metric_vs_axis(loaded(deep_store, "deep"), "test_acc", "final", "train.loss", None)
+    assert len(deep.figure.axes) == 1  # 9 archs: more than MAX_PANELS panels, so pooled and named
+    pooled = "pooled over model.arch (n = 18 trials per point)"
+    assert pooled in deep.caption and pooled in " ".join(deep.figure.get_suptitle().split())
+    out = tmp_path / "r"
+    args = ("deep", "--tracking-uri", deep_store, "--out", str(out), "--by", "train.loss")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert pooled in (out / "report.md").read_text() and html.escape(pooled) in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(

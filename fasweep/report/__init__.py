@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, fetch_histories, load_sweep
-from fasweep.report.plots import angle_curves, angle_keys, curve_groups, learning_curves, metric_vs_axis
+from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
 from fasweep.report.stats import CI_METHODS, PAIRINGS
 from fasweep.report.tables import (
     Table,
@@ -54,6 +54,7 @@ class Report:
     ci: str
     tables: list[Table]
     images: dict[str, bytes] = field(default_factory=dict)  # plot file name -> PNG bytes
+    captions: dict[str, str] = field(default_factory=dict)  # plot file name -> what its lines, bands, panels are
     files: list[Path] = field(default_factory=list)  # written under `out`
     logged: str = ""  # where the report went in MLflow, or why it could not be logged
 
@@ -61,22 +62,32 @@ class Report:
 def render(report: Report, fmt: str) -> str:
     """The report's tables in one format: md, csv, json, or a self-contained html page (plots embedded)."""
     if fmt == "md":
-        return render_md(report.tables)
+        return render_md(report.tables) + _md_figures(report)
     if fmt == "csv":
         return render_csv(report.tables)
     if fmt == "json":
         meta = {"sweep": report.sweep.name, "launches": report.sweep.launches, "metric": report.metric}
-        return render_json(report.tables, **meta, at=report.at, ci=report.ci, plots=list(report.images))
+        plots = {"plots": list(report.images), "captions": report.captions}
+        return render_json(report.tables, **meta, at=report.at, ci=report.ci, **plots)
     if fmt == "html":
         return _html_page(report)
     raise UserError.field("--format", fmt, " | ".join(FORMATS))
 
 
+def _md_figures(report: Report) -> str:
+    """The plots, linked by file name (they lie beside report.md), each with its caption."""
+    return "".join(
+        f"### {name.removesuffix('.png')}\n\n![{name}]({name})\n\n{report.captions.get(name, '')}\n\n"
+        for name in report.images
+    )
+
+
 def _html_page(report: Report) -> str:
     sweep = report.sweep
     images = "".join(
-        f"<h2>{html.escape(name.removesuffix('.png'))}</h2><img alt='{html.escape(name)}' "
+        f"<h2>{html.escape(name.removesuffix('.png'))}</h2><figure><img alt='{html.escape(name)}' "
         f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+        f"<figcaption class='note'>{html.escape(report.captions.get(name, ''))}</figcaption></figure>"
         for name, data in report.images.items()
     )
     tables = "".join(render_html(t) for t in report.tables)
@@ -203,15 +214,15 @@ def _write(report: Report, folder: Path, by: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     sweep, metric, at = report.sweep, report.metric, report.at
     x_axis, line_axis = _plot_axes(sweep, by)
-    groups, grouping = curve_groups(sweep, x_axis)
-    plots = [learning_curves(sweep.name, groups, grouping, metric, folder / "curves.png")]
+    plots = [learning_curves(sweep, metric)]
     if angles := angle_keys(sweep):
-        plots.append(angle_curves(sweep.name, groups, grouping, angles, folder / "angles.png"))
+        plots.append(angle_curves(sweep, angles))
     if x_axis:
-        path = folder / f"{_slug(metric)}_vs_{_slug(x_axis)}.png"
-        plots.append(metric_vs_axis(sweep, metric, at, x_axis, line_axis, path))
-    report.images = {p.name: p.read_bytes() for p in plots}
-    report.files = list(plots)
+        plots.append(metric_vs_axis(sweep, metric, at, x_axis, line_axis))
+    paths = [p.save(folder) for p in plots]
+    report.images = {p.name: p.read_bytes() for p in paths}
+    report.captions = {p.name: p.caption for p in plots}
+    report.files = list(paths)
     for fmt in FORMATS:
         path = folder / f"report.{fmt}"
         path.write_text(render(report, fmt))
