@@ -315,7 +315,7 @@ def test_stage_init_from_is_symbolic_and_stage_overrides_apply() -> None:
             "layers": [0],
             "freeze": True,
             "select": "best",
-            "metric": "test_acc",
+            "metric": "val_acc",
             "mode": "max",
         }
         init = trial.config["model"]["init_from"]
