@@ -144,7 +144,10 @@ def validate(specs: list[Path], set_: SetOpt = None) -> None:
     bad = 0
     for path in specs:
         try:
-            typer.echo(f"ok {path}: {load_spec(path, sets).summary()}")
+            planned = load_spec(path, sets)
+            typer.echo(f"ok {path}: {planned.summary()}")
+            for warning in planned.warnings():
+                typer.echo(f"warning: {path}: {warning}", err=True)
         except UserError as exc:
             bad += 1
             typer.echo(f"error: {exc}", err=True)
@@ -179,6 +182,8 @@ def plan(spec: Path, set_: SetOpt = None) -> None:
     gpus = planned.gpus_needed()
     console.print(f"{planned.summary()}; GPUs at full concurrency: {gpus:g} ({concurrency})")
     console.print(f"storage {sweep.storage}; retries {sweep.max_retries}; axes: {', '.join(sweep.axes) or 'none'}")
+    for warning in planned.warnings():
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -55,6 +55,12 @@ class DataConfig(Strict):
     limit_train: int | None = Field(default=None, gt=0, description="use only the first N training samples")
     limit_test: int | None = Field(default=None, gt=0, description="use only the first N test samples")
 
+    @property
+    def validation(self) -> bool:
+        """Whether trials hold out a validation split (and log `val_*` metrics that select: see
+        `fasweep.runs.layout.selection_metric`); no data set has one of its own, so `val_fraction` > 0."""
+        return self.val_fraction > 0
+
 
 class InitFrom(Strict):
     """Load some layers' weights from a checkpoint (e.g. a trained PG0's first conv), optionally frozen."""

@@ -640,6 +640,8 @@ def _run(
     driver.storage = root
     verb = "resuming" if target else "launching"
     driver.progress.say(f"{verb} {spec.name} @ {launch_id}: {plan.summary(slots)}; MLflow {writer.uri}; storage {root}")
+    for warning in plan.warnings():
+        driver.progress.say(f"warning: {warning}")
     if address and "://" not in spec.storage:
         driver.progress.say(f"note: storage {root} must be a path shared by every Ray node (or s3://) for checkpoints")
     status = LaunchStatus.FAILED

@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fasweep.config import (
+    DataConfig,
     Loc,
     Seed,
     Strict,
@@ -42,7 +43,7 @@ from fasweep.config import (
 )
 from fasweep.errors import UserError
 from fasweep.packed.group import packable
-from fasweep.runs.layout import trial_key
+from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, on_test_data, selection_metric, trial_key
 
 MAX_SPEC_BYTES = 1 << 20  # a spec's text (the shipped ones are under 5 KB)
 MAX_YAML_NODES = 100_000  # YAML values of a spec (or a --set value), each alias counted as often as it is used
@@ -138,7 +139,10 @@ class StageInit(Strict):
     select: Literal["best", "last"] = Field(
         default="best", description="best: the seed run with the best final `metric`; last: the last run to finish"
     )
-    metric: str = "test_acc"
+    metric: str = Field(
+        default="test_acc",
+        description="unset: val_acc where the source holds out a validation split; a test metric there is refused",
+    )
     mode: Literal["max", "min"] = "max"
 
     def symbol(self) -> str:
@@ -731,6 +735,30 @@ def _check_init(stage: Stage, sloc: Loc, earlier: dict[str, list[_Cell]], source
         )
 
 
+def _check_selection(stage: Stage, sloc: Loc, earlier: list[PlannedTrial], source: _Source) -> None:
+    """A stage's `init_from` with `select: best` chooses on validation data where its source condition holds out a
+    validation split: an unset `metric` becomes the validation one (`selection_metric`: `val_acc`); a test metric
+    set there is refused (choosing on test data while a validation split exists is a mistake)."""
+    init = stage.init_from
+    assert init is not None
+    sources = [t for t in earlier if t.stage == init.stage and t.condition == init.condition]
+    if init.select != "best":
+        return
+    if not any(DataConfig.model_validate(t.config["data"]).validation for t in sources):
+        if init.metric.startswith(VAL_PREFIX):  # it would only fail once the source stage has run
+            expected = f"a metric its runs log: {init.stage}/{init.condition} holds out no validation split"
+            raise source.bad((*sloc, "init_from", "metric"), init.metric, f"{expected} (set data.val_fraction > 0)")
+        return
+    wanted = selection_metric(init.metric, validation=True)
+    if wanted == init.metric:
+        return
+    if "metric" not in init.model_fields_set:
+        init.metric = wanted
+        return
+    why = f"{init.stage}/{init.condition} holds out a validation split (data.val_fraction): choose on it, not on test"
+    raise source.bad((*sloc, "init_from", "metric"), init.metric, f"{wanted}; {why} data")
+
+
 def _check_reference(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _Source) -> None:
     """Reference keys name planned conditions (`cond` or `stage/cond`); metrics are `name` or `name@epoch`."""
     known = {c.name for stage_cells in cells.values() for c in stage_cells}
@@ -759,10 +787,12 @@ def _expand(spec: SweepSpec) -> list[PlannedTrial]:
     """Every trial of the spec in a stable order: stage, condition (conditions × grid × samples), seed."""
     source = spec._source or _Source(f"<spec {spec.name}>")
     cells = _check_spec(spec, source)
-    trials = []
-    for stage, _ in _stages(spec):
+    trials: list[PlannedTrial] = []
+    for stage, sloc in _stages(spec):
         seeds = stage.seeds or spec.seeds
         resources = (stage.resources or spec.resources).model_dump()
+        if stage.init_from is not None:
+            _check_selection(stage, sloc, trials, source)
         init = stage.init_from.model_dump() if stage.init_from else None
         for cell in cells[stage.name]:
             config = _validate_cell(spec, stage, cell, source)
@@ -929,6 +959,18 @@ class Plan:
             if cut:
                 text += f" (cut to fill {'/'.join(map(str, cut))} slots)"
         return text
+
+    def warnings(self) -> list[str]:
+        """What a reader should know before the plan runs, one line each: a stage whose `init_from` chooses its
+        source run on test data (no validation split)."""
+        out = []
+        for stage, _ in _stages(self.spec):
+            init = stage.init_from
+            if init is not None and init.select == "best" and on_test_data(init.metric):
+                run = f"stage {stage.name}: the init_from run ({init.stage}/{init.condition}, best {init.metric})"
+                fix = f"set data.val_fraction (e.g. 0.1) and init_from.metric: {selection_metric(init.metric, True)}"
+                out.append(f"{chosen_on_test(run)}; {fix}")
+        return out
 
     def gpus_needed(self) -> float:
         """GPUs the busiest stage uses with all its packs (up to `max_concurrent`) running at once."""

@@ -279,7 +279,7 @@ def test_two_stage_spec_starts_the_second_stage_from_the_best_first_stage_checkp
         """
 name: staged
 base:
-  data: {name: digits}
+  data: {name: digits, val_fraction: 0.2}
   model: {arch: Dense32 Dense10}
   train: {epochs: 2, alignment_every: 0}
 seeds: [0, 1]
@@ -292,7 +292,7 @@ stages:
     seeds: [0]
     conditions:
       B: {model.arch: Dense32 Dense10(R)}
-    init_from: {stage: pre, condition: A, layers: [0], freeze: true, select: best, metric: test_acc}
+    init_from: {stage: pre, condition: A, layers: [0], freeze: true, select: best}
 """,
     )
     result = launch(spec, tracking_uri=store)
@@ -300,7 +300,7 @@ stages:
     children = runs(store, "staged", "trial")
     pre = [c for c in children if c.data.tags["fasweep.stage"] == "pre"]
     (fine,) = [c for c in children if c.data.tags["fasweep.stage"] == "fine"]
-    best = max(pre, key=lambda c: c.data.metrics["test_acc"])
+    best = max(pre, key=lambda c: c.data.metrics["val_acc"])  # chosen on the validation split, not on test data
     source = f"runs:/{best.info.run_id}/checkpoint/checkpoint.pt"
     assert fine.data.params["model.init_from.checkpoint"] == source
     assert fine.data.params["model.init_from.freeze"] == "True"
@@ -312,7 +312,7 @@ stages:
     loaded, trained = weights(best), weights(fine)
     assert torch.equal(trained["dense0.weight"], loaded["dense0.weight"])  # copied, then frozen
     assert torch.equal(trained["dense0.bias"], loaded["dense0.bias"])
-    worst = min(pre, key=lambda c: c.data.metrics["test_acc"])
+    worst = min(pre, key=lambda c: c.data.metrics["val_acc"])
     assert not torch.equal(weights(worst)["dense0.weight"], loaded["dense0.weight"])  # seeds differ: a real choice
 
 

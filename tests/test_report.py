@@ -268,6 +268,66 @@ def test_best_epoch_and_value_equal_metric_history(layout_store: str, capsys: py
         assert rows[cond]["best_epoch"] == max(mean_curve, key=mean_curve.get)
 
 
+VAL_SPEC = {
+    "name": "held_out",
+    "base": {"data": {"name": "digits", "val_fraction": 0.1}, "train": {"epochs": EPOCHS}},
+    "conditions": {"A": {"train.lr": 0.001}},
+    "seeds": [0, 1],
+}
+# val and test peak at different epochs: seed 0 at val epoch 2 / test epoch 3, seed 1 at val 3 / test 1;
+# the seed-mean val curve peaks at epoch 2, the test one at epoch 3
+VAL_TRIALS = [
+    {"seed": 0, "val_acc": [0.5, 0.9, 0.6, 0.7], "test_acc": [0.6, 0.7, 0.95, 0.8], "val_loss": [2, 1, 3, 4]},
+    {"seed": 1, "val_acc": [0.4, 0.5, 0.7, 0.6], "test_acc": [0.9, 0.6, 0.65, 0.7], "val_loss": [3, 2, 1, 4]},
+]
+
+
+def _formats(folder: Path) -> dict[str, str]:
+    return {fmt: (folder / f"report.{fmt}").read_text() for fmt in ("md", "csv", "json", "html")}
+
+
+def test_best_is_chosen_on_validation_and_reports_test_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = [
+        {
+            "condition": "A",
+            "seed": t["seed"],
+            "params": {"train.seed": t["seed"], "data.val_fraction": 0.1, "train.epochs": EPOCHS},
+            "metrics": {k: v for k, v in t.items() if k != "seed"} | {"test_loss": [1.0] * EPOCHS},
+        }
+        for t in VAL_TRIALS
+    ]
+    write_sweep(uri, tmp_path, VAL_SPEC, "launch-V", trials, axes=[])
+    code, _, err = run_cli(capsys, "held_out", "--tracking-uri", uri, "--at", "best", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    files = _formats(tmp_path / "r")
+    (table,) = json.loads(files["json"])["tables"]
+    (row,) = table["records"]
+    assert row["values"] == [0.7, 0.65]  # test_acc at each seed's best val_acc epoch (2 and 3), not 0.95 and 0.9
+    assert row["mean"] == pytest.approx(0.675)
+    assert row["best_epoch"] == 2 and row["best_epoch_on"] == "val_acc" and row["selection_note"] is None
+    note = "best epoch chosen on val_acc (validation split); test_acc reported at that epoch"
+    assert note in table["footnotes"] and note in files["md"] and note in files["html"]
+    assert all("chosen on test data" not in text for text in files.values())
+    assert "best_epoch_on" in files["csv"].splitlines()[0] and ",val_acc," in files["csv"]
+    (loss,) = report_json(capsys, uri, "held_out", "--at", "best", "--metric", "test_loss")["tables"][0]["records"]
+    assert loss["best_epoch_on"] == "val_loss" and loss["best_epoch"] == 2  # mean val_loss: 2.5, 1.5, 2, 4
+
+
+def test_best_chosen_on_test_data_says_so(
+    layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--at", "best", "--out", str(tmp_path))
+    assert code == 0, err
+    files = _formats(tmp_path)
+    note = "best epoch chosen on test data (no validation split): optimistic"
+    assert all(note in text for text in files.values())
+    records = json.loads(files["json"])["tables"][0]["records"]
+    assert all(r["best_epoch_on"] == "test_acc" and r["selection_note"] == note for r in records)
+
+
 def t2_interval(values: pd.Series) -> tuple[float, float]:
     """95% Student t interval of a 2-seed mean: t(0.975, 1 df) is the Cauchy quantile tan(0.475π)."""
     assert len(values) == 2

@@ -23,9 +23,12 @@ from fasweep.runs.layout import (
     LaunchStatus,
     Tag,
     TrialStatus,
+    best_epoch,
     condition_run_names,
     epoch_marker,
+    lower_is_better,
     marked_epoch,
+    selection_metric,
     trial_dirname,
     trial_key,
     trial_run_name,
@@ -34,6 +37,7 @@ from fasweep.runs.layout import (
 from fasweep.runs.lease import Holder, Lease
 from fasweep.runs.reader import best_trial, find_launches, launch_trials, running_runs, sweep_summaries
 from fasweep.runs.writer import RunWriter, TrialInfo
+from fasweep.spec import parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,42 @@ def test_best_is_the_final_value_among_healthy_trials_ties_to_the_smaller_key() 
     assert Best().choose(candidates) == ("a", 0.9)
     assert Best("test_loss", "min").choose(candidates) == ("g", 0.2)
     assert Best("val_acc").choose(candidates) is None
+
+
+def test_selection_metric_is_the_validation_one_where_there_is_a_split() -> None:
+    assert selection_metric("test_acc", True) == "val_acc" and selection_metric("test_loss", True) == "val_loss"
+    assert selection_metric("test_acc", False) == "test_acc"
+    assert selection_metric("train_loss", True) == "train_loss" and selection_metric("val_acc", True) == "val_acc"
+    assert lower_is_better("val_loss") and not lower_is_better("val_acc")
+    history = [(1, 0.5), (2, 0.9), (3, math.nan), (4, 0.9), (5, 0.1)]
+    assert best_epoch(history, "val_acc") == 2  # ties: the earliest; non-finite never best
+    assert best_epoch(history, "val_loss") == 5
+    assert best_epoch([(1, math.nan)], "val_acc") is None
+
+
+def test_init_from_chooses_its_source_run_on_validation_data(uri: str) -> None:
+    """The launch's choice (`best_trial` by `Best(init.metric, init.mode)`) on records the writer wrote and the
+    reader read back: the run with the best validation accuracy, not the one with the best test accuracy."""
+    plan = parse_spec(
+        "name: sel\nbase: {data: {name: digits, val_fraction: 0.1}, model: {arch: Dense32 Dense10}}\nseeds: [0, 1]\n"
+        "stages:\n  - {name: pre, conditions: {A: {}}}\n  - {name: fine, init_from: {stage: pre, condition: A}}\n"
+    )
+    init = next(t.init_from for t in plan.trials if t.init_from)
+    writer = RunWriter(uri, "sel", "sel")
+    writer.open_parent("L1", {Tag.PLAN_HASH.value: plan.hash}, "name: sel\n")
+    finals = {"pre/A/s0": {"val_acc": 0.9, "test_acc": 0.7}, "pre/A/s1": {"val_acc": 0.8, "test_acc": 0.75}}
+    for key, last in finals.items():
+        writer.trial_started(_info(key, epochs=1))
+        writer.trial_epoch(key, {"epoch": 1.0, **last})
+        writer.trial_ended(key, last={"epoch": 1.0, **last, "diverged": 0.0})
+    writer.flush()
+    writer.finish_parent(LaunchStatus.FINISHED)
+    writer.close()
+    (launch,) = find_launches(MlflowClient(uri), "sel")
+    records = launch_trials(MlflowClient(uri), launch)
+    chosen = best_trial(records, Best(init["metric"], init["mode"]))
+    assert init["metric"] == "val_acc" and chosen is not None and chosen.key == "pre/A/s0"
+    assert best_trial(records, Best("test_acc")).key == "pre/A/s1"  # on test data it would be the other run
 
 
 def _info(key: str, epochs: int = 3) -> TrialInfo:

@@ -315,7 +315,7 @@ def test_stage_init_from_is_symbolic_and_stage_overrides_apply() -> None:
             "layers": [0],
             "freeze": True,
             "select": "best",
-            "metric": "test_acc",
+            "metric": "val_acc",
             "mode": "max",
         }
         init = trial.config["model"]["init_from"]
@@ -323,6 +323,50 @@ def test_stage_init_from_is_symbolic_and_stage_overrides_apply() -> None:
     assert spec.reference_for("pg0", "PG0,loss=hinge") == {"test_acc@100": 0.3920}
     assert spec.reference_for("untied", "PG-Fix-Untie,loss=hinge") == {"test_acc@200": 0.3436}
     assert spec.axes == ["model.arch", "train.loss", "train.epochs"]
+
+
+SELECTING = """
+name: sel
+base: {data: {name: digits, val_fraction: 0.1}, model: {arch: Dense32 Dense10}}
+stages:
+  - name: pre
+    conditions: {A: {train.lr: 0.003}}
+  - name: fine
+    init_from: {stage: pre, condition: A}
+"""
+
+
+def test_init_from_selects_on_validation_data_where_a_split_exists() -> None:
+    plan = parse_spec(SELECTING, name="sel.yaml")  # metric unset: the validation one
+    assert {t.init_from["metric"] for t in plan.trials if t.stage == "fine"} == {"val_acc"}
+    assert plan.warnings() == []
+    asked = SELECTING.replace("condition: A}", "condition: A, metric: test_acc}")
+    with pytest.raises(UserError) as refused:
+        parse_spec(asked, name="sel.yaml")
+    assert str(refused.value).startswith("sel.yaml:8: stages[1].init_from.metric: got 'test_acc'; expected val_acc;")
+    assert "\n" not in str(refused.value)
+    with pytest.raises(UserError, match=r"^--set stages\[1\]\.init_from\.metric: got 'test_loss'; expected val_loss"):
+        parse_spec(SELECTING, {"stages[1].init_from.metric": "test_loss"}, name="sel.yaml")
+    last = parse_spec(asked.replace("metric: test_acc", "metric: test_acc, select: last"), name="sel.yaml")
+    assert last.warnings() == []  # `last` chooses on nothing
+    with pytest.raises(UserError, match=r"init_from\.metric: got 'val_acc'; expected a metric its runs log"):
+        parse_spec(SELECTING, {"base.data.val_fraction": 0.0, "stages[1].init_from.metric": "val_acc"})
+
+
+def test_init_from_on_test_data_without_a_split_is_allowed_and_said_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = SELECTING.replace(", val_fraction: 0.1", "")
+    plan = parse_spec(text, name="sel.yaml")
+    assert {t.init_from["metric"] for t in plan.trials if t.stage == "fine"} == {"test_acc"}
+    (warning,) = plan.warnings()
+    assert "chosen on test data (no validation split): optimistic" in warning and "init_from.metric: val_acc" in warning
+    path = tmp_path / "sel.yaml"
+    path.write_text(text)
+    code, out, err = run_cli(["validate", str(path)], capsys)
+    assert code == 0 and out.startswith("ok ") and err == f"warning: {path}: {warning}\n"
+    code, out, _ = run_cli(["plan", str(path)], capsys)
+    assert code == 0 and out.count("chosen on test data (no validation split): optimistic") == 1
 
 
 def test_stages_exclude_top_level_axes() -> None:

@@ -31,7 +31,7 @@ from fasweep.report.tables import (
     render_json,
     render_md,
 )
-from fasweep.runs.layout import REPORT_ARTIFACT_DIR
+from fasweep.runs.layout import REPORT_ARTIFACT_DIR, selection_metric
 from fasweep.spec import Plan, load_spec
 
 __all__ = ["FORMATS", "Report", "Sweep", "Table", "make_report", "render"]
@@ -163,7 +163,9 @@ def make_report(
     folder_name = "-".join([REPORT_ARTIFACT_DIR, *(_slug(f"{k}_{v}") for k, v in adhoc)])
 
     draw = out is not None or log or plots
-    fetch_histories(tracking_uri, sweep.trials, [metric, "train_loss", *angle_keys(sweep)] if draw else [metric])
+    chooser = selection_metric(metric, True)  # the validation metric that chooses best epochs, where logged
+    keys = [metric, chooser, "train_loss", *angle_keys(sweep)] if draw else [metric, chooser]
+    fetch_histories(tracking_uri, sweep.trials, keys)
     if by:
         tables = [pivot_table(sweep, metric, at, by, ci)]
     else:  # the seed report's layout first where the loss is an axis, then one row per condition

@@ -27,32 +27,41 @@ from fasweep.report.stats import (
     pair_by_seed,
     verdict,
 )
-from fasweep.runs.layout import TrialStatus
+from fasweep.runs.layout import (
+    TEST_SELECTION_NOTE,
+    TrialStatus,
+    best_epoch,
+    lower_is_better,
+    on_test_data,
+    selection_metric,
+)
 
 LOSS_AXIS = "train.loss"
 PARTIAL_MARK = "*"
 
 
-def lower_is_better(metric: str) -> bool:
-    """Losses, angles and times are minimised; everything else (accuracies) is maximised."""
-    return any(word in metric for word in ("loss", "angle", "time"))
+def selector(trials: Iterable[Trial], metric: str) -> str:
+    """The metric that chooses the best epoch for `metric` in these trials (`selection_metric`): its validation
+    counterpart where they logged one (a validation split), else `metric` itself."""
+    return selection_metric(metric, any(selection_metric(metric, True) in t.histories for t in trials))
 
 
 def trial_value(trial: Trial, metric: str, at: str | int) -> float | None:
-    """A trial's metric at its final (latest) epoch, its best value, or at epoch `at` (an int: step `at` of the
-    history; a diverged trial that ended before it counts with its last value: its training is over); None if
-    never logged (or the trial has not reached that epoch)."""
+    """A trial's metric at its final (latest) epoch, at its best epoch (chosen on the validation metric where
+    the trial has one: `selector`), or at epoch `at` (an int: step `at` of the history; a diverged trial that
+    ended before it counts with its last value: its training is over); None if never logged (or the trial has
+    not reached that epoch)."""
     if isinstance(at, int):
         hist = trial.histories.get(metric, [])
         if trial.status == TrialStatus.DIVERGED and hist and hist[-1][0] < at:
             return hist[-1][1]
         return dict(hist).get(at)
-    hist = [v for _, v in trial.histories.get(metric, []) if at == "final" or math.isfinite(v)]
-    if not hist:
-        return None
     if at == "final":
-        return hist[-1]
-    return min(hist) if lower_is_better(metric) else max(hist)
+        hist = trial.histories.get(metric, [])
+        return hist[-1][1] if hist else None
+    on = selector([trial], metric)
+    epoch = best_epoch(trial.histories.get(on, []), on)
+    return None if epoch is None else dict(trial.histories.get(metric, [])).get(epoch)
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Stats:
     errors: int
     final_epoch: int | None
     best_epoch: int | None
+    selected_on: str | None = None  # the metric the best epoch was chosen on (`selector`)
 
     @property
     def n(self) -> int:
@@ -95,8 +105,9 @@ class Stats:
 
 def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") -> Stats:
     """Statistics of `metric` over the trials (seeds) at `at` (final, best or an epoch); best epoch = where the
-    seed-mean curve is best. At a given epoch a running trial's value is final (not partial). Errored trials
-    are left out (counted in `errors`), as are non-finite values."""
+    seed-mean curve of the selection metric (`selector`: the validation metric where there is one) is best. At a
+    given epoch a running trial's value is final (not partial). Errored trials are left out (counted in
+    `errors`), as are non-finite values."""
     counted = [t for t in trials if t.status != TrialStatus.ERROR]
     seeded = [(t.params.get("train.seed"), trial_value(t, metric, at)) for t in counted]
     seeded = [(seed, v) for seed, v in seeded if v is not None and math.isfinite(v)]
@@ -104,8 +115,12 @@ def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") ->
     for t in counted:
         for epoch, v in t.histories.get(metric, []):
             by_epoch[epoch].append(v)
-    curve = {e: statistics.fmean(vs) for e, vs in by_epoch.items() if all(math.isfinite(v) for v in vs)}
-    pick = min if lower_is_better(metric) else max
+    on = selector(counted, metric)
+    chosen: dict[int, list[float]] = defaultdict(list)
+    for t in counted:
+        for epoch, v in t.histories.get(on, []):
+            chosen[epoch].append(v)
+    curve = {e: statistics.fmean(vs) if all(math.isfinite(v) for v in vs) else math.nan for e, vs in chosen.items()}
     return Stats(
         values=[v for _, v in seeded],
         seeds=[seed for seed, _ in seeded],
@@ -115,7 +130,8 @@ def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") ->
         partial=0 if isinstance(at, int) else sum(t.status == TrialStatus.RUNNING for t in trials),
         errors=sum(t.status == TrialStatus.ERROR for t in trials),
         final_epoch=max(by_epoch) if by_epoch else None,
-        best_epoch=pick(sorted(curve), key=curve.__getitem__) if curve else None,
+        best_epoch=best_epoch(curve.items(), on),
+        selected_on=on,
     )
 
 
@@ -176,6 +192,8 @@ def _record(s: Stats, **keys: Any) -> dict[str, Any]:
         "runs": s.runs,
         "final_epoch": s.final_epoch,
         "best_epoch": s.best_epoch,
+        "best_epoch_on": s.selected_on,
+        "selection_note": TEST_SELECTION_NOTE if s.selected_on and on_test_data(s.selected_on) else None,
         "diverged": s.diverged,
         "partial": s.partial,
         "errors": s.errors,
@@ -300,6 +318,10 @@ def _footnotes(sweep: Sweep, metric: str, at: str, ci: str, epochs: Sequence[int
     errors = sum(t.status == TrialStatus.ERROR for t in trials)
     if errors:
         notes.append(f"{errors} trial(s) ended with an error: left out of every statistic (`errors` in csv/json)")
+    on = {selector(group, metric) for group in group_by(trials, lambda t: t.label).values()}
+    notes += [f"best epoch chosen on {m} (validation split); {metric} reported at that epoch" for m in on - {metric}]
+    if any(on_test_data(m) for m in on):
+        notes.append(f"{TEST_SELECTION_NOTE}; hold out data.val_fraction to choose on validation data")
     if len(sweep.all_launches) > len(sweep.launches):
         shown = ", ".join(sweep.launches)
         notes.append(f"launch {shown} of {len(sweep.all_launches)} launches; `--launch all` pools them")

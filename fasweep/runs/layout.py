@@ -221,6 +221,48 @@ def marked_epoch(name: str) -> int | None:
 
 # --- what "best" means --------------------------------------------------------------------------------------
 
+VAL_PREFIX = "val_"  # the validation split's metrics (`val_acc`, `val_loss`), logged when a trial holds one out
+TEST_PREFIX = "test_"  # the test set's metrics (`test_acc`, `test_loss`)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, angles and times are minimised; everything else (accuracies) is maximised."""
+    return any(word in metric for word in ("loss", "angle", "time"))
+
+
+def selection_metric(metric: str, validation: bool) -> str:
+    """The metric that chooses the best epoch (or run) for `metric`: where the trials hold out a validation
+    split (`validation`), a test metric's validation counterpart (`test_acc` -> `val_acc`, `test_loss` ->
+    `val_loss`), so test data never selects; else `metric` itself. `fasweep report --at best`, its best epoch
+    and a stage's `init_from` all choose with it; the value reported stays `metric`'s at the chosen epoch."""
+    if validation and metric.startswith(TEST_PREFIX):
+        return VAL_PREFIX + metric.removeprefix(TEST_PREFIX)
+    return metric
+
+
+def on_test_data(metric: str) -> bool:
+    """Whether choosing on `metric` chooses on the test set (then say so: `chosen_on_test`)."""
+    return metric.startswith(TEST_PREFIX)
+
+
+def chosen_on_test(what: str) -> str:
+    """The warning every place that chooses on test data prints: `<what> chosen on test data (no validation
+    split): optimistic`."""
+    return f"{what} chosen on test data (no validation split): optimistic"
+
+
+TEST_SELECTION_NOTE = chosen_on_test("best epoch")  # the report's note when no validation split selects
+
+
+def best_epoch(history: Iterable[tuple[int, float]], metric: str) -> int | None:
+    """The epoch of the best finite value of `metric` in (epoch, value) pairs (min where `lower_is_better`,
+    else max); ties go to the earliest epoch; None when no value is finite."""
+    finite = sorted((epoch, value) for epoch, value in history if math.isfinite(value))
+    if not finite:
+        return None
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    return min(finite, key=lambda ev: (sign * ev[1], ev[0]))[0]
+
 
 @dataclass(frozen=True)
 class Best:
