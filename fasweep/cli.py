@@ -384,12 +384,18 @@ def report(
         ),
     ] = None,
     baseline: Annotated[
-        str | None, typer.Option(help="compare every condition with this one (spec: compare_to)")
+        str | None,
+        typer.Option(
+            help="compare every condition with this one, an ad-hoc family (spec: compare_to, compare, contrasts)"
+        ),
     ] = None,
     pairing: Annotated[
         str | None, typer.Option(help="seed (paired t on shared seeds) or none (Welch); spec: pairing")
     ] = None,
-    ci: Annotated[str, typer.Option(help="95% intervals: t (Student) or bootstrap")] = "t",
+    ci: Annotated[str, typer.Option(help="95% intervals: t (Student) or bootstrap (n >= 10 seeds)")] = "t",
+    margin: Annotated[
+        float | None, typer.Option(help="equivalence margin (TOST) in the metric's units; spec: equivalence_margin")
+    ] = None,
 ) -> None:
     """Tables and plots of a sweep's runs: 95% intervals, comparisons with a baseline, reference numbers beside."""
     from fasweep.report import FORMATS, make_report, render
@@ -399,7 +405,7 @@ def report(
         raise UserError.field("--format", format, " | ".join(FORMATS))
     uri = resolve_tracking_uri(tracking_uri)
     options = {"metric": metric, "at": at, "by": by, "launch": launch, "out": out, "log": log, "ci": ci}
-    options |= {"baseline": baseline, "pairing": pairing}
+    options |= {"baseline": baseline, "pairing": pairing, "margin": margin}
     result = make_report(target, tracking_uri=uri, plots=format == "html", **options)
     typer.echo(render(result, format))
     if out is not None:

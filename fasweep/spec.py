@@ -43,7 +43,7 @@ from fasweep.config import (
 )
 from fasweep.errors import UserError
 from fasweep.packed.group import packable
-from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, on_test_data, selection_metric, trial_key
+from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, condition_label, on_test_data, selection_metric, trial_key
 
 MAX_SPEC_BYTES = 1 << 20  # a spec's text (the shipped ones are under 5 KB)
 MAX_YAML_NODES = 100_000  # YAML values of a spec (or a --set value), each alias counted as often as it is used
@@ -169,6 +169,8 @@ class Stage(Axes):
     resources: Resources | None = Field(default=None, description="None: the spec's resources")
     init_from: StageInit | None = None
     compare_to: str | None = Field(default=None, description="the report's baseline in this stage; None: the spec's")
+    compare: dict[str, Any] | None = Field(default=None, description="{axis path: value}; None: the spec's")
+    contrasts: list[tuple[str, str]] = Field(default_factory=list, description="[X, Y] pairs compared (X − Y)")
     pairing: Literal["seed", "none"] | None = Field(default=None, description="None: the spec's pairing")
     pack: int | None = Field(default=None, ge=1, description="None: the spec's pack")
 
@@ -207,7 +209,14 @@ class SweepSpec(Axes):
         default_factory=dict, description="condition (or stage/condition) -> {metric or metric@epoch: value}"
     )
     compare_to: str | None = Field(default=None, description="condition (or stage/condition) the report compares with")
+    compare: dict[str, Any] | None = Field(
+        default=None, description="{axis path: value}: each condition against its twin with that value, all else equal"
+    )
+    contrasts: list[tuple[str, str]] = Field(default_factory=list, description="[X, Y] pairs compared (X − Y)")
     pairing: Literal["seed", "none"] = Field(default="none", description="seed: compare conditions seed by seed")
+    equivalence_margin: float | None = Field(
+        default=None, gt=0, description="TOST margin: |X − Y| < margin, in the metric's units; None: no TOST"
+    )
     _source: _Source | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
@@ -233,6 +242,17 @@ class SweepSpec(Axes):
     def reference_for(self, stage: str, condition: str) -> dict[str, float]:
         """Published numbers of a condition: `reference['<stage>/<condition>']`, else `reference['<condition>']`."""
         return self.reference.get(f"{stage}/{condition}", self.reference.get(condition, {}))
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A comparison the spec declares before any data (`compare_to`, `compare` or `contrasts`): condition X against
+    baseline Y (X − Y), both as reports label them (`stage/condition`, the condition alone in stage main)."""
+
+    condition: str
+    baseline: str
+    pairing: str
+    declared_by: str
 
 
 @dataclass(frozen=True)
@@ -783,10 +803,134 @@ def _check_compare_to(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _S
             raise source.bad(loc, name, f"a planned condition name{suggest(name, sorted(known))}; see `fasweep plan`")
 
 
-def _expand(spec: SweepSpec) -> list[PlannedTrial]:
-    """Every trial of the spec in a stable order: stage, condition (conditions × grid × samples), seed."""
+def _get_path(config: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of a trial config (None where absent)."""
+    value: Any = config
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _listed(names: list[str], most: int = 12) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _resolve(name: str, stage: str, configs: dict[str, dict[str, Any]]) -> str | None:
+    """The label (`stage/cond`, or `cond` in stage main) a planned-condition name means, read as reference keys and
+    `compare_to` are: `stage/cond` exactly; `cond` in `stage` (when given), else in the one stage that has it."""
+    if "/" in name:
+        at, cond = name.split("/", 1)
+        return condition_label(at, cond) if cond in configs.get(at, {}) else None
+    if stage and name in configs.get(stage, {}):
+        return condition_label(stage, name)
+    owners = [at for at, conds in configs.items() if name in conds]
+    return condition_label(owners[0], name) if len(owners) == 1 else None
+
+
+def _twins(
+    path: str, value: Any, conds: dict[str, dict[str, Any]], where: str, loc: Loc, source: _Source, strict: bool
+) -> list[tuple[str, str]]:
+    """`compare: {path: value}` in one stage (`where`: ` in stage NAME`, or ''): (X, Y) for each condition X whose
+    config equals Y's except that Y has `path` = value. Not strict (the spec's `compare` seen from one of several
+    stages): [] where the stage does not vary `path` or plans no such value."""
+    planned = list(dict.fromkeys(format_value(_get_path(c, path)) for c in conds.values()))
+    if len(planned) < 2:
+        if strict:
+            raise source.bad(loc, path, f"an axis path varied{where} (a condition or grid key)")
+        return []
+    if not any(_get_path(c, path) == value for c in conds.values()):
+        if strict:
+            raise source.bad((*loc, path), value, f"a planned value of {path}{where}: {_listed(planned)}")
+        return []
+    pairs = []
+    for x, config in conds.items():
+        if _get_path(config, path) == value:
+            continue
+        twin = next((y for y, other in conds.items() if other == set_path(config, path, value)), None)
+        if twin is not None:
+            pairs.append((x, twin))
+    return pairs
+
+
+def _contrasts(spec: SweepSpec, configs: dict[str, dict[str, dict[str, Any]]], source: _Source) -> tuple[Contrast, ...]:
+    """The comparisons the spec declares, checked: per stage its `compare` or `compare_to` (a stage's own wins over
+    the spec's; one of the two per level), and the `contrasts` pairs (names as reference keys take them). Each
+    condition is X of one comparison at most (its row shows one)."""
+    out: dict[str, Contrast] = {}
+    origin: dict[str, Loc] = {}
+
+    def add(x: str, y: str, pairing: str, by: str, loc: Loc) -> None:
+        if x == y:
+            raise source.bad(loc, [x, y], "two different conditions")
+        if x in out:
+            where = format_loc(origin[x])
+            raise source.bad(
+                loc, [x, y], f"{x} first in one comparison at most; {where} compares it with {out[x].baseline}"
+            )
+        out[x], origin[x] = Contrast(x, y, pairing, by), loc
+
+    for level, lloc in [(spec, ()), *((stage, ("stages", i)) for i, stage in enumerate(spec.stages))]:
+        if level.compare is not None and level.compare_to is not None:
+            raise source.bad((*lloc, "compare"), level.compare, "compare or compare_to, not both")
+        if level.compare is not None and len(level.compare) != 1:
+            raise source.bad((*lloc, "compare"), level.compare, "one axis path and its value, e.g. {model.arch: DD0}")
+        for path in level.compare or {}:
+            _check_path(path, source, (*lloc, "compare", path))
+    found = False
+    for stage, sloc in _stages(spec):
+        pairing = stage.pairing or spec.pairing
+        own = bool(spec.stages) and (stage.compare is not None or stage.compare_to is not None)
+        level, lloc = (stage, sloc) if own else (spec, ())
+        if level.compare is not None:
+            [(path, value)] = level.compare.items()
+            where = f" in stage {stage.name}" if spec.stages else ""
+            strict = own or not spec.stages
+            pairs = _twins(path, value, configs[stage.name], where, (*lloc, "compare"), source, strict)
+            found |= bool(pairs)
+            for x, y in pairs:
+                add(
+                    condition_label(stage.name, x),
+                    condition_label(stage.name, y),
+                    pairing,
+                    "compare",
+                    (*lloc, "compare"),
+                )
+        elif level.compare_to is not None:
+            base = _resolve(level.compare_to, stage.name, configs)
+            for x in configs[stage.name]:
+                label = condition_label(stage.name, x)
+                if base is not None and label != base:
+                    add(label, base, pairing, "compare_to", (*lloc, "compare_to"))
+    if spec.compare is not None and not found and not any(s.compare is not None for s in spec.stages):
+        [(path, value)] = spec.compare.items()
+        raise source.bad(("compare",), {path: value}, "an axis path and a planned value it varies over in some stage")
+    named = [(("contrasts", i), pair, "", spec.pairing) for i, pair in enumerate(spec.contrasts)]
+    for stage, sloc in _stages(spec):
+        pairing = stage.pairing or spec.pairing
+        named += [((*sloc, "contrasts", i), pair, stage.name, pairing) for i, pair in enumerate(stage.contrasts)]
+    known = [condition_label(at, c) for at, conds in configs.items() for c in conds]
+    for loc, pair, stage_name, pairing in named:
+        labels = [_resolve(name, stage_name, configs) for name in pair]
+        for j, (name, label) in enumerate(zip(pair, labels, strict=True)):
+            if label is None:
+                hint = suggest(name, known)
+                expected = (
+                    f"a planned condition name{hint} (stage/condition where two stages have it): {_listed(known)}"
+                )
+                raise source.bad((*loc, j), name, expected)
+        add(labels[0], labels[1], pairing, "contrasts", loc)
+    return tuple(out.values())
+
+
+def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
+    """Every trial of the spec in a stable order (stage, condition (conditions × grid × samples), seed) and the
+    comparisons it declares."""
     source = spec._source or _Source(f"<spec {spec.name}>")
     cells = _check_spec(spec, source)
+    configs = {
+        stage.name: {cell.name: _validate_cell(spec, stage, cell, source) for cell in cells[stage.name]}
+        for stage, _ in _stages(spec)
+    }
     trials: list[PlannedTrial] = []
     for stage, sloc in _stages(spec):
         seeds = stage.seeds or spec.seeds
@@ -795,7 +939,7 @@ def _expand(spec: SweepSpec) -> list[PlannedTrial]:
             _check_selection(stage, sloc, trials, source)
         init = stage.init_from.model_dump() if stage.init_from else None
         for cell in cells[stage.name]:
-            config = _validate_cell(spec, stage, cell, source)
+            config = configs[stage.name][cell.name]
             for seed in seeds:
                 trials.append(
                     PlannedTrial(
@@ -816,7 +960,7 @@ def _expand(spec: SweepSpec) -> list[PlannedTrial]:
                 f"{source.name}: two trials are both keyed {trial.key!r}; expected distinct condition names"
             )
         keys.add(trial.key)
-    return trials
+    return trials, _contrasts(spec, configs, source)
 
 
 # --- entry points ---------------------------------------------------------------------------------------------
@@ -834,7 +978,8 @@ def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<s
     except ValidationError as exc:
         raise source.fail(*explain(exc, data, SweepSpec)) from None
     spec._source = source
-    return Plan(spec, tuple(_expand(spec)))  # every trial config validated now, errors pointing at their line
+    trials, contrasts = _expand(spec)  # every trial config validated now, errors pointing at their line
+    return Plan(spec, tuple(trials), contrasts)
 
 
 def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> Plan:
@@ -908,6 +1053,7 @@ class Plan:
 
     spec: SweepSpec
     trials: tuple[PlannedTrial, ...]
+    contrasts: tuple[Contrast, ...] = ()  # the comparisons the spec declares: the report's Holm family
     hash: str = field(init=False)
 
     def __post_init__(self) -> None:

@@ -305,7 +305,10 @@ def test_best_is_chosen_on_validation_and_reports_test_there(
     files = _formats(tmp_path / "r")
     (table,) = json.loads(files["json"])["tables"]
     (row,) = table["records"]
-    assert row["values"] == [0.7, 0.65]  # test_acc at each seed's best val_acc epoch (2 and 3), not 0.95 and 0.9
+    assert [v["value"] for v in row["values"]] == [
+        0.7,
+        0.65,
+    ]  # test_acc at each seed's best val_acc epoch (2, 3), not 0.95, 0.9
     assert row["mean"] == pytest.approx(0.675)
     assert row["best_epoch"] == 2 and row["best_epoch_on"] == "val_acc" and row["selection_note"] is None
     note = "best epoch chosen on val_acc (validation split); test_acc reported at that epoch"
@@ -425,7 +428,7 @@ def test_partial_rows_marked(layout_store: str, capsys: pytest.CaptureFixture[st
     assert "* partial: 1 trial(s) still running" in out
     rows = by_condition(report_json(capsys, layout_store, "grid")["tables"][0]["records"])
     assert rows[cond]["partial"] == 1
-    assert running["metrics.test_acc"].iloc[0] in rows[cond]["values"]  # its latest epoch (2 of 4) counts
+    assert running["metrics.test_acc"].iloc[0] in [v["value"] for v in rows[cond]["values"]]  # epoch 2 of 4 counts
 
 
 def test_loss_variants_side_by_side(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -482,7 +485,8 @@ def test_references_at_earlier_epochs(tmp_path: Path, capsys: pytest.CaptureFixt
                 at = [h[epoch] for h in histories if epoch in h]
                 ref = EPOCH_SPEC["reference"].get(cond, {}).get(f"test_acc@{epoch}")
                 assert rec[f"test_acc@{epoch}.n"] == len(at)
-                assert sorted(rec[f"test_acc@{epoch}.values"]) == pytest.approx(sorted(at), abs=1e-12)
+                got = sorted(v["value"] for v in rec[f"test_acc@{epoch}.values"])
+                assert got == pytest.approx(sorted(at), abs=1e-12)
                 assert rec[f"test_acc@{epoch}.mean"] == (pytest.approx(np.mean(at), abs=1e-12) if at else None)
                 assert rec[f"test_acc@{epoch}.sd"] == (pytest.approx(np.std(at, ddof=1)) if len(at) > 1 else None)
                 assert rec[f"test_acc@{epoch}.reference"] == ref
@@ -575,7 +579,8 @@ def test_json_intervals_and_paired_comparison(layout_store: str, capsys: pytest.
         running = max(running, min(1.0, (len(p) - rank) * p[cond]))
         assert rows[cond]["p_holm"] == pytest.approx(running, rel=1e-9)
     footnotes = " ".join(body["tables"][0]["footnotes"])
-    assert "Holm-adjusted over the 5 tests" in footnotes and "pairing by seed: the paired CIs" in footnotes
+    assert "Holm over the 5 tests of this table: an ad-hoc family" in footnotes
+    assert "pairing by seed: the paired CIs" in footnotes
     code, out, _ = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--no-log", "--baseline", base)
     assert code == 0
     header = next(x for x in out.splitlines() if x.startswith("| condition"))
@@ -585,14 +590,24 @@ def test_json_intervals_and_paired_comparison(layout_store: str, capsys: pytest.
     assert code == 0 and {"ci_low", "ci_high"} <= set(csv_text.splitlines()[0].split(","))
 
 
-def test_bootstrap_option(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """`--ci bootstrap` (3 seeds): percentile intervals, inside the seeds' range, where t's 4.3·sd/√3 is not."""
-    body = report_json(capsys, layout_store, "grid", "--launch", "launch-A", "--ci", "bootstrap")
-    assert body["ci"] == "bootstrap"
-    for rec in body["tables"][0]["records"]:
-        low, high = min(rec["values"]) - 1e-12, max(rec["values"]) + 1e-12  # a mean of equal floats may round up
-        assert rec["n"] == 3 and low <= rec["ci_low"] < rec["ci_high"] <= high
-    assert any("percentile bootstrap" in n for n in body["tables"][0]["footnotes"])
+def test_bootstrap_refused_below_ten_seeds(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--ci bootstrap` on 3 seeds: one line saying why (a percentile interval at n = 3 covers at most 75%)."""
+    for extra in ((), ("--by", "feedback.concordance")):
+        code, out, err = run_cli(
+            capsys,
+            "grid",
+            "--launch",
+            "launch-A",
+            "--ci",
+            "bootstrap",
+            *extra,
+            "--tracking-uri",
+            layout_store,
+            "--no-log",
+        )
+        assert code == 2 and out == "" and err.count("\n") == 1
+        assert "--ci: got 'bootstrap'; expected t:" in err and "< 10 seeds" in err and "at n = 3 at most 75%" in err
+    assert "concordance=0.0 has n = 6 < 10 seeds" in err  # --by: a pivot cell pools its seeds
 
 
 def test_spec_compare_to_per_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -620,6 +635,132 @@ def test_spec_compare_to_per_stage(tmp_path: Path, capsys: pytest.CaptureFixture
     assert post["p_improve"] == pytest.approx(p_better(x, y))
     code, _, err = run_cli(capsys, "compared", "--tracking-uri", uri, "--no-log", "--baseline", "nope")
     assert code == 2 and "--baseline: got 'nope'; expected a condition of the sweep" in err and err.count("\n") == 1
+
+
+CONTRAST_SPEC = {
+    "name": "contrasted",
+    "base": {"data": {"name": "digits"}, "train": {"epochs": EPOCHS}},
+    "conditions": {a: {"model.arch": a} for a in ("DS0", "DSR1", "DSR2")},
+    "grid": {"train.loss": ["cross_entropy", "hinge"]},
+    "seeds": [0, 1],
+    "compare": {"model.arch": "DS0"},
+    "contrasts": [["DS0,loss=hinge", "DS0,loss=cross_entropy"]],
+    "pairing": "seed",
+    "equivalence_margin": 0.3,
+}
+
+
+def cauchy_cdf(t: float) -> float:
+    return 0.5 + math.atan(t) / math.pi
+
+
+def holm_by_hand(p: dict[str, float]) -> dict[str, float]:
+    out, running = {}, 0.0
+    for rank, name in enumerate(sorted(p, key=p.__getitem__)):
+        running = max(running, min(1.0, (len(p) - rank) * p[name]))
+        out[name] = running
+    return out
+
+
+@pytest.fixture(scope="module")
+def contrast_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Sweep `contrasted`: DS0/DSR1/DSR2 × loss, 2 seeds, started in reverse order, declaring `compare` and one
+    contrast, paired by seed, with a TOST margin."""
+    root = tmp_path_factory.mktemp("contrasts")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    rng = np.random.default_rng(5)
+    trials = [
+        {
+            "condition": f"{arch},loss={loss}",
+            "seed": s,
+            "metrics": _curves(rng),
+            "params": {"model.arch": arch, "train.loss": loss, "train.seed": s, "train.epochs": EPOCHS},
+        }
+        for arch in ("DS0", "DSR1", "DSR2")
+        for loss in ("cross_entropy", "hinge")
+        for s in (0, 1)
+    ][::-1]
+    write_sweep(uri, root, CONTRAST_SPEC, "launch-K", trials, axes=["model.arch", "train.loss"])
+    return uri
+
+
+def test_declared_contrasts_hold_the_loss_fixed_and_are_the_holm_family(
+    contrast_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`compare: {model.arch: DS0}` compares each condition with DS0 of the same loss; the contrast adds DS0 hinge
+    − DS0 CE; Holm (p and TOST p) runs over exactly these 5 declared comparisons; each paired t and TOST is
+    recomputed by hand from search_runs (2 seeds: 1 df, Cauchy)."""
+    body = report_json(capsys, contrast_store, "contrasted")
+    [table] = [t for t in body["tables"] if t["title"].endswith("per condition")]
+    rows = by_condition(table["records"])
+    df = trial_runs(contrast_store, "contrasted")
+    value = {
+        (c, int(s)): v
+        for c, s, v in zip(df["tags.fasweep.condition"], df["params.train.seed"], df["metrics.test_acc"], strict=True)
+    }
+    declared = {f"{a},loss={loss}": f"DS0,loss={loss}" for a in ("DSR1", "DSR2") for loss in ("cross_entropy", "hinge")}
+    declared["DS0,loss=hinge"] = "DS0,loss=cross_entropy"
+    assert rows["DSR1,loss=hinge"]["baseline"] == "DS0,loss=hinge"  # hinge with hinge
+    assert rows["DSR2,loss=cross_entropy"]["baseline"] == "DS0,loss=cross_entropy"
+    assert "baseline" not in rows["DS0,loss=cross_entropy"]
+    p, p_tost = {}, {}
+    for cond, base in declared.items():
+        rec = rows[cond]
+        x, y = ([value[c, s] for s in (0, 1)] for c in (cond, base))
+        diff, ci, p[cond] = paired_1df(x, y)
+        assert rec["baseline"] == base and rec["pairing"] == "seed" and rec["margin"] == 0.3
+        assert (rec["diff_ci_low"], rec["diff_ci_high"]) == pytest.approx(ci, rel=1e-9)
+        assert rec["diff"] == pytest.approx(diff, abs=1e-12) and rec["p"] == pytest.approx(p[cond], rel=1e-9)
+        se = abs(x[0] - y[0] - (x[1] - y[1])) / 2  # sd of two differences / √2
+        p_tost[cond] = max(1 - cauchy_cdf((diff + 0.3) / se), cauchy_cdf((diff - 0.3) / se))
+        assert rec["p_tost"] == pytest.approx(p_tost[cond], rel=1e-9)
+        assert rec["holm_family"] == "declared: 5 contrasts"
+    for name, adjusted in holm_by_hand(p).items():
+        assert rows[name]["p_holm"] == pytest.approx(adjusted, rel=1e-9)
+    for name, adjusted in holm_by_hand(p_tost).items():
+        rec = rows[name]
+        assert rec["p_tost_holm"] == pytest.approx(adjusted, rel=1e-9)
+        expected = "equivalent within ±0.3" if adjusted < 0.05 else "different" if rec["p_holm"] < 0.05 else "undecided"
+        assert rec["diff_verdict"] == expected
+    assert any("Holm over the 5 declared contrasts (the spec's compare, contrasts" in n for n in table["footnotes"])
+    assert any("equivalence (TOST, margin ±0.3 test_acc)" in n for n in table["footnotes"])
+    code, out, _ = run_cli(capsys, "contrasted", "--tracking-uri", contrast_store, "--no-log")
+    assert code == 0 and "Holm over the 5 declared contrasts" in out
+    header = next(x for x in out.splitlines() if x.startswith("| condition") and "p TOST" in x)
+    assert (
+        "| baseline | diff vs baseline [95% CI] | p | p (Holm) | P(X>Y) | p TOST | p TOST (Holm) | verdict |" in header
+    )
+    row = next(x for x in out.splitlines() if x.startswith("| DSR1,loss=hinge |"))
+    assert "| DS0,loss=hinge |" in row and rows["DSR1,loss=hinge"]["diff_verdict"] in row
+    margin = report_json(capsys, contrast_store, "contrasted", "--margin", "0.01")
+    assert {r.get("margin") for r in margin["tables"][-1]["records"]} == {0.01, None}
+
+
+def test_json_values_carry_seeds_and_redo_a_paired_test(
+    contrast_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From report.json alone: values sorted by seed with their launch; scipy's paired t on them gives the file's p."""
+    from scipy import stats
+
+    body = report_json(capsys, contrast_store, "contrasted")
+    rows = by_condition(body["tables"][-1]["records"])
+    x, y = rows["DSR2,loss=hinge"]["values"], rows["DS0,loss=hinge"]["values"]
+    assert [v["seed"] for v in x] == [0, 1] and {v["launch"] for v in x + y} == {"launch-K"}
+    p = stats.ttest_rel([v["value"] for v in x], [v["value"] for v in y]).pvalue
+    assert rows["DSR2,loss=hinge"]["p"] == pytest.approx(p, rel=1e-9)
+
+
+def test_adhoc_baseline_says_its_family_in_every_format(
+    contrast_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--baseline` replaces the declared family: md/json/html notes and the csv's holm_family say it is ad hoc."""
+    args = ("contrasted", "--tracking-uri", contrast_store, "--no-log", "--baseline", "DS0,loss=hinge")
+    outputs = {fmt: run_cli(capsys, *args, "--format", fmt) for fmt in ("md", "json", "html", "csv")}
+    assert all(code == 0 for code, _, _ in outputs.values())
+    for fmt in ("md", "json", "html"):
+        assert "an ad-hoc family (the comparisons with --baseline DS0,loss=hinge)" in outputs[fmt][1], fmt
+    assert "declared contrasts" not in outputs["md"][1]
+    assert "holm_family" in outputs["csv"][1].splitlines()[0] and "ad-hoc family" in outputs["csv"][1]
 
 
 def test_plots_html_and_artifacts(layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -658,7 +799,7 @@ def test_only_the_main_report_is_logged_unless_asked(tmp_path: Path, capsys: pyt
     def logged() -> list[str]:
         return sorted(a.path for a in client.list_artifacts(parent) if a.is_dir)
 
-    adhoc = [("--by", "feedback.concordance"), ("--metric", "test_loss"), ("--at", "best"), ("--ci", "bootstrap")]
+    adhoc = [("--by", "feedback.concordance"), ("--metric", "test_loss"), ("--at", "best"), ("--margin", "0.01")]
     for flag, value in adhoc:
         code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--format", "csv", flag, value)
         assert code == 0 and f"not logged on the parent run: an ad-hoc report ({flag} {value})" in err

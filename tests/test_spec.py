@@ -288,6 +288,41 @@ def test_loguniform_draws_spread_in_log_space() -> None:
     assert 0.4 < below < 0.6
 
 
+CONTRASTED = """
+name: contrasted
+base: {data: {name: digits}}
+seeds: [0, 1]
+pairing: seed
+equivalence_margin: 0.01
+compare: {model.arch: DD0}
+stages:
+  - name: pre
+    conditions: {DD0: {model.arch: DD0}, DDR4: {model.arch: DDR4}}
+    grid: {train.loss: [cross_entropy, hinge]}
+  - name: post
+    conditions: {DD0: {model.arch: DD0}, DDR1: {model.arch: DDR1}}
+    compare_to: DDR1
+    pairing: none
+    contrasts: [[DDR1, "pre/DD0,loss=hinge"]]
+"""
+
+
+def test_declared_contrasts_hold_every_other_axis_fixed() -> None:
+    """The spec's `compare` pairs each condition with its twin that differs only in model.arch (hinge with hinge);
+    stage post's own compare_to wins there; its contrast names resolve in the stage first, then `stage/cond`."""
+    plan = parse_spec(CONTRASTED)
+    got = {(c.condition, c.baseline, c.pairing, c.declared_by) for c in plan.contrasts}
+    assert got == {
+        ("pre/DDR4,loss=cross_entropy", "pre/DD0,loss=cross_entropy", "seed", "compare"),
+        ("pre/DDR4,loss=hinge", "pre/DD0,loss=hinge", "seed", "compare"),
+        ("post/DD0", "post/DDR1", "none", "compare_to"),
+        ("post/DDR1", "pre/DD0,loss=hinge", "none", "contrasts"),
+    }
+    assert plan.spec.equivalence_margin == 0.01
+    with pytest.raises(UserError, match=r"equivalence_margin: .*greater than 0"):
+        parse_spec(CONTRASTED.replace("equivalence_margin: 0.01", "equivalence_margin: 0"))
+
+
 def test_condition_names_come_from_grid_values() -> None:
     trials = parse_spec(SAMPLED).trials
     assert trials[0].condition.startswith("mode=bp,sample=0,lr=")

@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 
 from fasweep.report.collect import Sweep, Trial
-from fasweep.report.stats import compare, holm, mean_ci, pair_by_seed, prob_improvement, verdict
+from fasweep.report.stats import (
+    BOOTSTRAP_MIN_N,
+    compare,
+    conclusion,
+    holm,
+    mean_ci,
+    pair_by_seed,
+    prob_improvement,
+    tost,
+    verdict,
+)
 from fasweep.report.tables import condition_table
 
 A = [0.81, 0.78, 0.84, 0.80, 0.79]  # per-seed accuracies of a condition, seeds 0..4
@@ -75,24 +85,35 @@ def test_student_t_interval(n: int) -> None:
 def test_interval_undefined_or_degenerate() -> None:
     assert mean_ci([]) is None
     assert mean_ci([0.8]) is None
-    assert mean_ci([0.8], "bootstrap") is None
+    with pytest.raises(ValueError, match="needs n >= 10"):
+        mean_ci(A, "bootstrap")  # n = 5: a percentile interval would cover far less than 95%
     assert mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.5)
     low, high = mean_ci(A[:2])  # n = 2: defined, but t(0.975, 1) = 12.7 makes it wide
     assert high - low > 10 * abs(A[0] - A[1])
 
 
 def test_bootstrap_interval() -> None:
-    """Percentile bootstrap of the mean for n ≥ 3 (recomputed with numpy's own resampling), Student t for n = 2."""
+    """Percentile bootstrap of the mean for n ≥ 10 (recomputed with numpy's own resampling)."""
     rng = np.random.default_rng(12345)
-    x = np.array(A)
+    many = [*A, *B]
+    assert len(many) == BOOTSTRAP_MIN_N
+    x = np.array(many)
     means = x[rng.integers(0, len(x), (40_000, len(x)))].mean(axis=1)
     expected = np.percentile(means, [2.5, 97.5])
-    low, high = mean_ci(A, "bootstrap")
+    low, high = mean_ci(many, "bootstrap")
     sd = x.std(ddof=1)
     assert abs(low - expected[0]) < 0.05 * sd and abs(high - expected[1]) < 0.05 * sd
-    assert (low, high) == mean_ci(A, "bootstrap")  # fixed seed: the same report twice
-    assert high - low < 0.8 * (t_interval(A)[1] - t_interval(A)[0])  # not the t interval in disguise
-    assert mean_ci(A[:2], "bootstrap") == pytest.approx(t_interval(A[:2]), rel=1e-7)
+    assert (low, high) == mean_ci(many, "bootstrap")  # fixed seed: the same report twice
+    assert (low, high) != pytest.approx(t_interval(many), rel=1e-3)  # not the t interval in disguise
+
+
+def test_bootstrap_coverage_at_small_n_is_why_it_is_refused() -> None:
+    """The README's reason, by hand: a percentile interval lies within the seeds' range, and the range of n draws
+    from a symmetric distribution misses its mean with probability 2·(1/2)^n: 25% at n = 3."""
+    rng = np.random.default_rng(7)
+    draws = rng.normal(0.0, 1.0, (20_000, 3))
+    inside = ((draws.min(axis=1) <= 0) & (draws.max(axis=1) >= 0)).mean()
+    assert inside == pytest.approx(0.75, abs=0.01)
 
 
 # --- comparisons ----------------------------------------------------------------------------------------------
@@ -154,10 +175,51 @@ def test_comparison_undefined_parts() -> None:
     assert lone_pair.paired and lone_pair.ci is None and lone_pair.p is None
 
 
+def t_sf(t: float, df: float) -> float:
+    """P(T > t), from the Simpson-integrated CDF."""
+    return 1 - t_cdf(t, df)
+
+
+def tost_by_hand(x: list[float], y: list[float], m: float, paired: bool) -> float:
+    """TOST from the textbook: t_low = (diff + m)/se, t_high = (diff − m)/se; p = max(P(T > t_low), P(T < t_high))."""
+    if paired:
+        d = np.subtract(x, y)
+        diff, se, df = d.mean(), d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1
+    else:
+        x_, y_ = np.array(x), np.array(y)
+        vx, vy = x_.var(ddof=1) / len(x_), y_.var(ddof=1) / len(y_)
+        diff, se = x_.mean() - y_.mean(), math.sqrt(vx + vy)
+        df = (vx + vy) ** 2 / (vx**2 / (len(x_) - 1) + vy**2 / (len(y_) - 1))
+    return max(t_sf((diff + m) / se, df), 1 - t_sf((diff - m) / se, df))
+
+
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize(("x", "y", "m"), [(A, C, 0.1), (A, C, 0.03), (C, B, 0.05), (A, B, 0.2)])
+def test_tost_matches_the_textbook(x: list[float], y: list[float], m: float, paired: bool) -> None:
+    expected = tost_by_hand(x, y, m, paired)
+    got = tost(x, y, m, pairs=(x, y) if paired else None)
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert compare(x, y, pairs=(x, y) if paired else None, margin=m).p_tost == got
+    assert compare(x, y).p_tost is None  # no margin, no TOST
+
+
+def test_tost_decides_equivalence_only_within_the_margin() -> None:
+    """A and C differ by 0.062 seed by seed (sd 0.013): equivalent within ±0.1, not within ±0.03 (the difference
+    itself lies outside), and a wide margin never turns a non-test (one seed, no spread) into a verdict."""
+    assert tost(A, C, 0.1, pairs=(A, C)) < 0.01
+    assert tost(A, C, 0.03, pairs=(A, C)) > 0.5
+    assert tost([0.6], B, 1.0, pairs=None) is None
+    assert tost([0.5, 0.5], [0.4, 0.4], 1.0, pairs=None) is None
+    assert conclusion(0.2, 0.01, 0.1) == "equivalent within ±0.1"
+    assert conclusion(0.01, 0.3, 0.1) == "different"
+    assert conclusion(0.2, 0.3, 0.1) == conclusion(None, None, 0.1) == "undecided"
+
+
 def test_holm() -> None:
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])  # worked by hand
     assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
     assert holm([]) == []
+    assert holm([0.01, None, 0.02]) == pytest.approx([0.03, 1.0, 0.04])  # an untestable member still counts in m
     p = np.random.default_rng(3).uniform(0, 0.2, 9).tolist()
     p[4] = p[1]  # a tie
     order = sorted(range(len(p)), key=lambda i: p[i])
@@ -251,9 +313,12 @@ def test_table_intervals_diverged_errors_and_unreached_reference() -> None:
     bp, rnd, short, single = rows["bp"], rows["random"], rows["short"], rows["single"]
     assert (bp["ci_low"], bp["ci_high"]) == pytest.approx(t_interval(A[:3]), rel=1e-7)
     random_values = [*B[:2], 0.52]  # the diverged seed counts with its last value
-    assert rnd["values"] == pytest.approx(random_values) and rnd["diverged"] == 1
+    assert [v["value"] for v in rnd["values"]] == pytest.approx(random_values) and rnd["diverged"] == 1
+    assert [v["seed"] for v in rnd["values"]] == [0, 1, 2]
     assert (rnd["ci_low"], rnd["ci_high"]) == pytest.approx(t_interval(random_values), rel=1e-7)
-    assert single["values"] == [0.6] and single["errors"] == 1 and single["n"] == 1  # the errored seed left out
+    assert (
+        single["values"] == [{"seed": 0, "launch": None, "value": 0.6}] and single["errors"] == 1 and single["n"] == 1
+    )  # the errored seed left out
     assert single["ci_low"] is None and single["cells"][2] == "n/a (n=1)"
     assert short["cells"][2].endswith(" wide (n=2)")
     # reference at the planned final epoch (4): the running trials are at epoch 2: no delta, a reason
@@ -265,7 +330,7 @@ def test_table_intervals_diverged_errors_and_unreached_reference() -> None:
     assert bp["verdict"] == "below"
     # test_acc@2: epoch 2 of every seed (the diverged one reached it)
     at2 = [B[0] - 0.02, B[1] - 0.02, 0.52]
-    assert rnd["test_acc@2.values"] == pytest.approx(at2)
+    assert [v["value"] for v in rnd["test_acc@2.values"]] == pytest.approx(at2)
     assert rnd["test_acc@2.delta"] == pytest.approx(np.mean(at2) - 0.6, abs=1e-12)
     assert (rnd["test_acc@2.ci_low"], rnd["test_acc@2.ci_high"]) == pytest.approx(t_interval(at2), rel=1e-7)
     assert rows["unplanned"]["delta"] is None and "planned epochs unknown" in rows["unplanned"]["reason"]
@@ -277,7 +342,7 @@ def test_table_comparisons_and_holm(pairing: str) -> None:
     rows = rows_of(baseline="bp", pairing=pairing)
     bp = rows["bp"]
     assert bp["cells"][9] == "baseline" and "diff" not in bp
-    values = {name: r["values"] for name, r in rows.items()}
+    values = {name: [v["value"] for v in r["values"]] for name, r in rows.items()}
     tested = []
     for name in ("random", "short", "single", "tied", "unplanned"):
         r, x, y = rows[name], values[name], values["bp"]
@@ -317,4 +382,4 @@ def test_table_baseline_errors_and_pairing_note() -> None:
     table = condition_table(table_sweep(), "test_acc", "final", baseline="bp", pairing="seed")
     note = next(n for n in table.footnotes if n.startswith("pairing by seed"))
     assert "of the Welch CIs' width" in note
-    assert any("Holm-adjusted over the 4 tests" in n for n in table.footnotes)
+    assert any("Holm over the 4 tests of this table: an ad-hoc family" in n for n in table.footnotes)

@@ -16,20 +16,23 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from fasweep.errors import UserError
-from fasweep.report.collect import Sweep, fetch_histories, load_sweep
+from fasweep.report.collect import Sweep, Trial, fetch_histories, label, load_sweep
 from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
-from fasweep.report.stats import CI_METHODS, PAIRINGS
+from fasweep.report.stats import BOOTSTRAP_MIN_N, CI_METHODS, PAIRINGS
 from fasweep.report.tables import (
     Table,
     check_axes,
     condition_table,
+    group_by,
     is_number,
     loss_table,
     pivot_table,
+    reference_epochs,
     render_csv,
     render_html,
     render_json,
     render_md,
+    summarize,
 )
 from fasweep.runs.layout import REPORT_ARTIFACT_DIR, selection_metric
 from fasweep.spec import Plan, load_spec
@@ -134,13 +137,16 @@ def make_report(
     ci: str = "t",
     baseline: str | None = None,
     pairing: str | None = None,
+    margin: float | None = None,
 ) -> Report:
     """Read the sweep and build its tables; draw the plots when `out`, `log` or `plots` asks for them; write
     the files to `out`; log them as artifacts on the (latest selected) parent run when `log`.
 
     `log=None` logs only the launch's main report (every option that changes the tables at its default) as
     `report/`; an ad-hoc report goes to `out` only, unless `log=True` logs it as `report-<its options>/`.
-    `ci`: t or bootstrap intervals; `baseline`/`pairing` override the spec's `compare_to`/`pairing`.
+    `ci`: t or bootstrap intervals (bootstrap refused below BOOTSTRAP_MIN_N seeds); `baseline` replaces the spec's
+    declared comparisons with an ad-hoc family, `pairing` overrides the spec's; `margin` the spec's
+    `equivalence_margin` (TOST).
     """
     if at not in ("final", "best"):
         raise UserError.field("--at", at, "final or best")
@@ -148,6 +154,8 @@ def make_report(
         raise UserError.field("--ci", ci, " or ".join(CI_METHODS))
     if pairing is not None and pairing not in PAIRINGS:
         raise UserError.field("--pairing", pairing, " or ".join(PAIRINGS))
+    if margin is not None and not margin > 0:
+        raise UserError.field("--margin", margin, "a positive number in the metric's units, e.g. 0.01")
     by = list(by or [])
     if by and baseline:
         raise UserError.field("--baseline", baseline, "no --by: comparisons are made in the per-condition table")
@@ -158,7 +166,8 @@ def make_report(
     if metric not in sweep.metrics:
         raise UserError.field("--metric", metric, f"a logged metric: {', '.join(sweep.metrics)}")
     check_axes(sweep, by)
-    adhoc = [(k, v) for k, v, default in _table_options(metric, at, by, launch, ci, baseline, pairing) if v != default]
+    options = _table_options(metric, at, by, launch, ci, baseline, pairing, margin)
+    adhoc = [(k, v) for k, v, default in options if v != default]
     log = not adhoc if log is None else log
     folder_name = "-".join([REPORT_ARTIFACT_DIR, *(_slug(f"{k}_{v}") for k, v in adhoc)])
 
@@ -166,11 +175,14 @@ def make_report(
     chooser = selection_metric(metric, True)  # the validation metric that chooses best epochs, where logged
     keys = [metric, chooser, "train_loss", *angle_keys(sweep)] if draw else [metric, chooser]
     fetch_histories(tracking_uri, sweep.trials, keys)
+    if ci == "bootstrap":
+        _check_bootstrap(sweep, metric, at, by)
+    margin = margin if margin is not None else (sweep.spec.equivalence_margin if sweep.spec else None)
     if by:
         tables = [pivot_table(sweep, metric, at, by, ci)]
     else:  # the seed report's layout first where the loss is an axis, then one row per condition
         side_by_side = loss_table(sweep, metric, at, ci)
-        per_condition = condition_table(sweep, metric, at, ci=ci, baseline=baseline, pairing=pairing)
+        per_condition = condition_table(sweep, metric, at, ci=ci, baseline=baseline, pairing=pairing, margin=margin)
         tables = ([side_by_side] if side_by_side else []) + [per_condition]
     report = Report(sweep, metric, at, ci, tables)
     if draw:
@@ -187,8 +199,34 @@ def make_report(
     return report
 
 
+def _check_bootstrap(sweep: Sweep, metric: str, at: str, by: list[str]) -> None:
+    """`--ci bootstrap` only where every group (condition, or `--by` cell) has BOOTSTRAP_MIN_N seeds or more, at
+    `at` and at every epoch a reference is given for."""
+
+    def key(t: Trial) -> str:
+        return label(t.stage, ",".join(f"{a}={t.params.get(a)}" for a in by)) if by else t.label
+
+    epochs: list[str | int] = [at, *([] if by else reference_epochs(sweep, metric))]
+    for name, group in group_by(sweep.trials, key).items():
+        n = min(summarize(group, metric, when).n for when in epochs)
+        if n < BOOTSTRAP_MIN_N:
+            raise UserError.field(
+                "--ci",
+                "bootstrap",
+                f"t: {name} has n = {n} < {BOOTSTRAP_MIN_N} seeds, where a percentile bootstrap interval lies "
+                "within the seeds' range and covers far less than 95% (at n = 3 at most 75%)",
+            )
+
+
 def _table_options(
-    metric: str, at: str, by: list[str], launch: str, ci: str, baseline: str | None, pairing: str | None
+    metric: str,
+    at: str,
+    by: list[str],
+    launch: str,
+    ci: str,
+    baseline: str | None,
+    pairing: str | None,
+    margin: float | None,
 ) -> list[tuple[str, object, object]]:
     """(option, value, the main report's value) of every option that changes a report's tables."""
     return [
@@ -199,6 +237,7 @@ def _table_options(
         ("ci", ci, "t"),
         ("baseline", baseline, None),
         ("pairing", pairing, None),
+        ("margin", margin, None),
     ]
 
 

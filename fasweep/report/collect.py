@@ -16,7 +16,7 @@ from fasweep.runs.layout import SPEC_ARTIFACT
 from fasweep.runs.layout import condition_label as label
 from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials
 from fasweep.runs.store import check_reachable
-from fasweep.spec import Plan, SweepSpec, parse_spec
+from fasweep.spec import Contrast, Plan, SweepSpec, parse_spec
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Sweep:
     trials: list[Trial]
     notes: list[str] = field(default_factory=list)
     spec: SweepSpec | None = None  # the spec file's or the parent's spec.yaml (compare_to, pairing), if readable
+    contrasts: tuple[Contrast, ...] = ()  # the comparisons that spec declares: the report's Holm family
 
     @property
     def metrics(self) -> list[str]:
@@ -141,6 +142,7 @@ def load_sweep(tracking_uri: str, sweep: str, *, launch: str = "latest", plan: P
         trials=trials,
         notes=notes,
         spec=spec,
+        contrasts=plan.contrasts if plan else (),
     )
 
 

@@ -1,4 +1,5 @@
-"""Statistics over seeds (scipy.stats): 95% intervals of a mean, comparisons with a baseline, Holm's adjustment.
+"""Statistics over seeds (scipy.stats): 95% intervals of a mean, comparisons with a baseline, equivalence tests
+(TOST), Holm's adjustment.
 
 Pure functions on lists of per-seed values. Undefined quantities are None (never a made-up number): an
 interval needs two seeds, a t-test two seeds on each side (or two shared seeds when paired).
@@ -18,7 +19,10 @@ from scipy import stats
 CONFIDENCE = 0.95
 CI_METHODS = ("t", "bootstrap")
 PAIRINGS = ("none", "seed")
-BOOTSTRAP_MIN_N = 3  # below it a bootstrap interval is degenerate: Student t is used instead
+ALPHA = 1 - CONFIDENCE  # a (Holm-adjusted) p below it decides
+# A percentile interval lies within the seeds' range, which misses a symmetric distribution's mean with probability
+# 2·(1/2)^n: at n = 3 it covers at most 75%. Below this n the report refuses `--ci bootstrap`.
+BOOTSTRAP_MIN_N = 10
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0  # fixed: the same runs give the same report
 
@@ -33,15 +37,17 @@ def mean_ci(values: Sequence[float], method: str = "t") -> Interval | None:
     """95% confidence interval of the mean; None for fewer than two values.
 
     `t`: mean ± t(0.975, n−1)·sd/√n. `bootstrap`: percentile bootstrap of the mean (10,000 resamples,
-    fixed seed) when n ≥ 3, Student t for n = 2.
+    fixed seed); a ValueError below BOOTSTRAP_MIN_N values.
     """
     x = np.asarray(values, dtype=float)
+    if method == "bootstrap" and len(x) < BOOTSTRAP_MIN_N:
+        raise ValueError(f"a bootstrap interval needs n >= {BOOTSTRAP_MIN_N}; got n = {len(x)}")
     if len(x) < 2:
         return None
     mean = float(x.mean())
     if np.ptp(x) == 0:  # identical seeds: the interval is the point (scipy's formulas would warn, then agree)
         return mean, mean
-    if method == "bootstrap" and len(x) >= BOOTSTRAP_MIN_N:
+    if method == "bootstrap":
         res = stats.bootstrap(
             (x,),
             np.mean,
@@ -65,13 +71,15 @@ def verdict(reference: float, ci: Interval | None) -> str | None:
 
 @dataclass(frozen=True)
 class Comparison:
-    """A condition (X) against a baseline (Y): difference of means, its 95% CI, a t-test's p, P(X better)."""
+    """A condition (X) against a baseline (Y): difference of means, its 95% CI, a t-test's p, P(X better), and
+    the TOST p of equivalence within ±margin (None without a margin or a test)."""
 
     diff: float
     ci: Interval | None
     p: float | None
     p_improve: float
     paired: bool
+    p_tost: float | None = None
 
 
 def prob_improvement(x: Sequence[float], y: Sequence[float], lower_is_better: bool = False) -> float:
@@ -87,9 +95,11 @@ def compare(
     *,
     pairs: tuple[Sequence[float], Sequence[float]] | None = None,
     lower_is_better: bool = False,
+    margin: float | None = None,
 ) -> Comparison | None:
     """X − Y with a 95% CI and a two-sided p: Welch's t-test on the means, or, given `pairs` (the values of the
-    seeds both ran, in the same order), the paired t-test on those pairs. None when a side has no value."""
+    seeds both ran, in the same order), the paired t-test on those pairs; with a `margin`, the TOST p of the same
+    test (`tost`). None when a side has no value."""
     if not len(x) or not len(y):
         return None
     improve = prob_improvement(x, y, lower_is_better)
@@ -107,7 +117,37 @@ def compare(
         warnings.simplefilter("ignore", RuntimeWarning)
         res = stats.ttest_rel(a, b) if pairs is not None else stats.ttest_ind(x, y, equal_var=False)
         low, high = res.confidence_interval(CONFIDENCE)
-    return Comparison(diff, (float(low), float(high)), _finite(res.pvalue), improve, pairs is not None)
+        p_tost = None if margin is None else tost(x, y, margin, pairs=pairs)
+    return Comparison(diff, (float(low), float(high)), _finite(res.pvalue), improve, pairs is not None, p_tost)
+
+
+def tost(
+    x: Sequence[float], y: Sequence[float], margin: float, *, pairs: tuple[Sequence[float], Sequence[float]] | None
+) -> float | None:
+    """Two one-sided tests (Schuirmann 1987) of |X − Y| < margin: p = max(p of X − Y > −margin, p of X − Y <
+    margin), each a one-sided Welch t-test, or paired t-test on `pairs`. A small p says the difference lies within
+    ±margin. None where the t-test is undefined (fewer than two values a side, no spread)."""
+    if pairs is not None:
+        d = np.subtract(*(np.asarray(v, dtype=float) for v in pairs))
+        if len(d) < 2 or np.ptp(d) == 0:
+            return None
+        above = stats.ttest_1samp(d + margin, 0.0, alternative="greater").pvalue
+        below = stats.ttest_1samp(d - margin, 0.0, alternative="less").pvalue
+    else:
+        a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+            return None
+        above = stats.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
+        below = stats.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
+    return _finite(max(float(above), float(below)))
+
+
+def conclusion(p_holm: float | None, p_tost_holm: float | None, margin: float) -> str:
+    """What a comparison decides, both p's Holm-adjusted over one family: `equivalent within ±m` (TOST p < ALPHA),
+    else `different` (t-test p < ALPHA), else `undecided`."""
+    if p_tost_holm is not None and p_tost_holm < ALPHA:
+        return f"equivalent within ±{margin:g}"
+    return "different" if p_holm is not None and p_holm < ALPHA else "undecided"
 
 
 def pair_by_seed(
@@ -125,10 +165,11 @@ def pair_by_seed(
     return [a for a, _ in shared], [b for _, b in shared]
 
 
-def holm(pvalues: Sequence[float]) -> list[float]:
+def holm(pvalues: Sequence[float | None]) -> list[float]:
     """Holm's step-down adjustment (Holm 1979), in the input order: the i-th smallest of m p-values becomes
-    max over j ≤ i of min(1, (m − j + 1)·p_(j)). (scipy has only BH/BY; this is statsmodels' `holm`.)"""
-    p = np.asarray(pvalues, dtype=float)
+    max over j ≤ i of min(1, (m − j + 1)·p_(j)). (scipy has only BH/BY; this is statsmodels' `holm`.) A None (a
+    comparison of the family that could not be tested) counts as p = 1: it still counts in m."""
+    p = np.asarray([1.0 if v is None else v for v in pvalues], dtype=float)
     order = np.argsort(p, kind="stable")
     steps = (len(p) - np.arange(len(p))) * p[order]
     adjusted = np.empty_like(p)

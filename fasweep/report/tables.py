@@ -18,10 +18,11 @@ from fasweep.config import suggest
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, Trial, label
 from fasweep.report.stats import (
-    BOOTSTRAP_MIN_N,
+    ALPHA,
     BOOTSTRAP_RESAMPLES,
     Interval,
     compare,
+    conclusion,
     holm,
     mean_ci,
     pair_by_seed,
@@ -29,6 +30,7 @@ from fasweep.report.stats import (
 )
 from fasweep.runs.layout import (
     TEST_SELECTION_NOTE,
+    Tag,
     TrialStatus,
     best_epoch,
     lower_is_better,
@@ -70,6 +72,7 @@ class Stats:
 
     values: list[float]
     seeds: list[str | None]  # each value's train.seed
+    launches: list[str | None]  # each value's launch id
     ci_method: str
     runs: int
     diverged: int
@@ -109,8 +112,8 @@ def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") ->
     given epoch a running trial's value is final (not partial). Errored trials are left out (counted in
     `errors`), as are non-finite values."""
     counted = [t for t in trials if t.status != TrialStatus.ERROR]
-    seeded = [(t.params.get("train.seed"), trial_value(t, metric, at)) for t in counted]
-    seeded = [(seed, v) for seed, v in seeded if v is not None and math.isfinite(v)]
+    seeded = [(t.params.get("train.seed"), t.tags.get(Tag.LAUNCH), trial_value(t, metric, at)) for t in counted]
+    seeded = [(seed, launch, v) for seed, launch, v in seeded if v is not None and math.isfinite(v)]
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for t in counted:
         for epoch, v in t.histories.get(metric, []):
@@ -122,8 +125,9 @@ def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") ->
             chosen[epoch].append(v)
     curve = {e: statistics.fmean(vs) if all(math.isfinite(v) for v in vs) else math.nan for e, vs in chosen.items()}
     return Stats(
-        values=[v for _, v in seeded],
-        seeds=[seed for seed, _ in seeded],
+        values=[v for _, _, v in seeded],
+        seeds=[seed for seed, _, _ in seeded],
+        launches=[launch for _, launch, _ in seeded],
         ci_method=ci,
         runs=len(trials),
         diverged=sum(t.status == TrialStatus.DIVERGED for t in trials),
@@ -197,8 +201,17 @@ def _record(s: Stats, **keys: Any) -> dict[str, Any]:
         "diverged": s.diverged,
         "partial": s.partial,
         "errors": s.errors,
-        "values": s.values,
+        "values": _seeded_values(s),
     }
+
+
+def _seeded_values(s: Stats) -> list[dict[str, Any]]:
+    """Each value with its seed and launch, sorted by seed: enough to redo a paired test from report.json."""
+    rows = [
+        {"seed": int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed, "launch": launch, "value": v}
+        for seed, launch, v in zip(s.seeds, s.launches, s.values, strict=True)
+    ]
+    return sorted(rows, key=lambda r: (not isinstance(r["seed"], int), str(r["seed"]).zfill(12), r["launch"] or ""))
 
 
 def group_by(trials: Iterable[Trial], key: Callable[[Trial], Hashable]) -> dict[Any, list[Trial]]:
@@ -284,10 +297,7 @@ def _at_epochs(
 
 
 def _ci_note(ci: str) -> str:
-    if ci == "bootstrap":
-        how = f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples) for n ≥ {BOOTSTRAP_MIN_N}, Student t for n = 2"
-    else:
-        how = "Student t (n − 1 df)"
+    how = f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples)" if ci == "bootstrap" else "Student t (n − 1 df)"
     return f"95% CI of the mean over seeds: {how}; n/a for one seed, marked wide for two"
 
 
@@ -340,26 +350,29 @@ def _find(name: str, stage: str, groups: dict[str, list[Trial]]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _baselines(
-    sweep: Sweep, groups: dict[str, list[Trial]], baseline: str | None, pairing: str | None
-) -> tuple[dict[str, tuple[str, str]], list[str]]:
-    """Stage -> (baseline label, pairing): `--baseline`/`--pairing`, else the stage's `compare_to`/`pairing`, else
-    the spec's; and notes on baselines that have no trials."""
+Planned = list[tuple[str, str, str]]  # (condition, baseline, pairing) of each comparison, by label
+
+
+def _adhoc(
+    sweep: Sweep, groups: dict[str, list[Trial]], baseline: str, pairing: str | None
+) -> tuple[Planned, list[str]]:
+    """`--baseline`: every condition of each stage against the baseline's label there (`_find`), paired as
+    `--pairing`, else the stage's or the spec's `pairing`; notes on stages without it."""
     spec = sweep.spec
     stages = {stage.name: stage for stage in spec.stages} if spec else {}
-    out: dict[str, tuple[str, str]] = {}
+    out: Planned = []
     notes: list[str] = []
+    stages_found = 0
     for name in dict.fromkeys(group[0].stage for group in groups.values()):
-        own = stages.get(name)
-        wanted = baseline or (own.compare_to if own else None) or (spec.compare_to if spec else None)
-        if not wanted:
-            continue
-        found = _find(wanted, name, groups)
+        found = _find(baseline, name, groups)
         if found is None:
-            notes.append(f"baseline {wanted}: no trials of it in stage {name}; no comparisons there")
+            notes.append(f"baseline {baseline}: no trials of it in stage {name}; no comparisons there")
             continue
-        out[name] = (found, pairing or (own.pairing if own else None) or (spec.pairing if spec else "none"))
-    if baseline and not out:
+        stages_found += 1
+        own = stages.get(name)
+        mode = pairing or (own.pairing if own else None) or (spec.pairing if spec else "none")
+        out += [(label, found, mode) for label, g in groups.items() if g[0].stage == name and label != found]
+    if not stages_found:
         raise UserError.field(
             "--baseline", baseline, f"a condition of the sweep{suggest(baseline, list(groups))}: " + ", ".join(groups)
         )
@@ -367,21 +380,28 @@ def _baselines(
 
 
 def _comparisons(
-    rows: dict[str, tuple[str, Stats]], bases: dict[str, tuple[str, str]], metric: str
+    rows: dict[str, tuple[str, Stats]],
+    planned: Planned,
+    metric: str,
+    margin: float | None,
+    *,
+    declared: bool,
+    family: str,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Each condition against its stage's baseline: record fields (baseline, pairing, diff, diff_ci_low/high, p,
-    p_holm, p_improve), Holm-adjusted over the table, and footnotes (how; whether pairing narrowed the CIs)."""
+    """Each planned comparison: record fields (baseline, pairing, diff, diff_ci_low/high, p, p_holm, p_improve,
+    holm_family; with a margin p_tost, p_tost_holm, margin, diff_verdict) and footnotes. Holm adjusts over every
+    planned comparison (an untestable one as p = 1) when `declared` by the spec (`family`: by which fields), else
+    over the tests made (`family`: what this ad-hoc family is)."""
     lower = lower_is_better(metric)
     out: dict[str, dict[str, Any]] = {}
     ratios: list[float] = []
     unpaired = 0
-    for name, (stage, s) in rows.items():
-        if stage not in bases or bases[stage][0] == name:
+    for name, base, pairing in planned:
+        if name not in rows or base not in rows:
             continue
-        base, pairing = bases[stage]
-        b = rows[base][1]
+        s, b = rows[name][1], rows[base][1]
         pairs = pair_by_seed(s.seeded, b.seeded) if pairing == "seed" else None
-        c = compare(s.values, b.values, pairs=pairs, lower_is_better=lower)
+        c = compare(s.values, b.values, pairs=pairs, lower_is_better=lower, margin=margin)
         if c is None:
             continue
         unpaired += pairing == "seed" and not c.paired
@@ -391,19 +411,43 @@ def _comparisons(
         low, high = c.ci or (None, None)
         out[name] = {"baseline": base, "pairing": "seed" if c.paired else "none", "diff": c.diff}
         out[name] |= {"diff_ci_low": low, "diff_ci_high": high, "p": c.p, "p_holm": None, "p_improve": c.p_improve}
-    tested = [name for name, f in out.items() if f["p"] is not None]
-    for name, adjusted in zip(tested, holm([out[name]["p"] for name in tested]), strict=True):
-        out[name]["p_holm"] = adjusted
+        if margin is not None:
+            out[name] |= {"p_tost": c.p_tost, "p_tost_holm": None, "margin": margin}
+    members = [name for name, _, _ in planned] if declared else [n for n, f in out.items() if f["p"] is not None]
+    tested = [name for name in members if out.get(name, {}).get("p") is not None]
+    for key in ("p", "p_tost") if margin is not None else ("p",):
+        adjusted = holm([out.get(name, {}).get(key) for name in members])
+        for name, value in zip(members, adjusted, strict=True):
+            if out.get(name, {}).get(key) is not None:
+                out[name][f"{key}_holm"] = value
+    what = f"declared: {len(members)} contrasts" if declared else family
+    for fields in out.values():
+        fields["holm_family"] = what
+        if margin is not None:
+            fields["diff_verdict"] = conclusion(fields["p_holm"], fields["p_tost_holm"], margin)
     if not out:
         return out, []
     better = "<" if lower else ">"
     paired = any(f["pairing"] == "seed" for f in out.values())
+    if declared:
+        untested = len(members) - len(tested)
+        holm_note = f"Holm over the {len(members)} declared contrasts (the spec's {family}, fixed before the data)"
+        holm_note += f"; {untested} of them untestable here count as p = 1" if untested else ""
+    else:
+        holm_note = f"Holm over the {len(members)} tests of this table: {family}"
     notes = [
-        f"diff: mean − the baseline's mean ({', '.join(dict.fromkeys(b for b, _ in bases.values()))}) with its 95% CI; "
+        f"diff: mean − the baseline's mean ({', '.join(dict.fromkeys(b for _, b, _ in planned))}) with its 95% CI; "
         f"p: two-sided Welch's t-test{' (paired t on the seeds both ran where pairing: seed)' if paired else ''}; "
-        f"p (Holm): Holm-adjusted over the {len(tested)} tests of this table; P(X{better}Y): probability that a seed "
+        f"p (Holm): {holm_note}; P(X{better}Y): probability that a seed "
         f"of the condition beats a seed of the baseline, over all pairs, ties ½"
     ]
+    if margin is not None:
+        notes.append(
+            f"equivalence (TOST, margin ±{margin:g} {metric}): p TOST = the larger p of the two one-sided tests of "
+            f"diff > −{margin:g} and diff < +{margin:g} (the same t-test), Holm-adjusted over the same family; "
+            f"verdict: `equivalent within ±{margin:g}` when p TOST (Holm) < {ALPHA:g}, else `different` when "
+            f"p (Holm) < {ALPHA:g}, else `undecided` (neither a difference nor an equivalence shown)"
+        )
     if ratios:
         notes.append(
             f"pairing by seed: the paired CIs of the difference are {statistics.fmean(ratios):.0%} of the Welch CIs' "
@@ -414,36 +458,57 @@ def _comparisons(
     return out, notes
 
 
-def _comparison_cells(fields: dict[str, Any] | None, is_baseline: bool) -> list[str]:
-    """diff [CI], p, p (Holm) and P(X>Y) cells of a row."""
-    if is_baseline:
-        return ["baseline", "—", "—", "—"]
+def _comparison_cells(fields: dict[str, Any] | None, is_baseline: bool, width: int) -> list[str]:
+    """diff [CI], p, p (Holm), P(X>Y) cells of a row (and p TOST, p TOST (Holm), verdict: `width` 7)."""
     if fields is None:
-        return ["—"] * 4
+        return ["baseline" if is_baseline else "—"] + ["—"] * (width - 1)
     low, high = fields["diff_ci_low"], fields["diff_ci_high"]
     interval = f"[{fmt(low, signed=True)}, {fmt(high, signed=True)}]" if low is not None else "(CI n/a)"
     diff = f"{fmt(fields['diff'], signed=True)} {interval}"
-    return [diff, fmt_p(fields["p"]), fmt_p(fields["p_holm"]), f"{fields['p_improve']:.2f}"]
+    cells = [diff, fmt_p(fields["p"]), fmt_p(fields["p_holm"]), f"{fields['p_improve']:.2f}"]
+    if "margin" in fields:
+        cells += [fmt_p(fields["p_tost"]), fmt_p(fields["p_tost_holm"]), fields["diff_verdict"]]
+    return cells
 
 
 def condition_table(
-    sweep: Sweep, metric: str, at: str, *, ci: str = "t", baseline: str | None = None, pairing: str | None = None
+    sweep: Sweep,
+    metric: str,
+    at: str,
+    *,
+    ci: str = "t",
+    baseline: str | None = None,
+    pairing: str | None = None,
+    margin: float | None = None,
 ) -> Table:
     """One row per condition (per stage): mean ± sd and 95% CI over seeds, n, epochs, diverged, reference and
-    delta; with a baseline (`baseline`, else the spec's `compare_to`), the comparison with it."""
+    delta; the comparisons the spec declares (`sweep.contrasts`), or, with `baseline`, each condition against it (an
+    ad-hoc family); with a `margin`, their equivalence tests."""
     groups = group_by(sweep.trials, lambda t: t.label)
     epochs = reference_epochs(sweep, metric)
-    bases, base_notes = _baselines(sweep, groups, baseline, pairing)
+    if baseline:
+        planned, base_notes = _adhoc(sweep, groups, baseline, pairing)
+        family = f"an ad-hoc family (the comparisons with --baseline {baseline}), not declared in the spec"
+        declared = False
+    else:
+        planned = [(c.condition, c.baseline, pairing or c.pairing) for c in sweep.contrasts]
+        missing = sorted({n for x, y, _ in planned for n in (x, y) if n not in groups})
+        base_notes = [f"declared contrasts name conditions without trials: {', '.join(missing)}"] if missing else []
+        family = ", ".join(dict.fromkeys(c.declared_by for c in sweep.contrasts))
+        declared = True
     rows_stats = {
         name: (groups[name][0].stage, summarize(groups[name], metric, at, ci)) for name in sweep.condition_order
     }
-    compared, compare_notes = _comparisons(rows_stats, bases, metric)
+    compared, compare_notes = _comparisons(rows_stats, planned, metric, margin, declared=declared, family=family)
     header = ["condition", f"{metric} ({at})", "95% CI", "n", "final epoch", "best epoch", "diverged"]
     header += ["reference", "delta"]
-    if bases:
-        names = {b for b, _ in bases.values()}
-        against = names.pop() if len(names) == 1 else "baseline"
-        header += [f"diff vs {against} [95% CI]", "p", "p (Holm)", f"P(X{'<' if lower_is_better(metric) else '>'}Y)"]
+    bases = {b for _, b, _ in planned}
+    width = 4 + 3 * (margin is not None)
+    if planned:
+        against = next(iter(bases)) if len(bases) == 1 else "baseline"
+        header += (["baseline"] if len(bases) > 1 else []) + [f"diff vs {against} [95% CI]", "p", "p (Holm)"]
+        header += [f"P(X{'<' if lower_is_better(metric) else '>'}Y)"]
+        header += ["p TOST", "p TOST (Holm)", "verdict"] if margin is not None else []
     header += [h for e in epochs for h in _triple(f"{metric}@{e}")]
     rows, records = [], []
     for name in sweep.condition_order:
@@ -457,9 +522,10 @@ def condition_table(
         )
         row = [name, fmt_stats(s), fmt_ci(s), str(s.n), str(s.final_epoch or "—"), str(s.best_epoch or "—")]
         row += [str(s.diverged), fmt(fields["reference"]), delta]
-        if bases:
-            is_base = bases.get(group[0].stage, ("", ""))[0] == name
-            row += _comparison_cells(compared.get(name), is_base)
+        if planned:
+            mine = compared.get(name)
+            row += [mine["baseline"] if mine else "—"] if len(bases) > 1 else []
+            row += _comparison_cells(mine, name in bases, width)
         rows.append(row + cells)
     notes = _footnotes(sweep, metric, at, ci, epochs) + compare_notes + base_notes
     return Table(f"{sweep.name}: {metric} per condition", header, rows, records, notes)
@@ -598,15 +664,23 @@ def render_md(tables: list[Table]) -> str:
     return "\n".join(out)
 
 
+def _csv_cell(value: Any) -> Any:
+    """A list as one cell: seeded values as `seed:value@launch`, others `;`-joined."""
+    if not isinstance(value, list):
+        return value
+    return ";".join(f"{v['seed']}:{v['value']}@{v['launch']}" if isinstance(v, dict) else str(v) for v in value)
+
+
 def render_csv(tables: list[Table]) -> str:
-    """The records of all tables in one CSV (a `table` column says which); lists are `;`-joined."""
+    """The records of all tables in one CSV (a `table` column says which); lists are `;`-joined, seeded values
+    `seed:value@launch`."""
     records = [{"table": t.title, **r} for t in tables for r in t.records]
     fields = list(dict.fromkeys(k for r in records for k in r))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in records:
-        writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+        writer.writerow({k: _csv_cell(v) for k, v in r.items()})
     return buf.getvalue()
 
 
