@@ -537,6 +537,8 @@ class _Cell:
     name: str
     overrides: dict[str, Any]
     origins: dict[str, Loc]
+    named: str = ""  # the named condition it belongs to ('' without `conditions`)
+    rest: str = ""  # the rest of its name: grid values, sample=k and drawn values (`loss=hinge`)
 
 
 def _cells(spec: SweepSpec, stage: Stage, sloc: Loc) -> list[_Cell]:
@@ -565,7 +567,8 @@ def _cells(spec: SweepSpec, stage: Stage, sloc: Loc) -> list[_Cell]:
             value = dist.draw(random.Random(f"{spec.sample_seed}:{stage.name}:{k}:{path}"))
             overrides[path], origins[path] = value, (*sloc, "sample", path)
             parts.append(f"{short[path]}={format_value(value, digits=4)}")
-        cells.append(_Cell(",".join(parts) or "base", overrides, origins))
+        rest = ",".join(parts[1:] if cname else parts)
+        cells.append(_Cell(",".join(parts) or "base", overrides, origins, cname, rest))
     return cells
 
 
@@ -852,22 +855,26 @@ def _twins(
     return pairs
 
 
-def _contrasts(spec: SweepSpec, configs: dict[str, dict[str, dict[str, Any]]], source: _Source) -> tuple[Contrast, ...]:
+def _contrasts(
+    spec: SweepSpec,
+    configs: dict[str, dict[str, dict[str, Any]]],
+    cells: dict[str, list[_Cell]],
+    source: _Source,
+) -> tuple[Contrast, ...]:
     """The comparisons the spec declares, checked: per stage its `compare` or `compare_to` (a stage's own wins over
-    the spec's; one of the two per level), and the `contrasts` pairs (names as reference keys take them). Each
-    condition is X of one comparison at most (its row shows one)."""
-    out: dict[str, Contrast] = {}
-    origin: dict[str, Loc] = {}
+    the spec's; one of the two per level), and the `contrasts` pairs (names as reference keys take them; a named
+    condition alone stands for each of its grid cells, paired with the other side's cell of the same grid values:
+    `_contrast_pairs`). A condition may be X of several comparisons; the same X − Y declared twice is refused."""
+    out: dict[tuple[str, str], Contrast] = {}
+    origin: dict[tuple[str, str], Loc] = {}
 
     def add(x: str, y: str, pairing: str, by: str, loc: Loc) -> None:
         if x == y:
             raise source.bad(loc, [x, y], "two different conditions")
-        if x in out:
-            where = format_loc(origin[x])
-            raise source.bad(
-                loc, [x, y], f"{x} first in one comparison at most; {where} compares it with {out[x].baseline}"
-            )
-        out[x], origin[x] = Contrast(x, y, pairing, by), loc
+        if (x, y) in out:
+            where = format_loc(origin[x, y])
+            raise source.bad(loc, [x, y], f"each comparison declared once; {where} declares {x} − {y} already")
+        out[x, y], origin[x, y] = Contrast(x, y, pairing, by), loc
 
     for level, lloc in [(spec, ()), *((stage, ("stages", i)) for i, stage in enumerate(spec.stages))]:
         if level.compare is not None and level.compare_to is not None:
@@ -908,18 +915,62 @@ def _contrasts(spec: SweepSpec, configs: dict[str, dict[str, dict[str, Any]]], s
     for stage, sloc in _stages(spec):
         pairing = stage.pairing or spec.pairing
         named += [((*sloc, "contrasts", i), pair, stage.name, pairing) for i, pair in enumerate(stage.contrasts)]
-    known = [condition_label(at, c) for at, conds in configs.items() for c in conds]
     for loc, pair, stage_name, pairing in named:
-        labels = [_resolve(name, stage_name, configs) for name in pair]
-        for j, (name, label) in enumerate(zip(pair, labels, strict=True)):
-            if label is None:
-                hint = suggest(name, known)
-                expected = (
-                    f"a planned condition name{hint} (stage/condition where two stages have it): {_listed(known)}"
-                )
-                raise source.bad((*loc, j), name, expected)
-        add(labels[0], labels[1], pairing, "contrasts", loc)
+        for x, y in _contrast_pairs(pair, stage_name, configs, cells, loc, source):
+            add(x, y, pairing, "contrasts", loc)
     return tuple(out.values())
+
+
+def _contrast_side(
+    name: str, stage: str, configs: dict[str, dict[str, Any]], cells: dict[str, list[_Cell]]
+) -> tuple[bool, dict[str, str]] | None:
+    """What one side of a contrast names: (True, {its grid part: label}) for a planned condition (`_resolve`), or
+    (False, {grid part: label} of each of its cells) for a named condition alone (`cond` or `stage/cond`, in
+    `stage` first, else in the one stage that has it); None for neither."""
+    label = _resolve(name, stage, configs)
+    if label is not None:
+        at = next(at for at, conds in configs.items() for c in conds if condition_label(at, c) == label)
+        cell = next(c for c in cells[at] if condition_label(at, c.name) == label)
+        return True, {cell.rest: label}
+    at, _, cond = name.rpartition("/")
+    owners = [at] if at else [stage] if any(c.named == cond for c in cells.get(stage, [])) else list(cells)
+    owners = [s for s in owners if any(c.named == cond for c in cells.get(s, []))]
+    if len(owners) != 1:
+        return None
+    return False, {c.rest: condition_label(owners[0], c.name) for c in cells[owners[0]] if c.named == cond}
+
+
+def _contrast_pairs(
+    pair: tuple[str, str],
+    stage: str,
+    configs: dict[str, dict[str, Any]],
+    cells: dict[str, list[_Cell]],
+    loc: Loc,
+    source: _Source,
+) -> list[tuple[str, str]]:
+    """The (X, Y) labels a declared `[X, Y]` means: two planned conditions, one pair; a named condition alone
+    (`DSR2` where the grid makes `DSR2,loss=hinge`, ...) pairs each of its cells with the other side's cell of the
+    same grid values, so the grid is held fixed (`DSR2,loss=hinge` − `DSR1,loss=hinge`, ...)."""
+    sides = [_contrast_side(name, stage, configs, cells) for name in pair]
+    for j, (name, side) in enumerate(zip(pair, sides, strict=True)):
+        if side is None:
+            known = [condition_label(at, c.named) for at, mine in cells.items() for c in mine if c.named]
+            known = list(
+                dict.fromkeys(known + [condition_label(at, c) for at, conds in configs.items() for c in conds])
+            )
+            expected = (
+                f"a planned condition name{suggest(name, known)} (stage/condition where two stages have it; a named "
+                f"condition alone means each of its grid cells): {_listed(known)}"
+            )
+            raise source.bad((*loc, j), name, expected)
+    (x_exact, xs), (y_exact, ys) = sides  # type: ignore[misc]
+    if x_exact and y_exact:
+        return [(next(iter(xs.values())), next(iter(ys.values())))]
+    pairs = [(xs[rest], ys[rest]) for rest in xs if rest in ys]
+    if not pairs:
+        expected = f"conditions with grid values in common (X: {_listed(list(xs), 4)}; Y: {_listed(list(ys), 4)})"
+        raise source.bad(loc, list(pair), expected)
+    return pairs
 
 
 def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
@@ -960,7 +1011,7 @@ def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
                 f"{source.name}: two trials are both keyed {trial.key!r}; expected distinct condition names"
             )
         keys.add(trial.key)
-    return trials, _contrasts(spec, configs, source)
+    return trials, _contrasts(spec, configs, cells, source)
 
 
 # --- entry points ---------------------------------------------------------------------------------------------

@@ -323,6 +323,47 @@ def test_declared_contrasts_hold_every_other_axis_fixed() -> None:
         parse_spec(CONTRASTED.replace("equivalence_margin: 0.01", "equivalence_margin: 0"))
 
 
+GRID_CONTRASTS = """
+name: grid_contrasts
+base: {data: {name: digits}}
+conditions: {DS0: {model.arch: DS0}, DSR1: {model.arch: DSR1}, DSR2: {model.arch: DSR2}}
+grid: {train.loss: [cross_entropy, hinge]}
+compare: {model.arch: DS0}
+contrasts: [[DSR2, DSR1], ["DS0,loss=hinge", "DS0,loss=cross_entropy"]]
+"""
+
+
+def test_bare_condition_contrast_holds_the_grid_fixed() -> None:
+    """`[DSR2, DSR1]` in a grid sweep is one contrast per grid cell (hinge with hinge); full names contrast across the
+    grid; a full name pins a bare other side to its cell; DSR2 may be X of several comparisons (vs DS0 by `compare`,
+    vs DSR1 here); the same X − Y twice (here through the expansion) is refused with one line."""
+    plan = parse_spec(GRID_CONTRASTS)
+    assert [(c.condition, c.baseline) for c in plan.contrasts if c.declared_by == "contrasts"] == [
+        ("DSR2,loss=cross_entropy", "DSR1,loss=cross_entropy"),
+        ("DSR2,loss=hinge", "DSR1,loss=hinge"),
+        ("DS0,loss=hinge", "DS0,loss=cross_entropy"),
+    ]
+    assert {(c.condition, c.baseline) for c in plan.contrasts if c.declared_by == "compare"} == {
+        (f"{a},loss={loss}", f"DS0,loss={loss}") for a in ("DSR1", "DSR2") for loss in ("cross_entropy", "hinge")
+    }
+    pinned = parse_spec(GRID_CONTRASTS.replace("[DSR2, DSR1], ", '[DSR2, "DSR1,loss=hinge"], '))
+    assert next((c.condition, c.baseline) for c in pinned.contrasts if c.declared_by == "contrasts") == (
+        "DSR2,loss=hinge",
+        "DSR1,loss=hinge",
+    )
+    twice = GRID_CONTRASTS.replace("[DSR2, DSR1], ", '[DSR2, DSR1], ["DSR2,loss=hinge", DSR1], ')
+    with pytest.raises(UserError) as err:
+        parse_spec(twice, name="g.yaml")
+    assert str(err.value) == (
+        "g.yaml:7: contrasts[1]: got ['DSR2,loss=hinge', 'DSR1,loss=hinge']; expected each comparison declared "
+        "once; contrasts[0] declares DSR2,loss=hinge − DSR1,loss=hinge already"
+    )
+    with pytest.raises(
+        UserError, match=r"contrasts\[0\]\[1\]: got 'DSR9'; expected a planned condition name .*: DS0, "
+    ):
+        parse_spec(GRID_CONTRASTS.replace("[DSR2, DSR1]", "[DSR2, DSR9]"))
+
+
 def test_condition_names_come_from_grid_values() -> None:
     trials = parse_spec(SAMPLED).trials
     assert trials[0].condition.startswith("mode=bp,sample=0,lr=")
