@@ -618,9 +618,10 @@ def test_spec_compare_to_per_stage(tmp_path: Path, capsys: pytest.CaptureFixture
     spec["stages"] = [spec["stages"][0], {**spec["stages"][1], "compare_to": "random", "pairing": "seed"}]
     trials = staged_trials(np.random.default_rng(2))
     write_sweep(uri, tmp_path, spec, "launch-C", trials, axes=["feedback.mode"])
-    rows = {f"{r['stage']}/{r['condition']}": r for r in report_json(capsys, uri, "compared")["tables"][0]["records"]}
-    assert not any("baseline" in r for r in (rows["pre/bp"], rows["post/random"]))
-    post = rows["post/bp"]
+    body = report_json(capsys, uri, "compared")
+    [table] = [t for t in body["tables"] if t["title"] == "compared: declared contrasts (test_acc)"]
+    assert [(r["x"], r["y"]) for r in table["records"]] == [("post/bp", "post/random")]  # pre/bp is the baseline
+    post = table["records"][0]
     df = trial_runs(uri, "compared")
     value = {
         (t, int(s)): v
@@ -628,7 +629,7 @@ def test_spec_compare_to_per_stage(tmp_path: Path, capsys: pytest.CaptureFixture
     }
     x, y = ([value[f"post/{c}/s{s}", s] for s in (0, 1)] for c in ("bp", "random"))
     diff, ci, p = paired_1df(x, y)
-    assert post["baseline"] == "post/random" and post["pairing"] == "seed"
+    assert post["pairing"] == "seed" and post["n_pairs"] == 2
     assert post["diff"] == pytest.approx(diff, abs=1e-12)
     assert (post["diff_ci_low"], post["diff_ci_high"]) == pytest.approx(ci, rel=1e-9)
     assert post["p"] == pytest.approx(p, rel=1e-9) and post["p_holm"] == pytest.approx(p, rel=1e-9)
@@ -644,7 +645,7 @@ CONTRAST_SPEC = {
     "grid": {"train.loss": ["cross_entropy", "hinge"]},
     "seeds": [0, 1],
     "compare": {"model.arch": "DS0"},
-    "contrasts": [["DS0,loss=hinge", "DS0,loss=cross_entropy"]],
+    "contrasts": [["DSR2", "DSR1"], ["DS0,loss=hinge", "DS0,loss=cross_entropy"]],
     "pairing": "seed",
     "equivalence_margin": 0.3,
 }
@@ -664,8 +665,8 @@ def holm_by_hand(p: dict[str, float]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def contrast_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Sweep `contrasted`: DS0/DSR1/DSR2 × loss, 2 seeds, started in reverse order, declaring `compare` and one
-    contrast, paired by seed, with a TOST margin."""
+    """Sweep `contrasted`: DS0/DSR1/DSR2 × loss, 2 seeds, started in reverse order, declaring `compare` and two
+    contrasts (DSR2 − DSR1 per loss, so DSR2 is X twice; DS0 hinge − CE), paired by seed, with a TOST margin."""
     root = tmp_path_factory.mktemp("contrasts")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     rng = np.random.default_rng(5)
@@ -684,56 +685,80 @@ def contrast_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
+def contrast_rows(body: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The table of declared contrasts in a report.json, and its (X, Y) rows in order."""
+    [table] = [t for t in body["tables"] if t["title"] == "contrasted: declared contrasts (test_acc)"]
+    return table, [(r["x"], r["y"]) for r in table["records"]]
+
+
 def test_declared_contrasts_hold_the_loss_fixed_and_are_the_holm_family(
     contrast_store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`compare: {model.arch: DS0}` compares each condition with DS0 of the same loss; the contrast adds DS0 hinge
-    − DS0 CE; Holm (p and TOST p) runs over exactly these 5 declared comparisons; each paired t and TOST is
-    recomputed by hand from search_runs (2 seeds: 1 df, Cauchy)."""
+    """`compare: {model.arch: DS0}` compares each condition with DS0 of the same loss; the bare contrast DSR2 − DSR1
+    holds the loss fixed (hinge with hinge), making DSR2 X of two comparisons per loss; DS0 hinge − DS0 CE crosses the
+    grid by full names. Every declared comparison is a row of the contrasts table; Holm (p and TOST p) runs over
+    exactly these 7, checked against Holm computed here; each paired t and TOST is recomputed by hand from
+    search_runs (2 seeds: 1 df, Cauchy)."""
     body = report_json(capsys, contrast_store, "contrasted")
-    [table] = [t for t in body["tables"] if t["title"].endswith("per condition")]
-    rows = by_condition(table["records"])
+    table, pairs = contrast_rows(body)
     df = trial_runs(contrast_store, "contrasted")
     value = {
         (c, int(s)): v
         for c, s, v in zip(df["tags.fasweep.condition"], df["params.train.seed"], df["metrics.test_acc"], strict=True)
     }
-    declared = {f"{a},loss={loss}": f"DS0,loss={loss}" for a in ("DSR1", "DSR2") for loss in ("cross_entropy", "hinge")}
-    declared["DS0,loss=hinge"] = "DS0,loss=cross_entropy"
-    assert rows["DSR1,loss=hinge"]["baseline"] == "DS0,loss=hinge"  # hinge with hinge
-    assert rows["DSR2,loss=cross_entropy"]["baseline"] == "DS0,loss=cross_entropy"
-    assert "baseline" not in rows["DS0,loss=cross_entropy"]
+    losses = ("cross_entropy", "hinge")
+    declared = [(f"{a},loss={loss}", f"DS0,loss={loss}") for a in ("DSR1", "DSR2") for loss in losses]
+    declared += [(f"DSR2,loss={loss}", f"DSR1,loss={loss}") for loss in losses]
+    declared += [("DS0,loss=hinge", "DS0,loss=cross_entropy")]
+    assert sorted(pairs[:4]) == sorted(declared[:4]) and pairs[4:] == declared[4:]
+    assert ("DSR2,loss=hinge", "DSR1,loss=hinge") in pairs and (
+        "DSR2,loss=hinge",
+        "DSR1,loss=cross_entropy",
+    ) not in pairs
+    rows = {(r["x"], r["y"]): r for r in table["records"]}
     p, p_tost = {}, {}
-    for cond, base in declared.items():
-        rec = rows[cond]
-        x, y = ([value[c, s] for s in (0, 1)] for c in (cond, base))
-        diff, ci, p[cond] = paired_1df(x, y)
-        assert rec["baseline"] == base and rec["pairing"] == "seed" and rec["margin"] == 0.3
+    for pair in declared:
+        rec = rows[pair]
+        x, y = ([value[c, s] for s in (0, 1)] for c in pair)
+        diff, ci, p[pair] = paired_1df(x, y)
+        assert rec["pairing"] == "seed" and rec["n_pairs"] == 2 and rec["margin"] == 0.3
         assert (rec["diff_ci_low"], rec["diff_ci_high"]) == pytest.approx(ci, rel=1e-9)
-        assert rec["diff"] == pytest.approx(diff, abs=1e-12) and rec["p"] == pytest.approx(p[cond], rel=1e-9)
+        assert rec["diff"] == pytest.approx(diff, abs=1e-12) and rec["p"] == pytest.approx(p[pair], rel=1e-9)
+        assert rec["p_improve"] == pytest.approx(p_better(x, y))
+        assert [v["value"] for v in rec["x_values"]] == x and [v["seed"] for v in rec["y_values"]] == [0, 1]
         se = abs(x[0] - y[0] - (x[1] - y[1])) / 2  # sd of two differences / √2
-        p_tost[cond] = max(1 - cauchy_cdf((diff + 0.3) / se), cauchy_cdf((diff - 0.3) / se))
-        assert rec["p_tost"] == pytest.approx(p_tost[cond], rel=1e-9)
-        assert rec["holm_family"] == "declared: 5 contrasts"
-    for name, adjusted in holm_by_hand(p).items():
-        assert rows[name]["p_holm"] == pytest.approx(adjusted, rel=1e-9)
-    for name, adjusted in holm_by_hand(p_tost).items():
-        rec = rows[name]
+        p_tost[pair] = max(1 - cauchy_cdf((diff + 0.3) / se), cauchy_cdf((diff - 0.3) / se))
+        assert rec["p_tost"] == pytest.approx(p_tost[pair], rel=1e-9)
+        assert rec["holm_family"] == "declared: 7 contrasts"
+    assert len(p) == len(table["records"]) == 7
+    for pair, adjusted in holm_by_hand(p).items():
+        assert rows[pair]["p_holm"] == pytest.approx(adjusted, rel=1e-9)
+    for pair, adjusted in holm_by_hand(p_tost).items():
+        rec = rows[pair]
         assert rec["p_tost_holm"] == pytest.approx(adjusted, rel=1e-9)
         expected = "equivalent within ±0.3" if adjusted < 0.05 else "different" if rec["p_holm"] < 0.05 else "undecided"
         assert rec["diff_verdict"] == expected
-    assert any("Holm over the 5 declared contrasts (the spec's compare, contrasts" in n for n in table["footnotes"])
-    assert any("equivalence (TOST, margin ±0.3 test_acc)" in n for n in table["footnotes"])
+    notes = table["footnotes"]
+    assert any("Holm over the 7 declared contrasts (the spec's compare, contrasts" in n for n in notes)
+    assert any("equivalence (TOST, margin ±0.3 test_acc)" in n for n in notes)
+    [per_condition] = [t for t in body["tables"] if t["title"].endswith("per condition")]
+    assert not any("p" in r for r in per_condition["records"])  # one place shows each declared comparison
     code, out, _ = run_cli(capsys, "contrasted", "--tracking-uri", contrast_store, "--no-log")
-    assert code == 0 and "Holm over the 5 declared contrasts" in out
-    header = next(x for x in out.splitlines() if x.startswith("| condition") and "p TOST" in x)
-    assert (
-        "| baseline | diff vs baseline [95% CI] | p | p (Holm) | P(X>Y) | p TOST | p TOST (Holm) | verdict |" in header
+    assert code == 0 and "Holm over the 7 declared contrasts" in out and "### contrasted: declared contrasts" in out
+    header = next(x for x in out.splitlines() if x.startswith("| X |"))
+    assert header == (
+        "| X | Y | n pairs | diff X − Y [95% CI] | p | p (Holm) | P(X>Y) | p TOST | p TOST (Holm) | verdict |"
     )
-    row = next(x for x in out.splitlines() if x.startswith("| DSR1,loss=hinge |"))
-    assert "| DS0,loss=hinge |" in row and rows["DSR1,loss=hinge"]["diff_verdict"] in row
+    lines = [x for x in out.splitlines() if x.startswith("| DSR2,loss=hinge |")][-2:]  # the contrasts table's
+    assert [x.split("|")[2].strip() for x in lines] == ["DS0,loss=hinge", "DSR1,loss=hinge"]
+    assert rows["DSR2,loss=hinge", "DSR1,loss=hinge"]["diff_verdict"] in lines[1]
+    for fmt in ("csv", "html"):
+        code, text, _ = run_cli(capsys, "contrasted", "--tracking-uri", contrast_store, "--no-log", "--format", fmt)
+        assert code == 0 and "contrasted: declared contrasts (test_acc)" in text
+    code, text, _ = run_cli(capsys, "contrasted", "--tracking-uri", contrast_store, "--no-log", "--format", "csv")
+    assert {"x", "y", "n_pairs", "p_holm", "x_values"} <= set(text.splitlines()[0].split(","))
     margin = report_json(capsys, contrast_store, "contrasted", "--margin", "0.01")
-    assert {r.get("margin") for r in margin["tables"][-1]["records"]} == {0.01, None}
+    assert {r.get("margin") for r in contrast_rows(margin)[0]["records"]} == {0.01}
 
 
 def test_json_values_carry_seeds_and_redo_a_paired_test(
@@ -742,12 +767,12 @@ def test_json_values_carry_seeds_and_redo_a_paired_test(
     """From report.json alone: values sorted by seed with their launch; scipy's paired t on them gives the file's p."""
     from scipy import stats
 
-    body = report_json(capsys, contrast_store, "contrasted")
-    rows = by_condition(body["tables"][-1]["records"])
-    x, y = rows["DSR2,loss=hinge"]["values"], rows["DS0,loss=hinge"]["values"]
+    table, _ = contrast_rows(report_json(capsys, contrast_store, "contrasted"))
+    rec = next(r for r in table["records"] if (r["x"], r["y"]) == ("DSR2,loss=hinge", "DS0,loss=hinge"))
+    x, y = rec["x_values"], rec["y_values"]
     assert [v["seed"] for v in x] == [0, 1] and {v["launch"] for v in x + y} == {"launch-K"}
     p = stats.ttest_rel([v["value"] for v in x], [v["value"] for v in y]).pvalue
-    assert rows["DSR2,loss=hinge"]["p"] == pytest.approx(p, rel=1e-9)
+    assert rec["p"] == pytest.approx(p, rel=1e-9)
 
 
 def test_adhoc_baseline_says_its_family_in_every_format(

@@ -23,6 +23,7 @@ from fasweep.report.tables import (
     Table,
     check_axes,
     condition_table,
+    contrast_table,
     group_by,
     is_number,
     loss_table,
@@ -183,7 +184,8 @@ def make_report(
     else:  # the seed report's layout first where the loss is an axis, then one row per condition
         side_by_side = loss_table(sweep, metric, at, ci)
         per_condition = condition_table(sweep, metric, at, ci=ci, baseline=baseline, pairing=pairing, margin=margin)
-        tables = ([side_by_side] if side_by_side else []) + [per_condition]
+        declared = None if baseline else contrast_table(sweep, metric, at, ci=ci, pairing=pairing, margin=margin)
+        tables = ([side_by_side] if side_by_side else []) + [per_condition] + ([declared] if declared else [])
     report = Report(sweep, metric, at, ci, tables)
     if draw:
         with tempfile.TemporaryDirectory() as tmp:

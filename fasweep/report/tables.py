@@ -388,12 +388,12 @@ def _comparisons(
     declared: bool,
     family: str,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Each planned comparison: record fields (baseline, pairing, diff, diff_ci_low/high, p, p_holm, p_improve,
-    holm_family; with a margin p_tost, p_tost_holm, margin, diff_verdict) and footnotes. Holm adjusts over every
-    planned comparison (an untestable one as p = 1) when `declared` by the spec (`family`: by which fields), else
-    over the tests made (`family`: what this ad-hoc family is)."""
+    """Each planned comparison, keyed (X, Y): record fields (baseline, pairing, n_pairs, diff, diff_ci_low/high, p,
+    p_holm, p_improve, holm_family; with a margin p_tost, p_tost_holm, margin, diff_verdict) and footnotes. Holm
+    adjusts over every planned comparison (an untestable one as p = 1) when `declared` by the spec (`family`: by which
+    fields), else over the tests made (`family`: what this ad-hoc family is)."""
     lower = lower_is_better(metric)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     ratios: list[float] = []
     unpaired = 0
     for name, base, pairing in planned:
@@ -409,17 +409,19 @@ def _comparisons(
         if c.ci and welch and welch.ci and welch.ci[1] > welch.ci[0]:
             ratios.append((c.ci[1] - c.ci[0]) / (welch.ci[1] - welch.ci[0]))
         low, high = c.ci or (None, None)
-        out[name] = {"baseline": base, "pairing": "seed" if c.paired else "none", "diff": c.diff}
-        out[name] |= {"diff_ci_low": low, "diff_ci_high": high, "p": c.p, "p_holm": None, "p_improve": c.p_improve}
+        key = (name, base)
+        n_pairs = len(pairs[0]) if pairs is not None else None
+        out[key] = {"baseline": base, "pairing": "seed" if c.paired else "none", "n_pairs": n_pairs, "diff": c.diff}
+        out[key] |= {"diff_ci_low": low, "diff_ci_high": high, "p": c.p, "p_holm": None, "p_improve": c.p_improve}
         if margin is not None:
-            out[name] |= {"p_tost": c.p_tost, "p_tost_holm": None, "margin": margin}
-    members = [name for name, _, _ in planned] if declared else [n for n, f in out.items() if f["p"] is not None]
-    tested = [name for name in members if out.get(name, {}).get("p") is not None]
+            out[key] |= {"p_tost": c.p_tost, "p_tost_holm": None, "margin": margin}
+    members = [(x, y) for x, y, _ in planned] if declared else [k for k, f in out.items() if f["p"] is not None]
+    tested = [key for key in members if out.get(key, {}).get("p") is not None]
     for key in ("p", "p_tost") if margin is not None else ("p",):
-        adjusted = holm([out.get(name, {}).get(key) for name in members])
-        for name, value in zip(members, adjusted, strict=True):
-            if out.get(name, {}).get(key) is not None:
-                out[name][f"{key}_holm"] = value
+        adjusted = holm([out.get(member, {}).get(key) for member in members])
+        for member, value in zip(members, adjusted, strict=True):
+            if out.get(member, {}).get(key) is not None:
+                out[member][f"{key}_holm"] = value
     what = f"declared: {len(members)} contrasts" if declared else family
     for fields in out.values():
         fields["holm_family"] = what
@@ -435,11 +437,17 @@ def _comparisons(
         holm_note += f"; {untested} of them untestable here count as p = 1" if untested else ""
     else:
         holm_note = f"Holm over the {len(members)} tests of this table: {family}"
+    diff_note = (
+        "diff: X's mean − Y's mean (paired: the mean of the seeds' differences, over the n pairs) with its 95% CI"
+        if declared
+        else f"diff: mean − the baseline's mean ({', '.join(dict.fromkeys(b for _, b, _ in planned))}) with its 95% CI"
+    )
     notes = [
-        f"diff: mean − the baseline's mean ({', '.join(dict.fromkeys(b for _, b, _ in planned))}) with its 95% CI; "
+        f"{diff_note}; "
         f"p: two-sided Welch's t-test{' (paired t on the seeds both ran where pairing: seed)' if paired else ''}; "
         f"p (Holm): {holm_note}; P(X{better}Y): probability that a seed "
-        f"of the condition beats a seed of the baseline, over all pairs, ties ½"
+        f"of {'X' if declared else 'the condition'} beats a seed of {'Y' if declared else 'the baseline'}, over all "
+        "pairs, ties ½"
     ]
     if margin is not None:
         notes.append(
@@ -482,24 +490,18 @@ def condition_table(
     margin: float | None = None,
 ) -> Table:
     """One row per condition (per stage): mean ± sd and 95% CI over seeds, n, epochs, diverged, reference and
-    delta; the comparisons the spec declares (`sweep.contrasts`), or, with `baseline`, each condition against it (an
-    ad-hoc family); with a `margin`, their equivalence tests."""
+    delta; with `baseline`, each condition against it (an ad-hoc family), with a `margin` their equivalence tests.
+    The comparisons the spec declares have their own table (`contrast_table`)."""
     groups = group_by(sweep.trials, lambda t: t.label)
     epochs = reference_epochs(sweep, metric)
+    planned: Planned = []
+    base_notes: list[str] = []
     if baseline:
         planned, base_notes = _adhoc(sweep, groups, baseline, pairing)
-        family = f"an ad-hoc family (the comparisons with --baseline {baseline}), not declared in the spec"
-        declared = False
-    else:
-        planned = [(c.condition, c.baseline, pairing or c.pairing) for c in sweep.contrasts]
-        missing = sorted({n for x, y, _ in planned for n in (x, y) if n not in groups})
-        base_notes = [f"declared contrasts name conditions without trials: {', '.join(missing)}"] if missing else []
-        family = ", ".join(dict.fromkeys(c.declared_by for c in sweep.contrasts))
-        declared = True
-    rows_stats = {
-        name: (groups[name][0].stage, summarize(groups[name], metric, at, ci)) for name in sweep.condition_order
-    }
-    compared, compare_notes = _comparisons(rows_stats, planned, metric, margin, declared=declared, family=family)
+    family = f"an ad-hoc family (the comparisons with --baseline {baseline}), not declared in the spec"
+    rows_stats = _rows_stats(sweep, groups, metric, at, ci)
+    compared, compare_notes = _comparisons(rows_stats, planned, metric, margin, declared=False, family=family)
+    by_x = {x: fields for (x, _), fields in compared.items()}
     header = ["condition", f"{metric} ({at})", "95% CI", "n", "final epoch", "best epoch", "diverged"]
     header += ["reference", "delta"]
     bases = {b for _, b, _ in planned}
@@ -517,18 +519,75 @@ def condition_table(
         fields, delta = _reference(sweep, group, metric, at, s)
         cells, at_fields = _at_epochs(sweep, group, metric, epochs, ci)
         records.append(
-            {"stage": group[0].stage, "condition": group[0].condition, **_record(s), **fields, **compared.get(name, {})}
+            {"stage": group[0].stage, "condition": group[0].condition, **_record(s), **fields, **by_x.get(name, {})}
             | at_fields
         )
         row = [name, fmt_stats(s), fmt_ci(s), str(s.n), str(s.final_epoch or "—"), str(s.best_epoch or "—")]
         row += [str(s.diverged), fmt(fields["reference"]), delta]
         if planned:
-            mine = compared.get(name)
+            mine = by_x.get(name)
             row += [mine["baseline"] if mine else "—"] if len(bases) > 1 else []
             row += _comparison_cells(mine, name in bases, width)
         rows.append(row + cells)
     notes = _footnotes(sweep, metric, at, ci, epochs) + compare_notes + base_notes
+    if not baseline and sweep.contrasts:
+        notes.append("the spec's declared comparisons: the table of declared contrasts")
     return Table(f"{sweep.name}: {metric} per condition", header, rows, records, notes)
+
+
+def _rows_stats(
+    sweep: Sweep, groups: dict[str, list[Trial]], metric: str, at: str, ci: str
+) -> dict[str, tuple[str, Stats]]:
+    """Each condition's label -> (its stage, its statistics), in plan order."""
+    return {name: (groups[name][0].stage, summarize(groups[name], metric, at, ci)) for name in sweep.condition_order}
+
+
+def contrast_table(
+    sweep: Sweep, metric: str, at: str, *, ci: str = "t", pairing: str | None = None, margin: float | None = None
+) -> Table | None:
+    """One row per comparison the spec declares (`sweep.contrasts`: compare_to, compare, contrasts), X − Y: n pairs,
+    diff [95% CI], p, p (Holm) over exactly that family, P(X>Y), and with a `margin` p TOST, p TOST (Holm) and the
+    verdict. A condition may be X of several rows. None when the spec declares none."""
+    if not sweep.contrasts:
+        return None
+    groups = group_by(sweep.trials, lambda t: t.label)
+    planned = [(c.condition, c.baseline, pairing or c.pairing) for c in sweep.contrasts]
+    missing = sorted({n for x, y, _ in planned for n in (x, y) if n not in groups})
+    base_notes = [f"declared contrasts name conditions without trials: {', '.join(missing)}"] if missing else []
+    family = ", ".join(dict.fromkeys(c.declared_by for c in sweep.contrasts))
+    rows_stats = _rows_stats(sweep, groups, metric, at, ci)
+    compared, notes = _comparisons(rows_stats, planned, metric, margin, declared=True, family=family)
+    width = 4 + 3 * (margin is not None)
+    header = ["X", "Y", "n pairs", "diff X − Y [95% CI]", "p", "p (Holm)"]
+    header += [f"P(X{'<' if lower_is_better(metric) else '>'}Y)"]
+    header += ["p TOST", "p TOST (Holm)", "verdict"] if margin is not None else []
+    rows, records = [], []
+    for c, (x, y, _) in zip(sweep.contrasts, planned, strict=True):
+        fields = compared.get((x, y))
+        sx, sy = (rows_stats[n][1] if n in rows_stats else None for n in (x, y))
+        if fields is None:
+            n_pairs = "—"
+        elif fields["n_pairs"] is not None:
+            n_pairs = str(fields["n_pairs"])
+        else:
+            n_pairs = f"unpaired ({sx.n if sx else 0}, {sy.n if sy else 0})"
+        rows.append([x, y, n_pairs, *_comparison_cells(fields, False, width)])
+        record: dict[str, Any] = {"x": x, "y": y, "declared_by": c.declared_by}
+        record |= {k: v for k, v in (fields or {}).items() if k != "baseline"}
+        if fields is None:
+            record |= {"pairing": None, "n_pairs": None, "diff": None, "p": None, "p_holm": None}
+            record["holm_family"] = f"declared: {len(planned)} contrasts"
+        for side, st in (("x", sx), ("y", sy)):
+            record |= {f"{side}_mean": _number(st.mean) if st else None, f"{side}_n": st.n if st else 0}
+            record[f"{side}_values"] = _seeded_values(st) if st else []
+        records.append(record)
+    notes.append(
+        "one row per comparison the spec declares, X − Y; n pairs: the seeds both ran (paired t-test), else "
+        "`unpaired (n X, n Y)` (Welch); —: untestable here (no trials, or one seed)"
+    )
+    notes.append(f"{metric} at the {'final (latest)' if at == 'final' else 'best'} epoch of each trial")
+    title = f"{sweep.name}: declared contrasts ({metric})"
+    return Table(title, header, rows, records, notes + base_notes)
 
 
 def _strip_axis(condition: str, axis: str) -> str:
