@@ -396,8 +396,12 @@ def report(
     margin: Annotated[
         float | None, typer.Option(help="equivalence margin (TOST) in the metric's units; spec: equivalence_margin")
     ] = None,
+    set_: SetOpt = None,
 ) -> None:
-    """Tables and plots of a sweep's runs: 95% intervals, comparisons with a baseline, reference numbers beside."""
+    """Tables and plots of a sweep's runs: 95% intervals, comparisons with a baseline, reference numbers beside.
+
+    With a spec file, `--set` applies the launch's overrides to it, so its plan (contrasts, references) is the one
+    that ran."""
     from fasweep.report import FORMATS, make_report, render
     from fasweep.runs.store import resolve_tracking_uri
 
@@ -405,7 +409,7 @@ def report(
         raise UserError.field("--format", format, " | ".join(FORMATS))
     uri = resolve_tracking_uri(tracking_uri)
     options = {"metric": metric, "at": at, "by": by, "launch": launch, "out": out, "log": log, "ci": ci}
-    options |= {"baseline": baseline, "pairing": pairing, "margin": margin}
+    options |= {"baseline": baseline, "pairing": pairing, "margin": margin, "sets": parse_sets(set_)}
     result = make_report(target, tracking_uri=uri, plots=format == "html", **options)
     typer.echo(render(result, format))
     if out is not None:

@@ -850,6 +850,14 @@ def test_spec_file_gives_name_and_reference(
     assert rows["concordance=1.0,magnitude=uniform"]["reference"] is None
     code, _, err = run_cli(capsys, str(tmp_path / "missing.yaml"), "--tracking-uri", layout_store)
     assert code == 2 and "missing.yaml" in err and err.count("\n") == 1
+    # --set gives the spec file the launch's overrides: here a reference number set on the command line
+    ref = 'reference={"concordance=1.0,magnitude=uniform": {test_acc: 0.5}}'
+    code, out, err = run_cli(capsys, str(path), "--tracking-uri", layout_store, "--format", "json", "--set", ref)
+    assert code == 0, err
+    rows = by_condition(json.loads(out)["tables"][0]["records"])
+    assert rows["concordance=1.0,magnitude=uniform"]["reference"] == 0.5
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", layout_store, "--set", "seeds=[0]")
+    assert code == 2 and err.startswith("error: --set: got ['seeds']; expected a spec file") and err.count("\n") == 1
 
 
 def test_stages_and_stopped_trials(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:

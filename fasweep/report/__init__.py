@@ -12,6 +12,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 
@@ -103,12 +104,15 @@ def _html_page(report: Report) -> str:
     )
 
 
-def resolve_target(target: str) -> tuple[str, Plan | None]:
-    """A sweep name as is, or a spec file -> (its sweep name, its plan: reference numbers and plan order)."""
+def resolve_target(target: str, sets: dict[str, Any] | None = None) -> tuple[str, Plan | None]:
+    """A sweep name as is, or a spec file (with `sets`, the launch's `--set` overrides) -> (its sweep name, its
+    plan: reference numbers, declared comparisons and plan order)."""
     path = Path(target)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        plan = load_spec(path)
+        plan = load_spec(path, sets)
         return plan.spec.name, plan
+    if sets:
+        raise UserError.field("--set", sorted(sets), "a spec file as the target (a sweep name's spec is as logged)")
     return target, None
 
 
@@ -139,6 +143,7 @@ def make_report(
     baseline: str | None = None,
     pairing: str | None = None,
     margin: float | None = None,
+    sets: dict[str, Any] | None = None,
 ) -> Report:
     """Read the sweep and build its tables; draw the plots when `out`, `log` or `plots` asks for them; write
     the files to `out`; log them as artifacts on the (latest selected) parent run when `log`.
@@ -160,7 +165,7 @@ def make_report(
     by = list(by or [])
     if by and baseline:
         raise UserError.field("--baseline", baseline, "no --by: comparisons are made in the per-condition table")
-    name, plan = resolve_target(target)
+    name, plan = resolve_target(target, sets)
     sweep = load_sweep(tracking_uri, name, launch=launch, plan=plan)
     if not sweep.trials:
         raise UserError(f"sweep {name!r} launch {', '.join(sweep.launches)}: no trial runs logged yet")
