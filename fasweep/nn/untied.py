@@ -2,7 +2,7 @@
 
 Weights are stored as they are used, (out positions P, in_channels * kh * kw, out_channels): the real
 parameter count, never the seed's dense mostly-zero (C*H*W, O*P) matrix. Forward and backward are
-patches made once per forward, (P, N, C*kh*kw) by one strided copy of the padded input and saved for
+patches made once per forward, (P, N, C*kh*kw) by one strided copy (batch innermost) and saved for
 dW; the shared FA Function then runs a position-wise linear op (bmm over positions); dL/d(patches) = G B^T
 is folded (col2im) onto the input by the patches' own backward. dfa (B sized by the layer input) and packs
 use `UntiedOp`, the same kernels with the layer input as x.
@@ -22,27 +22,29 @@ from fasweep.nn.layers import FALayer, _conv_padding, apply_feedback
 from fasweep.nn.rules import DirectFeedback, FeedbackRule, LayerOp
 
 
-def _patch_view(x: Tensor, op: UntiedOp) -> Tensor:
-    """x's patches as a strided view (oh, ow, N, C, kh, kw) of the zero-padded input: no copy yet."""
+def patches(x: Tensor, op: UntiedOp) -> Tensor:
+    """(P, N, C*kh*kw): what `F.unfold(x).permute(2, 0, 1)` holds, as a transposed view of a contiguous
+    (P, C*kh*kw, N) (bmm takes either orientation without a copy). Made by one strided copy with the batch
+    innermost on both sides, from a (C, H+2p, W+2p, N) copy of the input (a blocked 2-d transpose)."""
     if tuple(x.shape[-2:]) != op.input_size:
         raise ValueError(f"UntiedConv2d built for input size {op.input_size}, got {tuple(x.shape[-2:])}")
     (ph, pw), (sh, sw) = op.padding, op.stride
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
-    sn, sc, sy, sx = x.stride()
-    shape = (*op.output_size, x.shape[0], x.shape[1], *op.kernel_size)
-    return x.as_strided(shape, (sy * sh, sx * sw, sn, sc, sy, sx), x.storage_offset())
-
-
-def patches(x: Tensor, op: UntiedOp) -> Tensor:
-    """(P, N, C*kh*kw) contiguous: what `F.unfold(x).permute(2, 0, 1)` holds, made by one copy (no autograd)."""
-    cols = _patch_view(x, op).contiguous()
-    return cols.view(cols.shape[0] * cols.shape[1], x.shape[0], -1)
+    n, c, h, w = x.shape
+    xt = x.contiguous().view(n, -1).t().contiguous()  # (C*Hp*Wp, N)
+    view = xt.as_strided((*op.output_size, c, *op.kernel_size, n), (sh * w * n, sw * n, h * w * n, w * n, n, 1))
+    cols = view.contiguous()
+    return cols.view(cols.shape[0] * cols.shape[1], -1, n).transpose(1, 2)
 
 
 def fold_patches(cols: Tensor, op: UntiedOp) -> Tensor:
-    """The adjoint of `patches`: (P, N, C*kh*kw) summed back onto an (N, C, H, W) input (col2im)."""
-    return F.fold(cols.permute(1, 2, 0), op.input_size, op.kernel_size, padding=op.padding, stride=op.stride)
+    """The adjoint of `patches`: (P, N, C*kh*kw) summed back onto an (N, C, H, W) input (col2im).
+
+    col2im wants (N, C*kh*kw, P): made from contiguous (P, N*C*kh*kw) by a blocked 2-d transpose."""
+    positions, n = cols.shape[:2]
+    cols = cols.contiguous().view(positions, -1).t().contiguous().view(n, -1, positions)
+    return F.fold(cols, op.input_size, op.kernel_size, padding=op.padding, stride=op.stride)
 
 
 class _Patches(torch.autograd.Function):
@@ -87,13 +89,27 @@ class PositionLinearOp:
 
 
 def _to_image(out: Tensor, output_size: tuple[int, ...]) -> Tensor:
-    """(P, N, O) -> (N, O, out_h, out_w) as a view (memory stays position-major)."""
-    return out.permute(1, 2, 0).unflatten(2, output_size)
+    """(P, N, O) -> contiguous (N, O, out_h, out_w): one blocked 2-d transpose of (P, N*O)."""
+    positions, n, o = out.shape
+    return out.view(positions, n * o).t().contiguous().view(n, o, *output_size)
 
 
 def _by_position(grad_out: Tensor) -> Tensor:
-    """(N, O, out_h, out_w) -> contiguous (P, N, O)."""
-    return grad_out.flatten(2).permute(2, 0, 1).contiguous()
+    """(N, O, out_h, out_w) -> contiguous (P, N, O): the inverse transpose."""
+    n, o = grad_out.shape[:2]
+    return grad_out.contiguous().view(n * o, -1).t().contiguous().view(-1, n, o)
+
+
+class _ToImage(torch.autograd.Function):
+    """`_to_image` whose backward is `_by_position` (both blocked transposes; autograd's would not be)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, output_size: tuple[int, ...]) -> Tensor:  # type: ignore[override]
+        return _to_image(out, output_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return _by_position(grad), None
 
 
 class UntiedOp:
@@ -186,7 +202,7 @@ class UntiedConv2d(FALayer):
             x = x.to(torch.get_autocast_dtype(device))  # patches made once, in the dtype the bmm runs in
         cols = _Patches.apply(x, op) if x.requires_grad else patches(x, op)
         out = apply_feedback(cols, weight, self.bias, feedback, op.positions, self.rule, contiguous_grad=True)
-        return _to_image(out, op.output_size)
+        return _ToImage.apply(out, op.output_size)
 
     @property
     def output_size(self) -> tuple[int, ...]:
