@@ -4,8 +4,11 @@ Prints ratios measured in this one run (interleaved repetitions, medians):
 - FA step / BP step for Linear and Conv2d (fwd + bwd + optimizer step; BP = stock nn.Linear/nn.Conv2d).
 - The seed's first untied layer (3x32x32 input, 5x5, 32 channels, no padding): bytes of weights and
   fwd+bwd time for UntiedConv2d vs the dense mostly-zero (3072, 32*28*28) matrix vs nn.Conv2d.
+- Preset nets PG-Untie vs PG0 (poggio pools, batch 128, fwd + bwd + Adam): ms per step, GFLOP/s, the ratio,
+  and the limit: PG0's step scaled to PG-Untie's FLOPs plus the extra Adam step and the extra weight traffic
+  (W read forward, B read backward, dW written) of the untied net's parameters, both measured here.
 
-Usage: python benchmarks/bench_nn.py [--device cpu|cuda] [--reps N] [--threads T]
+Usage: python benchmarks/bench_nn.py [--device cpu|cuda] [--reps N] [--threads T] [--only presets]
 """
 
 from __future__ import annotations
@@ -149,17 +152,88 @@ def bench_untied(device: torch.device, reps: int, batch: int = 64) -> None:
     )
 
 
+def _preset_step(arch: str, device: torch.device, batch: int) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
+    from fasweep.config import FeedbackConfig, ModelConfig
+    from fasweep.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, pool="poggio"), FeedbackConfig(), (3, 32, 32), 10).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer_step(model, opt)
+
+    return model, opt, step
+
+
+def _step_flops(step: Callable[[], None]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def _param_costs(model: nn.Module, device: torch.device, reps: int) -> dict[str, float]:
+    """Seconds for one Adam step and one read+write pass over tensors shaped as `model`'s parameters."""
+    params = [torch.randn_like(p) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=1e-3)
+    opt.step()
+
+    def rw_pass() -> None:
+        for p in params:
+            p.grad.add_(p)
+
+    return compare({"adam": opt.step, "rw": rw_pass}, reps, device)
+
+
+def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
+    """PG-Untie / PG0 training step (fwd + bwd + Adam), GFLOP/s, and the limit the untied net could reach."""
+    nets = {arch: _preset_step(arch, device, batch) for arch in ("PG0", "PG-Untie")}
+    flops = {arch: _step_flops(step) for arch, (_, _, step) in nets.items()}
+    times = _interleaved({arch: step for arch, (_, _, step) in nets.items()}, reps, device)
+    t = {arch: statistics.median(v) for arch, v in times.items()}
+    ratio = statistics.median(a / b for a, b in zip(times["PG-Untie"], times["PG0"], strict=True))
+    costs = {arch: _param_costs(model, device, max(3, reps // 2)) for arch, (model, _, _) in nets.items()}
+    n_params = {arch: sum(p.numel() for p in model.parameters()) for arch, (model, _, _) in nets.items()}
+    # a read+write pass moves 2 words per parameter; W read (fwd) + B read (bwd) + dW written = 3 words
+    extra = {arch: costs[arch]["adam"] + 1.5 * costs[arch]["rw"] for arch in nets}
+    limit = t["PG0"] * flops["PG-Untie"] / flops["PG0"] + extra["PG-Untie"] - extra["PG0"]
+    print(f"Preset nets, batch {batch}, fwd+bwd+Adam (median of {reps} interleaved steps):")
+    for arch in nets:
+        print(
+            f"  {arch:9s} {t[arch] * 1e3:8.1f} ms/step  {flops[arch] / 1e9:6.2f} GFLOP/step  "
+            f"{flops[arch] / t[arch] / 1e9:6.1f} GFLOP/s  {n_params[arch] / 1e6:6.2f} M params  "
+            f"(Adam {costs[arch]['adam'] * 1e3:.1f} ms, param r+w pass {costs[arch]['rw'] * 1e3:.1f} ms)"
+        )
+    print(
+        f"  PG-Untie / PG0 step: {ratio:.2f}x (paired median); limit {limit * 1e3:.1f} ms = "
+        f"{limit / t['PG0']:.2f}x PG0 (PG0 at PG-Untie's FLOPs + extra Adam + 3 words/param of W, B, dW traffic)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", choices=["rules", "untied", "presets"], help="run one section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}")
-    bench_rules(device, args.reps)
-    bench_untied(device, max(5, args.reps // 3))
+    if args.only in (None, "rules"):
+        bench_rules(device, args.reps)
+    if args.only in (None, "untied"):
+        bench_untied(device, max(5, args.reps // 3))
+    if args.only in (None, "presets"):
+        bench_presets(device, max(5, args.reps // 3))
 
 
 if __name__ == "__main__":

@@ -175,6 +175,106 @@ def test_from_conv2d_matches_conv(size, stride, pad):
     assert untied.rule.mode == "bp"
 
 
+def _dense_untied(weight, in_shape, kernel, stride, pad):
+    """(C*H*W, O*P) dense mostly-zero matrix of an untied layer's weight (P, C*kh*kw, O), built by indexing."""
+    c, h, w = in_shape
+    positions, _, out_ch = weight.shape
+    index = torch.arange(c * h * w, dtype=torch.float64).view(1, c, h, w)
+    index = F.pad(index + 1, (pad, pad, pad, pad))  # 0 marks padding
+    rows = F.unfold(index, kernel, stride=stride)[0].long()  # (C*kh*kw, P)
+    dense = torch.zeros(c * h * w + 1, out_ch, positions, dtype=weight.dtype)
+    dense[rows, :, torch.arange(positions)] = weight.permute(1, 0, 2)
+    return dense[1:].reshape(c * h * w, out_ch * positions)
+
+
+@pytest.mark.parametrize(("stride", "pad", "channels_last"), [(1, 2, False), (2, 1, True), (1, 0, True)])
+def test_untied_float64_equals_tied_conv_and_dense_form(stride, pad, channels_last):
+    """float64: from_conv2d equals the conv (forward, dx under bp, summed dW and db); under random B every
+    output and gradient equals the dense (C*H*W, O*P) matrix form, computed independently by indexing."""
+    conv = nn.Conv2d(3, 4, (3, 2), stride=stride, padding=pad).double()
+    untied = UntiedConv2d.from_conv2d(conv, (7, 6))
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [conv(xs[0]), untied(xs[1])]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(g)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(untied.weight.grad.sum(0), conv.weight.grad.flatten(1).t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(untied.bias.grad.sum((1, 2)), conv.bias.grad, rtol=1e-12, atol=1e-12)
+
+    fa = UntiedConv2d(3, 4, (3, 2), (7, 6), stride=stride, padding=pad, feedback="random", dtype=torch.float64)
+    xf = x.clone().requires_grad_()
+    out = fa(xf)
+    out.backward(g)
+    B = fa.feedback_weight
+    assert B.shape == fa.weight.shape
+    kw = {"in_shape": (3, 7, 6), "kernel": (3, 2), "stride": stride, "pad": pad}
+    dense_w = _dense_untied(fa.weight.detach(), **kw).requires_grad_()
+    bias = fa.bias.detach().flatten().clone().requires_grad_()
+    want = x.flatten(1) @ dense_w + bias
+    torch.testing.assert_close(out.flatten(1), want, rtol=1e-12, atol=1e-12)
+    want.backward(g.flatten(1))
+    gf = g.flatten(1)
+    torch.testing.assert_close(xf.grad.flatten(1), gf @ _dense_untied(B, **kw).t(), rtol=1e-12, atol=1e-12)
+    # dW: the dense gradient read back at the weight's own entries
+    torch.testing.assert_close(fa.weight.grad, _gather_dense(dense_w.grad, **kw), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fa.bias.grad.flatten(), bias.grad, rtol=1e-12, atol=1e-12)
+
+
+def _gather_dense(dense, in_shape, kernel, stride, pad):
+    """Inverse of `_dense_untied` on its nonzero pattern: (C*H*W, O*P) -> (P, C*kh*kw, O)."""
+    c, h, w = in_shape
+    index = F.pad(torch.arange(c * h * w, dtype=torch.float64).view(1, c, h, w) + 1, (pad, pad, pad, pad))
+    rows = F.unfold(index, kernel, stride=stride)[0].long()  # (C*kh*kw, P)
+    positions = rows.shape[1]
+    padded = torch.cat([torch.zeros(1, dense.shape[1], dtype=dense.dtype), dense])
+    per_pos = padded.view(c * h * w + 1, -1, positions)  # (C*H*W+1, O, P)
+    return per_pos[rows, :, torch.arange(positions)].permute(1, 0, 2)
+
+
+def test_untied_dfa_input_grad_has_the_input_shape():
+    net = finalize(nn.Sequential(UntiedConv2d(2, 3, 3, 5, padding=1, feedback="dfa"), nn.Flatten(), FALinear(75, 4)))
+    x = torch.randn(3, 2, 5, 5, requires_grad=True)
+    out = net(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    B = net[0].feedback_weight
+    assert B.shape == (4, 2 * 5 * 5)
+    torch.testing.assert_close(x.grad, (g @ B).view_as(x))
+
+
+def test_untied_no_grad_and_first_layer_paths_agree():
+    layer = UntiedConv2d(2, 3, 3, (6, 5), stride=2, padding=1)
+    x = torch.randn(2, 2, 6, 5)
+    with torch.no_grad():
+        ref = layer(x)
+    out = layer(x)  # x needs no grad: only dW, db
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.bias.grad is not None
+
+
+def test_untied_autocast_bf16_close_to_fp32():
+    layer = UntiedConv2d(3, 8, 3, 8, padding=1, feedback="random")
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    ref = layer(x)
+    ref.square().mean().backward()
+    grads = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(x.grad, grads[0], rtol=0.1, atol=2e-3)
+    torch.testing.assert_close(layer.weight.grad, grads[1], rtol=0.1, atol=2e-3)
+
+
 # ---- sign-concordant details ----------------------------------------------------------------------
 
 
