@@ -159,6 +159,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def get_path(d: dict[str, Any], path: str) -> Any:
+    """The value at the dotted `path` of `d` (None where absent)."""
+    value: Any = d
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def set_path(d: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     """Return a deep copy of `d` with the dotted `path` set to `value` (intermediate dicts created)."""
     out = copy.deepcopy(d)

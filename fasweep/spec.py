@@ -36,6 +36,7 @@ from fasweep.config import (
     brief,
     explain,
     format_loc,
+    get_path,
     set_path,
     submodel,
     suggest,
@@ -806,14 +807,6 @@ def _check_compare_to(spec: SweepSpec, cells: dict[str, list[_Cell]], source: _S
             raise source.bad(loc, name, f"a planned condition name{suggest(name, sorted(known))}; see `fasweep plan`")
 
 
-def _get_path(config: dict[str, Any], path: str) -> Any:
-    """The value at a dotted path of a trial config (None where absent)."""
-    value: Any = config
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def _listed(names: list[str], most: int = 12) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -836,18 +829,18 @@ def _twins(
     """`compare: {path: value}` in one stage (`where`: ` in stage NAME`, or ''): (X, Y) for each condition X whose
     config equals Y's except that Y has `path` = value. Not strict (the spec's `compare` seen from one of several
     stages): [] where the stage does not vary `path` or plans no such value."""
-    planned = list(dict.fromkeys(format_value(_get_path(c, path)) for c in conds.values()))
+    planned = list(dict.fromkeys(format_value(get_path(c, path)) for c in conds.values()))
     if len(planned) < 2:
         if strict:
             raise source.bad(loc, path, f"an axis path varied{where} (a condition or grid key)")
         return []
-    if not any(_get_path(c, path) == value for c in conds.values()):
+    if not any(get_path(c, path) == value for c in conds.values()):
         if strict:
             raise source.bad((*loc, path), value, f"a planned value of {path}{where}: {_listed(planned)}")
         return []
     pairs = []
     for x, config in conds.items():
-        if _get_path(config, path) == value:
+        if get_path(config, path) == value:
             continue
         twin = next((y for y, other in conds.items() if other == set_path(config, path, value)), None)
         if twin is not None:

@@ -110,7 +110,11 @@ class FALayer(nn.Module):
         self.rule.track(weight)
         # B only matters when dL/dx is wanted (not for a first layer fed with data)
         feedback = self.rule.feedback_for_forward(weight) if x.requires_grad else weight.detach()
-        return apply_feedback(x, weight, bias, feedback, op, self.rule)
+        return self.feedback_forward(x, feedback)
+
+    def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:
+        """The gradient-carrying forward with this step's B: the shared FA Function over the layer's op."""
+        return apply_feedback(x, self.weight, self.bias, feedback, self.op, self.rule)
 
 
 class LinearOp:

@@ -188,20 +188,16 @@ class UntiedConv2d(FALayer):
     def op(self) -> LayerOp:
         return self._op
 
-    def forward(self, x: Tensor) -> Tensor:
+    def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:
         """Patches once (one copy, saved for dW), then the shared FA Function over positions (bmm)."""
-        weight, op = self.weight, self._op
-        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if not grad or isinstance(self.rule, DirectFeedback):
-            return super().forward(x)  # dfa needs the layer input as x: B is (outputs, C*H*W)
-        self.rule.track(weight)
-        # B only matters when dL/dx is wanted (not for a first layer fed with data)
-        feedback = self.rule.feedback_for_forward(weight) if x.requires_grad else weight.detach()
+        if isinstance(self.rule, DirectFeedback):
+            return super().feedback_forward(x, feedback)  # dfa needs the layer input as x: B is (outputs, C*H*W)
+        op = self._op
         device = x.device.type
         if torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))  # patches made once, in the dtype the bmm runs in
         cols = _Patches.apply(x, op) if x.requires_grad else patches(x, op)
-        out = apply_feedback(cols, weight, self.bias, feedback, op.positions, self.rule, contiguous_grad=True)
+        out = apply_feedback(cols, self.weight, self.bias, feedback, op.positions, self.rule, contiguous_grad=True)
         return _ToImage.apply(out, op.output_size)
 
     @property

@@ -106,6 +106,15 @@ class Stats:
         return mean_ci(self.values, self.ci_method)
 
 
+def _by_epoch(trials: Iterable[Trial], metric: str) -> dict[int, list[float]]:
+    """Epoch -> the trials' values of `metric` there."""
+    out: dict[int, list[float]] = defaultdict(list)
+    for t in trials:
+        for epoch, v in t.histories.get(metric, []):
+            out[epoch].append(v)
+    return out
+
+
 def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") -> Stats:
     """Statistics of `metric` over the trials (seeds) at `at` (final, best or an epoch); best epoch = where the
     seed-mean curve of the selection metric (`selector`: the validation metric where there is one) is best. At a
@@ -114,15 +123,9 @@ def summarize(trials: list[Trial], metric: str, at: str | int, ci: str = "t") ->
     counted = [t for t in trials if t.status != TrialStatus.ERROR]
     seeded = [(t.params.get("train.seed"), t.tags.get(Tag.LAUNCH), trial_value(t, metric, at)) for t in counted]
     seeded = [(seed, launch, v) for seed, launch, v in seeded if v is not None and math.isfinite(v)]
-    by_epoch: dict[int, list[float]] = defaultdict(list)
-    for t in counted:
-        for epoch, v in t.histories.get(metric, []):
-            by_epoch[epoch].append(v)
+    by_epoch = _by_epoch(counted, metric)
     on = selector(counted, metric)
-    chosen: dict[int, list[float]] = defaultdict(list)
-    for t in counted:
-        for epoch, v in t.histories.get(on, []):
-            chosen[epoch].append(v)
+    chosen = by_epoch if on == metric else _by_epoch(counted, on)
     curve = {e: statistics.fmean(vs) if all(math.isfinite(v) for v in vs) else math.nan for e, vs in chosen.items()}
     return Stats(
         values=[v for _, _, v in seeded],
