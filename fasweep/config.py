@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-from typing import Annotated, Any, Literal, get_args
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -19,9 +20,49 @@ from fasweep.rule_options import OPTIONS, RULE_NAMES, Magnitude, check_option
 
 
 class Strict(BaseModel):
-    """Base for every config model: unknown keys are errors, assignments are validated, floats are finite."""
+    """Base for every config model: unknown keys are errors, assignments are validated, floats are finite, and a
+    boolean is never read as a number (`epochs: true` is refused, not taken as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        where = _bool_as_number(field.annotation, value) if field is not None else None
+        if where is not None:
+            raise ValueError(f"a number{where}, not a boolean (true/false)")
+        return value
+
+
+def _types(annotation: Any) -> tuple[Any, ...]:
+    """The types an annotation admits at its top level (`int | None` -> (int, NoneType), Annotated unwrapped)."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(t for arg in get_args(annotation) for t in _types(arg))
+    return (annotation,)
+
+
+def _bool_as_number(annotation: Any, value: Any) -> str | None:
+    """Where `value` holds a boolean that `annotation` would read as a number: '' (the value itself), ' at item
+    1' (in a list, tuple or mapping), or None (no such boolean)."""
+    admitted = _types(annotation)
+    if isinstance(value, bool):
+        numeric = any(t in (int, float) for t in admitted) and not any(t in (bool, Any) for t in admitted)
+        return "" if numeric else None
+    for kind in admitted:
+        args, origin = get_args(kind), get_origin(kind)
+        if origin in (list, tuple) and isinstance(value, list | tuple) and args:
+            items = [args[0] if origin is list or args[-1] is Ellipsis else a for a in args]
+            for i, item in enumerate(value):
+                if _bool_as_number(items[min(i, len(items) - 1)], item) is not None:
+                    return f" at item {i}"
+        if origin is dict and isinstance(value, dict) and len(args) == 2:
+            for key, item in value.items():
+                if _bool_as_number(args[1], item) is not None:
+                    return f" at {key!r}"
+    return None
 
 
 MAX_SEED = 2**32 - 1  # train() seeds torch (< 2**64); 2**32 - 1 also suits numpy and JavaScript (the MLflow UI)

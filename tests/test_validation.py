@@ -105,3 +105,32 @@ def test_misspelt_data_set_in_a_set_flag_names_the_flag(capsys: pytest.CaptureFi
     assert exc.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: --set base.data.name: got 'fashion-mnist'; expected 'cifar10'")
     assert err.rstrip().endswith("(did you mean fashion_mnist?)")
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("seeds: [true, '2']", ":4: seeds: got [True, '2']; expected a number at item 0, not a boolean (true/false)"),
+        ("resources: {cpu: false}", ":4: resources.cpu: got False; expected a number, not a boolean"),
+        ("grid: {train.lr: [0.1, true]}", ":4: grid.train.lr[1]: got True; expected a number, not a boolean"),
+        ("  train: {epochs: true}", ":4: base.train.epochs: got True; expected a number, not a boolean"),
+        ("  train: {l2: {dense: true}}", "base.train.l2: got {'dense': True}; expected a number at 'dense'"),
+    ],
+)
+def test_a_boolean_is_never_read_as_a_number(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: str
+) -> None:
+    code, _, err = validate(tmp_path, f"name: x\nbase:\n  data: {{name: digits}}\n{text}\n", capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and line in err, err
+
+
+def test_a_boolean_set_where_a_number_is_meant_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(spec), "--set", "base.train.epochs=true"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.splitlines() == [
+        "error: --set base.train.epochs: got True; expected a number, not a boolean (true/false)"
+    ]
+    assert validate_trial({"train": {"batch_manhattan": True, "lr": "1e-3"}}).train.lr == 1e-3  # YAML 1.1's 1e-3
