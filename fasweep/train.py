@@ -29,7 +29,7 @@ from fasweep.config import TrainConfig, TrialConfig, flatten
 from fasweep.data import TensorData, load_data
 from fasweep.errors import UserError
 from fasweep.models import build_model, layer_group, parse_layers, resolve_arch
-from fasweep.nn import alignment, optimizer_step
+from fasweep.nn import alignment, optimizer_step, step_overflows
 
 PROBE_SIZE = 256
 # fields a resumed trial may change; any other difference means a different trial
@@ -168,7 +168,8 @@ class _Trial:
         return (out.argmax(1) == y).sum() if self.data.task == "classification" else y.new_zeros((), dtype=torch.long)
 
     def _fit(self) -> tuple[dict[str, float], bool]:
-        """One pass over the training data; stops before the step at a non-finite loss (returns diverged)."""
+        """One pass over the training data; stops before the step at a non-finite loss, or an update that overflows
+        (`step_overflows`), and returns diverged."""
         cfg = self.config.train
         self.net.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -179,7 +180,7 @@ class _Trial:
             with self._autocast():
                 out = self.net(x)
             loss = self.loss_fn(out.float(), y)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) or step_overflows(self.optimizer):  # an lr float32 cannot hold: diverged
                 diverged, loss_sum = True, loss_sum + loss.detach() * len(y)
                 count += len(y)
                 break

@@ -163,9 +163,10 @@ def test_batched_batchnorm_members_match_the_trials_alone_under_sgd() -> None:
         _close(member.history, train(config).history, loss=1e-3, degrees=1.0, acc=0.01)
 
 
-def test_a_diverging_member_leaves_the_pack_and_the_others_finish_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lr", [1e12, 1e307])  # a non-finite loss; an lr float32 cannot hold (the step overflows)
+def test_a_diverging_member_leaves_the_pack_and_the_others_finish_unchanged(tmp_path: Path, lr: float) -> None:
     configs = [_config(DENSE, seed, train={"optimizer": "sgd", "momentum": 0.0, "epochs": 3}) for seed in range(3)]
-    configs[1] = _config(DENSE, 1, train={"optimizer": "sgd", "momentum": 0.0, "epochs": 3, "lr": 1e12})
+    configs[1] = _config(DENSE, 1, train={"optimizer": "sgd", "momentum": 0.0, "epochs": 3, "lr": lr})
     dirs = [tmp_path / f"pack{k}" for k in range(3)]
     seen: list[tuple[int, float]] = []
     packed = train_pack(configs, checkpoint_dirs=dirs, on_epoch=lambda k, m, _: seen.append((k, m["epoch"])))

@@ -16,6 +16,7 @@ from fasweep.cli import main
 from fasweep.config import TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
+from fasweep.models import build_model
 from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, epoch_marker
 from fasweep.train import _Trial, make_loss, make_optimizer, train
 
@@ -142,6 +143,21 @@ def test_divergence_ends_the_trial_with_its_history(tmp_path: Path) -> None:
     assert saved["status"] == "diverged" and len(saved["history"]) == len(calls)
     again = train(cfg, resume_from=_saved(tmp_path))
     assert again.status == "diverged" and len(again.history) == len(calls)
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 1e307), ("nesterov", 1e39), ("adam", 1e38)])
+def test_an_update_that_overflows_float32_ends_the_trial_diverged(tmp_path: Path, optimizer: str, lr: float) -> None:
+    """An lr float32 cannot hold (Adam's first step scales it by 10) makes torch's step raise; the trial ends
+    `diverged` at its first batch, with its initial weights and a finite loss, not with an error."""
+    cfg = _config(model={"arch": "Dense16 Dense10(R)"}, train={"epochs": 3, "optimizer": optimizer, "lr": lr})
+    result = train(cfg, checkpoint_dir=tmp_path)
+    assert result.status == "diverged" and len(result.history) == 1 and result.final["diverged"] == 1.0
+    assert math.isfinite(result.final["train_loss"]) and math.isfinite(result.final["test_acc"])
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    initial = build_model(cfg.model, cfg.feedback, data.input_shape, data.num_outputs, cfg.train.seed).state_dict()
+    saved = torch.load(_saved(tmp_path), weights_only=True)
+    assert saved["status"] == "diverged" and all(torch.equal(saved["model"][k], initial[k]) for k in initial)
 
 
 def test_checkpoints_are_written_only_when_due_straight_into_the_trials_folder(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from fasweep.nn.convert import convert
 from fasweep.nn.dfa import finalize
 from fasweep.nn.layers import FAConv2d, FALayer, FALinear
 from fasweep.nn.rules import RULES, FeedbackRule, make_rule
-from fasweep.nn.step import clip_weights, optimizer_step
+from fasweep.nn.step import clip_weights, optimizer_step, step_overflows
 from fasweep.nn.untied import UntiedConv2d
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "finalize",
     "make_rule",
     "optimizer_step",
+    "step_overflows",
 ]

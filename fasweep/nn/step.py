@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from fasweep.nn.untied import UntiedConv2d
 
 WEIGHTED = (nn.Linear, nn.Conv2d, UntiedConv2d)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def update_overflows(lr: float, step: int, beta1: float | None = None) -> bool:
+    """Whether a step's scale, `lr` (SGD) or Adam's `lr / (1 - beta1**step)` at its `step`-th step, is finite but
+    beyond float32: torch cannot apply it (it raises), the update is as good as infinite, and the trial diverges
+    before it, alone or packed (`fasweep.packed.optim`)."""
+    scale = lr if beta1 is None else lr / (1 - beta1**step)
+    return math.isfinite(scale) and abs(scale) > FLOAT32_MAX
+
+
+def step_overflows(optimizer: torch.optim.Optimizer) -> bool:
+    """`update_overflows` for the next step of a torch Adam or SGD (as `fasweep.train.make_optimizer` makes)."""
+    for group in optimizer.param_groups:
+        state = next((optimizer.state[p] for p in group["params"] if optimizer.state.get(p)), {})
+        beta1 = group["betas"][0] if "betas" in group else None
+        if update_overflows(group["lr"], int(state.get("step", 0)) + 1, beta1):
+            return True
+    return False
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fasweep.errors import UserError
+from fasweep.nn.step import update_overflows
 
 _ADAM = {"amsgrad": False, "maximize": False, "decoupled_weight_decay": False}
 _SGD = {"dampening": 0, "maximize": False}
@@ -88,6 +89,14 @@ class StackedOptimizer:
         for state in opt.state.values():
             return int(state["step"]) if "step" in state else 1
         return 0
+
+    def overflows(self) -> list[bool]:
+        """Per member, whether its next step's scale overflows float32 (`update_overflows`): it diverges before it."""
+        beta1 = [h["betas"][0] if self.adam else None for h in self.hyper]
+        return [
+            any(update_overflows(g["lr"], s + 1, b) for g, b in zip(opt.param_groups, beta1, strict=True))
+            for opt, s in zip(self.optimizers, self.steps, strict=True)
+        ]
 
     def select(self, keep: list[int]) -> None:
         """Keep only the members `keep` (in that order)."""

@@ -161,7 +161,8 @@ class _Pack:
         self.members[i].optimizer_state = self.optimizer.member_state_dict(i)
 
     def _fit(self) -> dict[_Member, tuple[dict[str, float], bool]]:
-        """One pass over the training data for every member; a member whose loss is non-finite leaves the pack."""
+        """One pass over the training data for every member; a member whose loss is non-finite (or whose step would
+        overflow) leaves the pack."""
         cfg, net = self.cfg, self.net
         net.training = True
         batches: list[Iterator[tuple[Tensor, Tensor]]] = [
@@ -181,7 +182,8 @@ class _Pack:
             out = out.float()
             losses = self._losses(out, y)
             count += len(y[0])
-            finite = torch.isfinite(losses)
+            overflow = torch.tensor(self.optimizer.overflows(), device=dev)  # as train(): such a step diverges
+            finite = torch.isfinite(losses) & ~overflow
             for name in net.trainable:
                 net.tensors[name].grad = None
             if bool(finite.all()):
