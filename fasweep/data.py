@@ -9,6 +9,7 @@ fails to decode is one UserError naming it, and the cache carries a checksum (a 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -18,6 +19,7 @@ import math
 import os
 import pickle
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -336,7 +338,36 @@ def _missing(cfg: DataConfig, failure: str = "") -> UserError:
     return UserError(f"data.name={cfg.name!r}: {lead}no local copy found in {places}; fix: {', '.join(fixes)}")
 
 
+_KINDS = {  # what a `data.root` that is no folder is
+    stat.S_ISREG: "a file",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISFIFO: "a named pipe",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def _check_root(cfg: DataConfig) -> None:
+    """A one-line UserError when `data.root` is there but is no folder (a file, a device, a symbolic link loop)
+    or cannot be looked at: what is wrong with the path, rather than a failed search or download."""
+    if cfg.root is None or "://" in cfg.root:
+        return
+    root = Path(cfg.root).expanduser()
+    try:
+        mode = root.stat().st_mode
+        what = next((name for test, name in _KINDS.items() if test(mode)), None)
+    except FileNotFoundError:
+        return  # not there yet: searched, then downloaded into
+    except OSError as exc:
+        what = "a symbolic link loop" if exc.errno == errno.ELOOP else f"not accessible ({exc.strerror})"
+    if what is not None:
+        raise UserError.field(
+            "data.root", cfg.root, f"a folder holding {cfg.name} (or one to download it into); {root} is {what}"
+        )
+
+
 def _find_or_download(cfg: DataConfig) -> _Source:
+    _check_root(cfg)
     found = _locate(cfg)
     if found is not None:
         return found

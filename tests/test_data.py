@@ -25,7 +25,7 @@ from sklearn.datasets import load_digits
 
 from fasweep import data as data_module
 from fasweep.config import DataConfig
-from fasweep.data import cache_dir, load_data, random_crop_flip
+from fasweep.data import cache_dir, load_data, locate, random_crop_flip
 from fasweep.datasets import DATASETS
 from fasweep.errors import UserError
 
@@ -412,6 +412,29 @@ def test_missing_data_names_every_place(isolated: Path, monkeypatch: pytest.Monk
     with pytest.raises(UserError) as err:
         load_data(DataConfig(name="fashion_mnist", root=str(isolated / "nowhere"), download=False))
     assert_one_line_naming(err.value, str(isolated / "nowhere"), "apt-get install dataset-fashion-mnist")
+
+
+def test_a_data_root_that_is_no_folder_says_what_it_is(isolated: Path) -> None:
+    """A file, a device or a symbolic link loop as `data.root`: one line saying so, with download allowed (the
+    default), where a search and a download into it would fail with `[Errno 17] File exists`."""
+    loop, plain = isolated / "loop", isolated / "plain.txt"
+    loop.symlink_to(loop)
+    plain.write_text("not a data set")
+    for root, what in [(loop, "a symbolic link loop"), (Path("/dev/zero"), "a character device"), (plain, "a file")]:
+        with pytest.raises(UserError) as err:
+            load_data(DataConfig(name="fashion_mnist", root=str(root)))
+        assert str(err.value) == (
+            f"data.root: got '{root}'; expected a folder holding fashion_mnist (or one to download it into); "
+            f"{root} is {what}"
+        )
+        assert locate_message(DataConfig(name="cifar10", root=str(root))).endswith(f"{root} is {what}")
+
+
+def locate_message(cfg: DataConfig) -> str:
+    """The UserError `fasweep launch`'s data check (`locate`) raises for `cfg`."""
+    with pytest.raises(UserError) as err:
+        locate(cfg)
+    return str(err.value)
 
 
 @pytest.mark.timeout(60)
