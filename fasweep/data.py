@@ -45,7 +45,8 @@ FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_CSV = Path("datasets/data/digits.csv.gz")  # inside the sklearn package
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 REGRESSION_SIZES = {"train": 10_000, "test": 2_000}
-REGRESSION_DIMS = (30, 20, 10)  # Lillicrap et al. 2016: 30 inputs, 20 hidden (teacher), 10 outputs
+_LINEAR = DATASETS["linear"]  # Lillicrap et al. 2016: 30 inputs, 10 outputs (both tasks); the teacher has 20 hidden
+REGRESSION_DIMS = (*(_LINEAR.input_shape or ()), 20, _LINEAR.targets)
 
 Split = Literal["train", "val", "test"]
 

@@ -27,19 +27,23 @@ _FIX = {
 }
 
 
+def human_bytes(n: float) -> str:
+    """`1.2 GB`, `5.1 MB`, `3.0 KB`, `12 bytes`."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} bytes"
+
+
 def free_space(path: str | Path) -> str:
     """Free space of the disk holding `path` (or its nearest existing parent), e.g. `1.2 GB free`."""
     here = Path(path)
     while not here.exists() and here != here.parent:
         here = here.parent
     try:
-        free = shutil.disk_usage(here).free
+        return f"{human_bytes(shutil.disk_usage(here).free)} free"
     except OSError:
         return "free space unknown"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if free >= size:
-            return f"{free / size:.1f} {unit} free"
-    return f"{free} bytes free"
 
 
 def _named_in(text: str) -> int | None:

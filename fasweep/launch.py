@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -45,7 +45,7 @@ from rich.console import Console
 from fasweep.checkpoints import CheckpointPolicy, find_checkpoints, newest_checkpoint
 from fasweep.config import set_path
 from fasweep.errors import UserError
-from fasweep.faults import describe_fault, describe_fault_text, free_space
+from fasweep.faults import describe_fault, describe_fault_text, free_space, human_bytes
 from fasweep.progress import Progress, progress_line
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT,
@@ -72,6 +72,9 @@ from fasweep.worker import (
     pack_id,
     run_trial,
 )
+
+if TYPE_CHECKING:
+    from fasweep.train import Footprint
 
 log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "__duplicate__"}
@@ -521,22 +524,60 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
         if need and free < need:
             console.print(
                 f"warning: storage {folder} has {free_space(folder)}; the plan's checkpoints may need "
-                f"{need / 1e9:.1f} GB ({plan.spec.checkpoint.keep} per trial)",
+                f"{human_bytes(need)} ({plan.spec.checkpoint.keep} per trial)",
                 markup=False,
                 soft_wrap=True,
             )
     return configs
 
 
-def _checkpoint_bytes(plan: Plan) -> int:
-    """A rough size of the plan's checkpoints in storage: float32 W, B and two optimizer moments per parameter."""
-    from fasweep.models import parameter_count
+def _footprints(plan: Plan) -> dict[str, Footprint | None]:
+    """Each trial's `fasweep.train.footprint` (measured once per distinct net, optimizer and data set)."""
+    from fasweep.config import TrialConfig
+    from fasweep.train import footprint
 
-    try:
-        params = sum(parameter_count(t.config["model"]["arch"]) for t in plan.trials)
-    except Exception:  # an arch that needs its real input shape: no estimate
-        return 0
-    return params * 4 * 4 * plan.spec.checkpoint.keep
+    measured: dict[str, Footprint | None] = {}
+    out = {}
+    for t in plan.trials:
+        what = json.dumps({k: t.config[k] for k in ("model", "feedback", "train")} | {"data": t.config["data"]["name"]})
+        if what not in measured:
+            measured[what] = footprint(TrialConfig.model_validate(t.config))
+        out[t.key] = measured[what]
+    return out
+
+
+def _checkpoint_bytes(plan: Plan) -> int:
+    """The plan's checkpoints in storage: `keep` per trial, each its net's state and optimizer moments."""
+    sizes = [f.checkpoint for f in _footprints(plan).values() if f is not None]
+    return sum(sizes) * plan.spec.checkpoint.keep
+
+
+def _check_memory(plan: Plan, slots: dict[str, int]) -> None:
+    """Refuse, before any compute, a trial (or pack) whose nets' state, gradients and optimizer moments exceed the
+    memory of the largest Ray node: it would grow until the node kills it."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    memory = max((r.get("memory", 0.0) + r.get("object_store_memory", 0.0) for r in nodes), default=0.0)
+    if not memory:
+        return
+    sizes = _footprints(plan)
+    for stage in plan.stages:
+        for members in plan.packs(stage, slots=slots[stage]):
+            need = [sizes[t.key] for t in members]
+            total = sum(f.memory for f in need if f is not None)
+            if total > memory:
+                t, f = members[0], need[0]
+                who = t.key if len(members) == 1 else f"the pack of {t.key} ({len(members)} trials)"
+                per = " per trial" if len(members) > 1 else ""
+                parts = f"state {human_bytes(f.state)}, gradients {human_bytes(f.gradients)}" if f else ""
+                parts = f" ({parts}, optimizer moments {human_bytes(f.moments)}{per})" if f else ""
+                raise UserError.field(
+                    "model.arch",
+                    t.config["model"]["arch"],
+                    f"a net whose training state fits a worker's memory: {who} needs {human_bytes(total)}{parts}, "
+                    f"more than the {human_bytes(memory)} of the largest Ray node",
+                )
 
 
 def launch(
@@ -596,6 +637,7 @@ def launch(
                 ) from None
             signals.install()
             _check_fits(plan.trials, local=address is None)
+            _check_memory(plan, _slots(plan))
             result = _run(plan, configs, writer, target, launch_id, console, address, signals)
     finally:
         writer.close()

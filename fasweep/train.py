@@ -27,8 +27,9 @@ from torch import nn
 from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy
 from fasweep.config import TrainConfig, TrialConfig, flatten
 from fasweep.data import TensorData, load_data
+from fasweep.datasets import DATASETS
 from fasweep.errors import UserError
-from fasweep.models import build_model, layer_group, parse_layers, resolve_arch
+from fasweep.models import build_model, layer_group, model_bytes, parse_layers, resolve_arch
 from fasweep.nn import alignment, optimizer_step, step_overflows
 
 PROBE_SIZE = 256
@@ -80,6 +81,41 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.optimizer == "nesterov")
+
+
+def optimizer_moments(cfg: TrainConfig) -> int:
+    """Tensors the optimizer keeps per parameter: Adam's two moments, SGD's momentum buffer (none without one)."""
+    return 2 if cfg.optimizer == "adam" else int(cfg.momentum != 0)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one trial's net holds, in bytes: its state (weights, biases, feedback matrices, buffers), the gradients
+    of its trainable parameters and the optimizer's moments of them."""
+
+    state: int
+    gradients: int
+    moments: int
+
+    @property
+    def checkpoint(self) -> int:
+        """A checkpoint's size: the state and the optimizer's moments (`Trial.state`)."""
+        return self.state + self.moments
+
+    @property
+    def memory(self) -> int:
+        """What training holds at least (activations aside): state, gradients and moments."""
+        return self.state + self.gradients + self.moments
+
+
+def footprint(config: TrialConfig) -> Footprint | None:
+    """A trial's `Footprint`, measured on the meta device (nothing is allocated, nothing is loaded); None for a data
+    set whose shape is known only once decoded (an image folder)."""
+    dataset = DATASETS[config.data.name]
+    if dataset.input_shape is None or dataset.outputs is None:
+        return None
+    state, trainable = model_bytes(config.model, config.feedback, dataset.input_shape, dataset.outputs)
+    return Footprint(state, trainable, trainable * optimizer_moments(config.train))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:

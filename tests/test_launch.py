@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,13 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from fasweep.checkpoints import find_checkpoints
 from fasweep.cli import main
-from fasweep.launch import ERRORS_LOG, launch
+from fasweep.config import validate_trial
+from fasweep.launch import ERRORS_LOG, _preflight, launch
 from fasweep.runs.layout import CHECKPOINTS_DIR, LaunchStatus, epoch_marker, trial_checkpoints
 from fasweep.runs.store import TrackingError
 from fasweep.runs.writer import RunWriter, TrialInfo
+from fasweep.spec import load_spec
+from fasweep.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SIGN_CONCORDANCE = REPO / "sweeps" / "sign_concordance.yaml"
@@ -271,6 +277,44 @@ def test_a_trial_larger_than_the_local_ray_fails_fast_instead_of_waiting(ray_add
     assert err.startswith("error: resources.gpu: got 1") and "--set resources.gpu=0" in err
     assert len(err.strip().splitlines()) == 1
     assert runs(store, "quickstart", "parent") == []
+
+
+def test_a_net_larger_than_a_workers_memory_is_refused_before_any_trial(ray_address, store, tmp_path, capsys):
+    """40 GB of weights (and as much again for gradients, twice for Adam's moments), measured without allocating."""
+    big = "conditions={big: {model.arch: Dense100000 Dense100000 Dense10}}"
+    started = time.monotonic()
+    assert cli("launch", str(QUICKSTART), "--tracking-uri", store, *TINY, "--set", big, "--set", "seeds=[0]") == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert err.startswith("error: model.arch: got 'Dense100000 Dense100000 Dense10'; expected a net whose training")
+    assert "main/big/s0 needs 160.1 GB (state 40.0 GB, gradients 40.0 GB, optimizer moments 80.1 GB)" in err, err
+    assert "of the largest Ray node" in err and len(err.strip().splitlines()) == 1
+    assert runs(store, "quickstart", "parent") == []
+
+
+def test_the_free_space_warning_counts_the_real_checkpoints(tmp_path):
+    """The plan's checkpoints estimated from each net's state and optimizer moments (on the data's own input shape)
+    match the checkpoints train() writes, and a storage with less free space says so once."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        plan = load_spec(QUICKSTART, {"base.data.name": "digits", "storage": str(small), "seeds": [0, 1]})
+        real = 0
+        for trial in plan.trials:
+            config = validate_trial(trial.config | {"train": {**trial.config["train"], "epochs": 1}})
+            train(config, checkpoint_dir=tmp_path / trial.key)
+            real += next((tmp_path / trial.key).rglob("checkpoint.pt")).stat().st_size * plan.spec.checkpoint.keep
+        console = Console(file=io.StringIO(), width=400)
+        _preflight(plan, console)
+        warning = console.file.getvalue().splitlines()[-1]
+        need = re.search(r"the plan's checkpoints may need ([\d.]+) MB \(2 per trial\)$", warning)
+        assert warning.startswith(f"warning: storage {small} has ") and need, warning
+        assert float(need.group(1)) == pytest.approx(real / 1e6, rel=0.01), (real, warning)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_two_stage_spec_starts_the_second_stage_from_the_best_first_stage_checkpoint(ray_address, store, tmp_path):
