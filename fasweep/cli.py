@@ -30,6 +30,8 @@ TrialSetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a trial field: --set train.epochs=1 (value read as YAML)"),
 ]
+INTERRUPTED = 128 + signal.SIGINT  # the exit code of a command stopped by Ctrl+C
+
 TrackingOpt = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"),
@@ -427,12 +429,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except typer.exceptions.TyperException as exc:  # usage errors (click's, vendored by typer): bad option
         if hasattr(exc, "show"):
             exc.show()
         else:
             typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    if rc == INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into a silent Exit(130)
+        typer.echo("interrupted", err=True)
     if isinstance(rc, int) and rc:
         sys.exit(rc)

@@ -1,7 +1,9 @@
-"""Environment faults: a full, read-only or forbidden disk is the machine's problem, not a trial's.
+"""Environment faults: a full, read-only or forbidden disk, or an address where nothing answers, is the machine's
+problem, not a trial's.
 
-Such an error is not retried trial by trial; it is said once, in one line naming the path, its free space and
-the fix, and the launch stops (exit code 2, like bad input) so `--resume` can continue once it is fixed.
+Such an error is not retried trial by trial; it is said once, in one line naming the path (or address), its free
+space and the fix, and the launch stops (exit code 2, like bad input) so `--resume` can continue once it is fixed.
+An address is probed (`unreachable`) in seconds before a client library would retry it for minutes.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
+import threading
 from pathlib import Path
+from typing import Any
 
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 _WORDS = {  # how storage libraries that drop errno (pyarrow) still say it
@@ -76,3 +81,38 @@ def describe_fault_text(text: str, storage: str = "") -> str | None:
     """`describe_fault`'s line for an error known only by its text (a retried trial's, from Tune), at `storage`."""
     code = _named_in(text)
     return None if code is None else _line(code, storage or "storage")
+
+
+def unreachable(host: str, port: int, timeout_s: float = 5.0) -> str | None:
+    """Why no TCP connection opens to `host`:`port` within about `timeout_s` each for the name lookup and the
+    connection (`host h does not resolve: ...`, `connection refused: nothing listens on h:p`, `no answer from
+    h:p within 5s`), or None when one opens. Signals interrupt the wait."""
+    found: list[Any] = []
+
+    def resolve() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+
+    lookup = threading.Thread(target=resolve, name="fasweep-resolve", daemon=True)  # getaddrinfo has no timeout
+    lookup.start()
+    lookup.join(timeout_s)
+    if not found:
+        return f"host {host} does not resolve within {timeout_s:.0f}s"
+    if isinstance(found[0], OSError):
+        return f"host {host} does not resolve: {found[0].strerror or found[0]}"
+    error: OSError | None = None
+    for family, kind, proto, _, address in found[0]:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.settimeout(timeout_s)
+                probe.connect(address)
+                return None
+        except OSError as exc:
+            error = exc
+    if isinstance(error, ConnectionRefusedError):
+        return f"connection refused: nothing listens on {host}:{port}"
+    if isinstance(error, TimeoutError):
+        return f"no answer from {host}:{port} within {timeout_s:.0f}s"
+    return f"{host}:{port} unreachable: {error.strerror if error else 'no address'}"

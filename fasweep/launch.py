@@ -45,7 +45,7 @@ from rich.console import Console
 from fasweep.checkpoints import CheckpointPolicy, find_checkpoints, newest_checkpoint
 from fasweep.config import set_path
 from fasweep.errors import UserError
-from fasweep.faults import describe_fault, describe_fault_text, free_space, human_bytes
+from fasweep.faults import describe_fault, describe_fault_text, free_space, human_bytes, unreachable
 from fasweep.progress import Progress, progress_line
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT,
@@ -392,6 +392,24 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+def _check_address(address: str | None) -> None:
+    """A Ray `--address` (HOST:PORT; `auto` finds a local cluster itself) where nothing answers fails in seconds,
+    in one line: Ray would wait for its GCS for many minutes."""
+    if not address or address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UserError.field("--address", address, "HOST:PORT of a Ray cluster's GCS (e.g. head:6379) or auto")
+    reason = unreachable(host.strip("[]"), int(port))
+    if reason:
+        raise UserError.field(
+            "--address",
+            address,
+            f"the GCS address of a running Ray cluster ({reason}); start one (`ray start --head`) or leave out "
+            "--address for a local Ray",
+        )
+
+
 def _check_fits(trials: tuple[PlannedTrial, ...], *, local: bool) -> None:
     """Refuse, before any compute, a trial that asks for more CPUs/GPUs than a local Ray has (it would wait
     forever); a remote cluster may autoscale, so there the trials simply queue."""
@@ -602,8 +620,9 @@ def launch(
         )
     plan = load_spec(spec_path, sets)
     spec = plan.spec
+    _check_address(address)  # every address before any compute
     uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)  # before any compute
+    check_reachable(uri)
     configs = _preflight(plan, console)
     from fasweep.trial_curves import trial_curves
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fasweep.errors import UserError
+from fasweep.faults import unreachable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,11 +31,24 @@ def resolve_tracking_uri(flag: str | None = None) -> str:
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306}  # a store URI's default port by scheme
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise a one-line UserError unless the tracking store at `uri` answers within about `timeout_s`."""
+    """Raise a one-line UserError unless the tracking store at `uri` answers within about `timeout_s`: a server's
+    address is probed first and an SQLite path checked on disk, so a bad one fails in seconds, not after a client
+    library's minutes of retries."""
+    parsed = urllib.parse.urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
     fix = "start the store or pass a reachable --tracking-uri (or set MLFLOW_TRACKING_URI)"
-    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme == "sqlite":
+        fix = "pass --tracking-uri sqlite:///PATH/mlflow.db, a database file in a writable folder"
     try:
+        if scheme in _PORTS and parsed.hostname and not _proxied(uri):
+            reason = unreachable(parsed.hostname, parsed.port or _PORTS[scheme], timeout_s)
+            if reason:
+                raise ConnectionError(reason)
         if scheme in ("http", "https"):
             import requests
 
@@ -42,23 +56,60 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             if response.status_code >= 500:
                 raise ConnectionError(f"HTTP {response.status_code}")
         elif scheme == "sqlite":
-            db = Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri.removeprefix("sqlite://"))
-            if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
-                raise ConnectionError(f"directory {db.parent} does not exist or is not writable")
-            if db.exists() and not os.access(db, os.W_OK):  # MLflow would retry its writes for minutes
-                raise ConnectionError(f"{db} is read-only")
-        elif scheme.split("+")[0] in ("postgresql", "mysql"):
+            _check_sqlite(Path(uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri[9:]))
+        elif scheme in ("postgresql", "mysql"):
             _check_database(uri, timeout_s)
         elif scheme in ("", "file"):
-            root = Path(urllib.parse.urlparse(uri).path if scheme else uri)
+            root = Path(parsed.path if scheme else uri)
             if not root.parent.is_dir():
                 raise ConnectionError(f"directory {root.parent} does not exist")
         _with_few_http_retries(lambda: client(uri).search_experiments(max_results=1))
     except UserError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError.field("tracking URI", uri, f"a reachable MLflow store ({reason}); {fix}") from None
+        raise UserError.field("tracking URI", uri, f"a reachable MLflow store ({reason_of(exc)}); {fix}") from None
+
+
+def _proxied(uri: str) -> bool:
+    """Whether requests would reach `uri` through a proxy (then the proxy, not this machine, connects to it)."""
+    import requests
+
+    return bool(requests.utils.get_environ_proxies(uri))
+
+
+def _check_sqlite(db: Path) -> None:
+    """An SQLite store's file: in a writable folder, and if it exists a writable SQLite database (an empty file
+    becomes one); SQLAlchemy would retry anything else for minutes."""
+    if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+        raise ConnectionError(f"directory {db.parent} does not exist or is not writable")
+    if db.is_dir():
+        raise ConnectionError(f"{db} is a directory, not an SQLite database file")
+    if not db.exists():
+        return
+    if not db.is_file():
+        raise ConnectionError(f"{db} is not a regular file")
+    with db.open("rb") as fh:
+        head = fh.read(len(SQLITE_HEADER))
+    if head and head != SQLITE_HEADER:
+        raise ConnectionError(f"{db} is not an SQLite database")
+    if not os.access(db, os.W_OK):  # MLflow would retry its writes for minutes
+        raise ConnectionError(f"{db} is read-only")
+
+
+def reason_of(exc: BaseException, limit: int = 200) -> str:
+    """Why an error happened, in a few words: the innermost OS error's text (`Connection refused`) where the
+    exception wraps one (requests, urllib3, SQLAlchemy), else its first line, shortened at a word."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        inner = getattr(current, "reason", None)
+        current = inner if isinstance(inner, BaseException) else current.__cause__ or current.__context__
+    oserror = next((e for e in reversed(seen) if isinstance(e, OSError) and e.strerror), None)
+    if oserror is not None:
+        return str(oserror.strerror)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _check_database(uri: str, timeout_s: float) -> None:
@@ -111,7 +162,7 @@ def retry(fn: Callable[[], T], what: str, budget_s: float = RETRY_BUDGET_S, uri:
             return fn()
         except Exception as exc:
             if _permanent(exc) or time.monotonic() + delay > deadline:
-                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                reason = reason_of(exc)
                 raise TrackingError(
                     f"MLflow store {uri or '?'}: {what} failed for {budget_s:.0f}s ({reason}); results are kept in "
                     "the Ray Tune storage: bring the store back and run `fasweep launch SPEC --resume`"
