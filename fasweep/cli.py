@@ -219,6 +219,8 @@ def launch(
     best = f"; best {result.best[0]} {result.best[1]:.4f}" if result.best else ""
     typer.echo(f"{result.sweep} @ {result.launch_id} {result.status}: {counts}{best}")
     typer.echo(f"MLflow: experiment {result.experiment!r}, parent run {result.parent_run_id} in {result.tracking_uri}")
+    if result.report:
+        typer.echo(f"report: {result.report}")
     if result.status == "interrupted":
         typer.echo(f"continue with: fasweep launch {spec} --resume (same --set values)")
         raise SystemExit(128 + (result.signal or signal.SIGINT))

@@ -61,7 +61,7 @@ from fasweep.runs.layout import (
 )
 from fasweep.runs.lease import Lease
 from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_launches, running_runs, trials_of
-from fasweep.runs.store import TrackingError, check_reachable, resolve_tracking_uri
+from fasweep.runs.store import TrackingError, check_reachable, reason_of, resolve_tracking_uri
 from fasweep.runs.writer import RunWriter, TrialInfo
 from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
 from fasweep.worker import (
@@ -99,6 +99,7 @@ class LaunchResult:
     signal: int | None = None  # the signal that interrupted the launch
     errors: list[str] = field(default_factory=list)  # digest lines: one per distinct trial error
     retry_helps: bool = False  # some trial failed for a reason a --resume may not meet again
+    report: str = ""  # where the launch's main report was logged, or why it was not
 
 
 # --- the driver ----------------------------------------------------------------------------------------
@@ -746,7 +747,20 @@ def _run(
     result.storage, result.errors = root, digest
     result.signal = driver.signal or signals.received
     result.retry_helps = any(k not in driver.user_errors for k in driver.errors)
+    if status in (LaunchStatus.FINISHED, LaunchStatus.FAILED):
+        result.report = _main_report(spec.name, writer.uri, launch_id)
     return result
+
+
+def _main_report(sweep: str, uri: str, launch_id: str) -> str:
+    """Log the launch's main report on its parent run, as `fasweep report SWEEP` does once no launch runs; one line
+    saying where, or why not (the launch's results stand either way)."""
+    from fasweep.report import make_report
+
+    try:
+        return make_report(sweep, tracking_uri=uri, launch=launch_id).logged
+    except Exception as exc:  # e.g. no trial logged an epoch: nothing to tabulate
+        return f"main report not logged: {reason_of(exc)}"
 
 
 def _trials(writer: RunWriter, launch_id: str) -> list[TrialRecord]:

@@ -96,7 +96,7 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
         *("--set", "seeds=[0, 1]", "--set", "max_concurrent=2"),
     ]
     assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, *sets) == 0
-    closing = capsys.readouterr().out.strip().splitlines()[-2]
+    *_, closing, _, said = capsys.readouterr().out.strip().splitlines()
     best_key, best_value = closing.split("; best ")[1].split()
     parents, children = runs(store, "sign_concordance", "parent"), runs(store, "sign_concordance", "trial")
     assert len(parents) == 1 and parents[0].data.tags["fasweep.status"] == "finished"
@@ -106,7 +106,10 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
     assert parent.data.tags["fasweep.n_trials"] == "4"
     assert "feedback.concordance" in parent.data.tags["fasweep.axes"]
     client = MlflowClient(store)
-    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["spec.yaml"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report", "spec.yaml"]
+    assert said == f"report: logged as artifacts report/ on parent run {parent.info.run_id}"  # the main report
+    table = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
+    assert "| concordance=1.0," in table and "| concordance=0.0," in table
 
     keys = sorted(c.data.tags["fasweep.trial_key"] for c in children)
     grid = "concordance={},magnitude=uniform,batchnorm=false,batch_manhattan=false"

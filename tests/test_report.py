@@ -839,6 +839,32 @@ def test_only_the_main_report_is_logged_unless_asked(tmp_path: Path, capsys: pyt
     assert logged() == ["report", "report-at_best-by_feedback.magnitude"]  # the main report is left as it was
 
 
+def test_a_running_launch_keeps_its_main_report_for_its_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """While the launch's driver holds the lease, `report` logs nothing as the main report: it says the launch is
+    still running, and `--log` logs a partial report under a name of its own."""
+    from fasweep.runs.lease import Lease
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = write_sweep(uri, tmp_path, GRID_SPEC, "L", grid_trials([0, 1], np.random.default_rng(1)), axes=[])
+    client = MlflowClient(uri)
+    client.set_tag(parent, "fasweep.status", "running")
+    lease = Lease(client, client.get_run(parent).info.experiment_id, "grid", "L", uri)
+    lease.acquire()
+    try:
+        code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--format", "csv")
+        assert code == 0 and err.splitlines()[-1:] == [
+            "not logged on the parent run: launch L is still running and logs its main report when it ends; --log "
+            "logs this one as report-running/"
+        ]
+        code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--format", "csv", "--log")
+        assert code == 0 and f"logged as artifacts report-running/ on parent run {parent}" in err
+    finally:
+        lease.release()
+    assert sorted(a.path for a in client.list_artifacts(parent) if a.is_dir) == ["report-running"]
+    code, _, err = run_cli(capsys, "grid", "--tracking-uri", uri, "--format", "csv")  # its driver is gone
+    assert code == 0 and f"logged as artifacts report/ on parent run {parent}" in err
+
+
 def test_spec_file_gives_name_and_reference(
     layout_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

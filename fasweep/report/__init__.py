@@ -36,7 +36,7 @@ from fasweep.report.tables import (
     render_md,
     summarize,
 )
-from fasweep.runs.layout import REPORT_ARTIFACT_DIR, selection_metric
+from fasweep.runs.layout import REPORT_ARTIFACT_DIR, LaunchStatus, selection_metric
 from fasweep.spec import Plan, load_spec
 
 __all__ = ["FORMATS", "Report", "Sweep", "Table", "make_report", "render"]
@@ -149,7 +149,9 @@ def make_report(
     the files to `out`; log them as artifacts on the (latest selected) parent run when `log`.
 
     `log=None` logs only the launch's main report (every option that changes the tables at its default) as
-    `report/`; an ad-hoc report goes to `out` only, unless `log=True` logs it as `report-<its options>/`.
+    `report/`; an ad-hoc report goes to `out` only, unless `log=True` logs it as `report-<its options>/`. While the
+    launch is still running (its driver holds the lease) no report is its main one: it logs that itself when it
+    ends, and `log=True` logs a partial one as `report[-<its options>]-running/`.
     `ci`: t or bootstrap intervals (bootstrap refused below BOOTSTRAP_MIN_N seeds); `baseline` replaces the spec's
     declared comparisons with an ad-hoc family, `pairing` overrides the spec's; `margin` the spec's
     `equivalence_margin` (TOST).
@@ -174,8 +176,9 @@ def make_report(
     check_axes(sweep, by)
     options = _table_options(metric, at, by, launch, ci, baseline, pairing, margin)
     adhoc = [(k, v) for k, v, default in options if v != default]
-    log = not adhoc if log is None else log
-    folder_name = "-".join([REPORT_ARTIFACT_DIR, *(_slug(f"{k}_{v}") for k, v in adhoc)])
+    log = not adhoc and not sweep.running if log is None else log
+    partial = [str(LaunchStatus.RUNNING)] if sweep.running else []  # a running launch's: never its main report
+    folder_name = "-".join([REPORT_ARTIFACT_DIR, *(_slug(f"{k}_{v}") for k, v in adhoc), *partial])
 
     draw = out is not None or log or plots
     chooser = selection_metric(metric, True)  # the validation metric that chooses best epochs, where logged
@@ -200,7 +203,12 @@ def make_report(
                 report.logged = _log(tracking_uri, sweep.parent_ids[0], folder, folder_name)
             if out is None:
                 report.files = []
-    if not log and adhoc:
+    if not log and sweep.running:
+        report.logged = (
+            f"not logged on the parent run: launch {sweep.running[0]} is still running and logs its main report when "
+            f"it ends; --log logs this one as {folder_name}/"
+        )
+    elif not log and adhoc:
         flags = " ".join(f"--{k} {v}" for k, v in adhoc)
         report.logged = f"not logged on the parent run: an ad-hoc report ({flags}); --log logs it as {folder_name}/"
     return report

@@ -12,8 +12,9 @@ from urllib.parse import urlparse
 from mlflow import MlflowClient
 
 from fasweep.errors import UserError
-from fasweep.runs.layout import SPEC_ARTIFACT
+from fasweep.runs.layout import SPEC_ARTIFACT, LaunchStatus
 from fasweep.runs.layout import condition_label as label
+from fasweep.runs.lease import live_holder
 from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials
 from fasweep.runs.store import check_reachable
 from fasweep.spec import Contrast, Plan, SweepSpec, parse_spec
@@ -46,6 +47,7 @@ class Sweep:
     notes: list[str] = field(default_factory=list)
     spec: SweepSpec | None = None  # the spec file's or the parent's spec.yaml (compare_to, pairing), if readable
     contrasts: tuple[Contrast, ...] = ()  # the comparisons that spec declares: the report's Holm family
+    running: list[str] = field(default_factory=list)  # selected launches whose driver is still at work (its lease)
 
     @property
     def metrics(self) -> list[str]:
@@ -143,7 +145,16 @@ def load_sweep(tracking_uri: str, sweep: str, *, launch: str = "latest", plan: P
         notes=notes,
         spec=spec,
         contrasts=plan.contrasts if plan else (),
+        running=[p.launch_id for p in chosen if _still_running(client, p)],
     )
+
+
+def _still_running(client: MlflowClient, launch: LaunchRecord) -> bool:
+    """Whether a launch is marked running and its driver still holds the sweep's lease (a live heartbeat)."""
+    if launch.status != LaunchStatus.RUNNING:
+        return False
+    holder = live_holder(client, launch.experiment_id, launch.sweep)
+    return holder is not None and holder.launch_id == launch.launch_id
 
 
 def fetch_histories(tracking_uri: str, trials: list[Trial], keys: Iterable[str], *, workers: int = 8) -> None:
