@@ -12,6 +12,7 @@ import typer
 import yaml
 
 from fasweep.errors import UserError
+from fasweep.runs.lease import LeaseLost
 
 if TYPE_CHECKING:
     from fasweep.runs.reader import LaunchRecord
@@ -31,6 +32,7 @@ TrialSetOpt = Annotated[
     typer.Option("--set", help="override a trial field: --set train.epochs=1 (value read as YAML)"),
 ]
 INTERRUPTED = 128 + signal.SIGINT  # the exit code of a command stopped by Ctrl+C
+TAKEN_OVER = 3  # the exit code of a launch whose lease another driver took over (--force)
 
 TrackingOpt = Annotated[
     str | None,
@@ -201,7 +203,8 @@ def launch(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray (default: all cores)")] = None,
 ) -> None:
     """Run a sweep on Ray and track it in MLflow (exit 0 finished, 1 failed trials, 2 bad input or environment,
-    128 + the signal when interrupted: 130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
+    3 its lease taken over by another driver, 128 + the signal when interrupted: 130 SIGINT, 143 SIGTERM, 129
+    SIGHUP)."""
     from fasweep.launch import launch as run_launch
 
     result = run_launch(
@@ -429,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except LeaseLost as exc:
+        typer.echo(f"taken over: {exc}", err=True)
+        sys.exit(TAKEN_OVER)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         sys.exit(INTERRUPTED)

@@ -59,10 +59,10 @@ from fasweep.runs.layout import (
     trial_dirname,
     trial_status,
 )
-from fasweep.runs.lease import Lease
+from fasweep.runs.lease import Lease, LeaseLost
 from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_launches, running_runs, trials_of
-from fasweep.runs.store import TrackingError, check_reachable, reason_of, resolve_tracking_uri
-from fasweep.runs.writer import RunWriter, TrialInfo
+from fasweep.runs.store import TrackingError, check_reachable, client, reason_of, resolve_tracking_uri
+from fasweep.runs.writer import RunWriter, TrialInfo, interrupt_launch, mark_interrupted
 from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
 from fasweep.worker import (
     ERROR_KEY,
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "__duplicate__"}
 GRACE_S = 20.0  # after SIGTERM/SIGINT/SIGHUP the driver is gone within this (Kubernetes kills after 30 s)
+RESERVE_S = 6.0  # of the grace period, kept after the last write for the parent, the marks, Ray and the last lines
 ERRORS_LOG = "errors.log"  # under the launch's storage: every trial error's full text
 ROOMY_BYTES = 50e9  # storage with this much free space is not checked against the plan's checkpoint sizes
 
@@ -209,6 +210,8 @@ class _Driver:
         self.resuming_keys: set[str] = set()  # this stage's --resume trials, until its one line is said
         self.checkpointed: set[str] = set()  # those whose folders hold checkpoints
         self.packs: dict[str, list[str]] = {}  # pack key -> its members' trial keys
+        self.lease: Lease | None = None  # the launch's lease: taken over, the driver stops
+        self.ended: set[str] = set()  # trials whose end this driver queued for the writer
 
     def start_stage(self, stage: str, statuses: dict[str, str]) -> None:
         """Begin showing `stage`, whose trials have these statuses now."""
@@ -324,13 +327,28 @@ class _Driver:
         tags = {Tag.EPOCHS_RUN: str(self.epochs_run[key])}
         line = _error_line(error) if error else ""
         self.writer.trial_ended(key, last=last or None, fetch_checkpoint=fetch, error=line, tags=tags)
+        self.ended.add(key)
 
     def step(self, final: bool = False) -> None:
+        if self.writer.abandoned:  # the lease was taken over (perhaps before Tune could be told): stop
+            self.interrupt()
         if not final:  # at the end (also after an error) the failure is raised by the flush that follows
             self.writer.raise_if_failed()
         epochs = self.progress.console.is_terminal  # in a log, one line per change of counts, not per epoch
         line = progress_line(self.stage, self.statuses, self.latest, self.best, epochs=epochs, eta_s=self.eta_s())
         self.progress.show(line)
+
+    def unrecorded(self) -> list[str]:
+        """A line for the trials this driver saw end whose end a hurried writer (a signal's grace period) could not
+        write: MLflow does not count them yet; their checkpoints hold them for `--resume`."""
+        late = Counter(s for k, s in self.statuses.items() if k in self.ended and self.writer.status(k) != s)
+        if not late:
+            return []
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(late.items()))
+        return [
+            f"{_trials_n(late.total())} that ended ({counts}) could not be recorded in MLflow within the "
+            f"{GRACE_S:.0f}s grace period: their checkpoints hold them and `--resume` records them"
+        ]
 
     def digest(self, log_file: Path | None) -> list[str]:
         """One line per distinct error (how many trials, which), the full texts written to `log_file`."""
@@ -468,11 +486,16 @@ def _resume_target(writer: RunWriter, plan: Plan, console: Console) -> LaunchRec
 
 class _Signals:
     """SIGINT, SIGTERM and SIGHUP stop a launch alike: the running trials stop and keep their checkpoints, the
-    unfinished runs are marked interrupted, the resume line is printed, all within `GRACE_S`; a second signal
-    (or the grace running out) exits at once with 128 + the signal."""
+    writer spends the grace period writing what it holds (`RunWriter.hurry`: trials' ends first), the parent and
+    the unfinished runs are marked interrupted, the resume line is printed, all within `GRACE_S`; a second signal
+    (or the grace running out) marks the parent if it is not yet, says how to continue and exits at once with
+    128 + the signal."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.deadline: float | None = None  # time.monotonic() by which the driver is gone, once signalled
+        self.writer: RunWriter | None = None  # the launch's writer, for the last word
+        self.resume_hint = ""  # the command that continues the launch
         self._saved: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
@@ -493,17 +516,32 @@ class _Signals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            os._exit(128 + signum)
+            self._give_up(signum)
         self.received = signum
-        timer = threading.Timer(GRACE_S, os._exit, args=(128 + signum,))
+        self.deadline = time.monotonic() + GRACE_S
+        timer = threading.Timer(GRACE_S, self._give_up, args=(signum,))
         timer.daemon = True
         timer.start()
         driver = _ACTIVE
-        if driver is not None and callable(signal.getsignal(signal.SIGUSR1)):
+        if driver is not None:
             driver.signal = signum
+            driver.writer.hurry(self.deadline - RESERVE_S)
+        if driver is not None and callable(signal.getsignal(signal.SIGUSR1)):
             driver.interrupt()
         else:
             raise KeyboardInterrupt
+
+    def _give_up(self, signum: int) -> None:
+        """Exit now: the parent marked interrupted first where it is still open (a second at most), one line."""
+        writer = self.writer
+        if writer is not None and writer.parent_id and not writer.ended:
+            uri, run_id = writer.uri, writer.parent_id
+            mark = threading.Thread(target=lambda: mark_interrupted(client(uri), [run_id], 1.0), daemon=True)
+            mark.start()
+            mark.join(1.5)
+        hint = f"; continue with: {self.resume_hint}" if self.resume_hint else ""
+        os.write(2, f"interrupted before every write was made{hint}\n".encode())
+        os._exit(128 + signum)
 
 
 def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
@@ -630,8 +668,10 @@ def launch(
     writer = RunWriter(uri, spec.experiment, spec.name, curves=trial_curves)
     lease: Lease | None = None
     started_ray = False
+    signals = _Signals()
+    signals.writer = writer
     try:
-        with _Signals() as signals:
+        with signals:
             target = _resume_target(writer, plan, console) if resume else None
             if target is not None and target.status == LaunchStatus.FINISHED:
                 console.print(
@@ -642,32 +682,41 @@ def launch(
                     spec.name, target.launch_id, "nothing-to-resume", target.run_id, spec.experiment, uri
                 )
             launch_id = target.launch_id if target is not None else new_launch_id()
-            lease = Lease(writer.client, writer.experiment_id, spec.name, launch_id, uri)
-            taken = lease.acquire(force=force)
-            if taken is not None:
+            lease = Lease(  # taken over, the writer writes nothing more and Tune stops at its next step
+                writer.client, writer.experiment_id, spec.name, launch_id, uri, on_lost=lambda _: writer.abandon()
+            )
+            taken = lease.acquire(force=force, say=lambda line: console.print(line, soft_wrap=True))
+            if taken is not None:  # it has let go (or is gone): its runs are interrupted, whoever continues them
                 console.print(f"took over the lease of {spec.name} from {taken.describe(time.time())}", soft_wrap=True)
+                if taken.launch_id != launch_id:
+                    interrupt_launch(writer.client, writer.experiment_id, taken.launch_id, writer.budget_s)
             if target is not None:  # its driver is gone: what it left running is interrupted until restarted
                 writer.interrupt_runs(running_runs(writer.client, writer.experiment_id, launch_id))
             try:
                 started_ray = _init_ray(address, num_cpus)
             except Exception as exc:
-                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise UserError.field(
-                    "--address", address, f"a reachable Ray cluster, e.g. HOST:6379 ({reason})"
+                    "--address", address, f"a reachable Ray cluster, e.g. HOST:6379 ({reason_of(exc)})"
                 ) from None
             signals.install()
+            signals.resume_hint = f"fasweep launch {spec_path} --resume (same --set values)"
             _check_fits(plan.trials, local=address is None)
             _check_memory(plan, _slots(plan))
-            result = _run(plan, configs, writer, target, launch_id, console, address, signals)
+            result = _run(plan, configs, writer, target, launch_id, console, address, signals, lease)
     finally:
-        writer.close()
-        if lease is not None:
-            lease.release()
-        if started_ray:
+        writer.close(_left(signals.deadline) if signals.deadline else None)
+        if started_ray:  # before the lease goes: a driver taking it over finds these trials stopped
             import ray
 
             ray.shutdown()
+        if lease is not None:
+            lease.release()
     return result
+
+
+def _left(deadline: float) -> float:
+    """Seconds until a time.monotonic() deadline (at least 0.1)."""
+    return max(0.1, deadline - time.monotonic())
 
 
 def _run(
@@ -679,9 +728,13 @@ def _run(
     console: Console,
     address: str | None,
     signals: _Signals,
+    lease: Lease,
 ) -> LaunchResult:
-    """Open (or reopen) the parent run, run the stages, close the parent; the launch's result."""
+    """Open (or reopen) the parent run, run the stages, close the parent; the launch's result. A driver whose
+    `lease` is taken over meanwhile stops its trials, writes nothing more and raises `LeaseLost`."""
     spec = plan.spec
+    if lease.lost_to is not None:
+        raise LeaseLost(spec.name, lease.lost_to)
     best = best_rule(plan)
     tags = {
         Tag.AXES: json.dumps(spec.axes),
@@ -699,7 +752,7 @@ def _run(
     )
     root = storage_root(plan, launch_id)
     driver = _Driver(writer, plan, configs, best, console)
-    driver.storage = root
+    driver.storage, driver.lease = root, lease
     verb = "resuming" if target else "launching"
     driver.progress.say(f"{verb} {spec.name} @ {launch_id}: {plan.summary(slots)}; MLflow {writer.uri}; storage {root}")
     for warning in plan.warnings():
@@ -722,16 +775,18 @@ def _run(
         _ACTIVE = None
         try:
             writer.flush()
+            writer.finish_parent(status)  # the parent first: never left running, however little time is left
             if status != LaunchStatus.FINISHED:  # no run is left "running" once this driver ends
                 writer.interrupt_runs(running_runs(writer.client, writer.experiment_id, launch_id))
-            writer.finish_parent(status)
         except TrackingError as exc:
             unsaved = exc
+    if lease.lost_to is not None:
+        raise LeaseLost(spec.name, lease.lost_to)
     if unsaved is not None:
         raise unsaved
     log_file = Path(root) / ERRORS_LOG if "://" not in root else None
     digest = driver.digest(log_file)
-    for line in digest:
+    for line in [*digest, *driver.unrecorded()]:
         driver.progress.say(line)
     if digest and log_file is not None:
         driver.progress.say(f"full error texts: {log_file}")
@@ -753,14 +808,15 @@ def _run(
 
 
 def _main_report(sweep: str, uri: str, launch_id: str) -> str:
-    """Log the launch's main report on its parent run, as `fasweep report SWEEP` does once no launch runs; one line
-    saying where, or why not (the launch's results stand either way)."""
+    """Log the tables of the launch's main report on its parent run (`fasweep report SWEEP` adds the plots, which
+    take minutes for hundreds of conditions); one line saying where, or why not (the results stand either way)."""
     from fasweep.report import make_report
 
     try:
-        return make_report(sweep, tracking_uri=uri, launch=launch_id).logged
+        logged = make_report(sweep, tracking_uri=uri, launch=launch_id, figures=False).logged
     except Exception as exc:  # e.g. no trial logged an epoch: nothing to tabulate
         return f"main report not logged: {reason_of(exc)}"
+    return f"{logged} (tables; `fasweep report {sweep}` adds the plots)"
 
 
 def _trials(writer: RunWriter, launch_id: str) -> list[TrialRecord]:
@@ -779,6 +835,8 @@ def _run_stages(plan: Plan, driver: _Driver, root: str, resume: bool, slots: dic
     writer = driver.writer
     stages = plan.stages
     for stage in stages:
+        if driver.lease is not None and driver.lease.lost_to is not None:
+            return LaunchStatus.INTERRUPTED
         mine = plan.stage_trials(stage)
         writer.flush()
         stored = {t.key: t.status for t in _trials(writer, writer.launch_id)}
@@ -904,7 +962,7 @@ def _run_stage(
     finally:
         tune_log.setLevel(level)
     driver.writer.flush()
-    if driver.signal is not None or driver.fault:
+    if driver.signal is not None or driver.fault or driver.writer.abandoned:
         return LaunchStatus.INTERRUPTED
     statuses = {t.key: t.status for t in _trials(driver.writer, driver.writer.launch_id)}
     if any(statuses.get(k) in (None, TrialStatus.RUNNING) for k in keys):

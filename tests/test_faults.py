@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,11 +47,20 @@ def ray_address():
 class Driver:
     """`fasweep launch` in its own process (its own session, so a signal reaches it alone)."""
 
-    def __init__(self, tmp_path: Path, uri: str, address: str, *extra: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        uri: str,
+        address: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        spec: Path = QUICKSTART,
+        sets: list[str] = SETS,
+    ):
         self.log = tmp_path / f"driver-{time.monotonic_ns()}.log"
-        command = [sys.executable, "-c", "from fasweep.cli import main; main()", "launch", str(QUICKSTART)]
+        command = [sys.executable, "-c", "from fasweep.cli import main; main()", "launch", str(spec)]
         self.proc = subprocess.Popen(
-            [*command, "--tracking-uri", uri, "--address", address, *SETS, *extra],
+            [*command, "--tracking-uri", uri, "--address", address, *sets, *extra],
             cwd=tmp_path,
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
             stdout=self.log.open("w"),
@@ -80,16 +91,27 @@ class Driver:
             self.proc.wait()
 
 
-def trial_runs(uri: str) -> list:
+def role_runs(uri: str, role: str, experiment: str = "quickstart") -> list:
+    """Every run of `role` (parent, condition, trial) in the experiment (all pages)."""
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("quickstart")
-    return client.search_runs([experiment.experiment_id], "tags.`fasweep.role` = 'trial'") if experiment else []
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], f"tags.`fasweep.role` = '{role}'", page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
 
 
-def parent_runs(uri: str) -> list:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("quickstart")
-    return client.search_runs([experiment.experiment_id], "tags.`fasweep.role` = 'parent'") if experiment else []
+def trial_runs(uri: str, experiment: str = "quickstart") -> list:
+    return role_runs(uri, "trial", experiment)
+
+
+def parent_runs(uri: str, experiment: str = "quickstart") -> list:
+    return role_runs(uri, "parent", experiment)
 
 
 def wait_for(driver: Driver, condition: Callable[[], bool], what: str, timeout: float = 240) -> None:
@@ -116,9 +138,24 @@ def mid_way(uri: str, n: int = 1) -> Callable[[], bool]:
     return check
 
 
-def assert_no_run_running(uri: str) -> None:
-    for run in [*parent_runs(uri), *trial_runs(uri)]:
-        assert run.data.tags["fasweep.status"] != "running" and run.info.status != "RUNNING", run.info.run_name
+def assert_no_run_running(uri: str, experiment: str = "quickstart") -> None:
+    for role in ("parent", "condition", "trial"):
+        for run in role_runs(uri, role, experiment):
+            assert run.data.tags["fasweep.status"] != "running" and run.info.status != "RUNNING", run.info.run_name
+
+
+def assert_every_series_once(uri: str) -> None:
+    """Every metric of every trial and condition run has each epoch exactly once (no driver wrote one twice)."""
+    client = MlflowClient(uri)
+    for run in [*trial_runs(uri), *role_runs(uri, "condition")]:
+        for key in run.data.metrics:
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(1, EPOCHS + 1)), (run.info.run_name, key, steps)
+
+
+def row(name: str, code: int, seconds: float, lines: int) -> None:
+    """A fault-matrix row as measured (printed: `pytest -s` shows them)."""
+    print(f"\nFAULT ROW | {name} | exit {code} | {seconds:.1f} s | {lines} lines")
 
 
 def assert_every_epoch_once(uri: str) -> None:
@@ -312,3 +349,155 @@ def test_a_store_lost_mid_run_fails_loudly_and_resume_completes(ray_address, tmp
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
         server.wait()
+
+
+# --- one driver per sweep: the lease is exclusive, and a takeover marks what the old driver left ----------------
+
+FAST_LEASE = {"FASWEEP_LEASE_HEARTBEAT_S": "1"}  # a driver notices a takeover within a second
+
+
+def test_a_forced_takeover_stops_the_live_driver_and_every_step_is_logged_once(ray_address, uri, tmp_path):
+    old = Driver(tmp_path, uri, ray_address, *SLOWER, env=FAST_LEASE)
+    wait_for(old, mid_way(uri, 1), "a trial was mid-way")
+    new = Driver(tmp_path, uri, ray_address, *SLOWER, "--resume", "--force", env=FAST_LEASE)
+    code, seconds = old.wait(120)
+    lines = old.lines()
+    (launch_id,) = {r.data.tags["fasweep.launch"] for r in parent_runs(uri)}
+    holder = f"launch {launch_id} (host {socket.gethostname()}, pid {new.proc.pid}, started "
+    assert code == 3 and lines[-1].startswith(f"taken over: quickstart: the lease was taken over by {holder}"), lines
+    assert "stopped its trials (their checkpoints kept) and wrote nothing more" in lines[-1]
+    assert len(lines) <= MAX_LINES and "Traceback" not in old.output()
+    row("lease taken by force (the old driver)", code, seconds, len(lines))
+    code, seconds = new.wait()
+    said = new.lines()
+    assert code == 0 and any(line.startswith("taking the lease of quickstart from launch") for line in said), said
+    assert any(line.startswith("took over the lease of quickstart from launch") for line in said), said
+    row("lease taken by force (the taking driver)", code, seconds, len(said))
+    assert_every_series_once(uri)  # the old driver wrote nothing once the new one did
+    assert_every_epoch_once(uri)
+    assert_no_run_running(uri)
+    assert len(parent_runs(uri)) == 1
+
+
+def test_a_plain_relaunch_after_a_sigkill_marks_the_dead_launch_interrupted(ray_address, uri, tmp_path):
+    dead = Driver(tmp_path, uri, ray_address)
+    wait_for(dead, mid_way(uri, 1), "a trial was mid-way")
+    dead.kill(signal.SIGKILL)
+    (gone,) = parent_runs(uri)
+    driver = Driver(tmp_path, uri, ray_address)  # no --resume: a new launch takes the stale lease
+    code, seconds = driver.wait()
+    lines = driver.lines()
+    assert code == 0 and any(line.startswith("took over the lease of quickstart from launch") for line in lines)
+    assert len(lines) <= MAX_LINES, lines
+    row("plain relaunch after SIGKILL", code, seconds, len(lines))
+    old_id = gone.data.tags["fasweep.launch"]
+    for run in parent_runs(uri):
+        mine = run.data.tags["fasweep.launch"] == old_id
+        assert run.data.tags["fasweep.status"] == ("interrupted" if mine else "finished"), run.info.run_name
+    assert_no_run_running(uri)
+    stopped = [r for r in trial_runs(uri) if r.data.tags["fasweep.launch"] == old_id]
+    assert stopped and {r.data.tags["fasweep.status"] for r in stopped} <= {"interrupted", "finished"}
+
+
+# --- a signal with a write backlog: the grace period writes first -----------------------------------------------
+
+BACKLOG = """\
+name: backlog
+base:
+  data: {name: digits}
+  model: {arch: Dense10}
+  train: {epochs: 1, batch_size: 256}
+sample:
+  train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+num_samples: 300
+resources: {cpu: 0.5, gpu: 0}
+max_concurrent: 4
+"""
+
+
+def test_a_signal_with_a_write_backlog_writes_first_and_the_console_agrees_with_mlflow(ray_address, uri, tmp_path):
+    """Hundreds of one-epoch trials end faster than their runs are written; SIGINT mid-way: within the grace
+    period the driver writes what it holds, trials' ends first, marks the parent and what still ran interrupted,
+    and the console's counts are MLflow's (any trial it could not record is named and counted)."""
+    spec = tmp_path / "backlog.yaml"
+    spec.write_text(BACKLOG)
+    driver = Driver(tmp_path, uri, ray_address, spec=spec, sets=[])
+
+    trained = tmp_path / "fasweep-runs" / "backlog"  # each trial's checkpoint folder: its epoch is trained
+    backlog: list[int] = []
+
+    def behind() -> bool:  # trials trained but not yet recorded finished: the writer's backlog
+        recorded = sum(r.data.tags["fasweep.status"] == "finished" for r in _safe(trial_runs, uri, "backlog"))
+        backlog[:] = [len(list(trained.glob("*/_checkpoints/*/epoch-*"))) - recorded, recorded]
+        return recorded >= 20 and backlog[0] >= 40
+
+    wait_for(driver, behind, "a backlog of 40 trials", timeout=300)
+    driver.kill(signal.SIGINT)
+    code, seconds = driver.wait(60)
+    lines = driver.lines()
+    assert code == 130 and seconds < 30 and "Traceback" not in driver.output(), (seconds, lines)
+    assert len(lines) <= MAX_LINES and lines[-1].startswith("continue with: fasweep launch"), lines
+    row(
+        f"signal with a backlog ({backlog[0]} trials trained, not recorded; {backlog[1]} recorded)",
+        code,
+        seconds,
+        len(lines),
+    )
+    (parent,) = parent_runs(uri, "backlog")
+    assert parent.data.tags["fasweep.status"] == "interrupted" and parent.info.status == "KILLED"
+    assert_no_run_running(uri, "backlog")
+    stored = Counter(r.data.tags["fasweep.status"] for r in trial_runs(uri, "backlog"))
+    closing = next(line for line in lines if line.startswith("backlog @ ") and " interrupted: " in line)
+    shown = {status: int(n) for n, status in re.findall(r"(\d+) (\w+)", closing.split(": ", 1)[1].split(";")[0])}
+    assert shown == dict(stored), (closing, stored)  # the closing counts are MLflow's
+    said = [line for line in lines if line.startswith("[main]")][-1]  # the driver's last count
+    progress = {status: int(n) for n, status in re.findall(r"(\d+) (finished|error)", said)}
+    late = next((line for line in lines if "could not be recorded in MLflow" in line), "")
+    unrecorded = {status: int(n) for n, status in re.findall(r"(\d+) (finished|error)", late.split("(", 1)[-1])}
+    assert progress["finished"] == stored["finished"] + unrecorded.get("finished", 0), (said, stored, late)
+    assert stored["finished"] >= backlog[1]
+    resumed = Driver(tmp_path, uri, ray_address, "--resume", spec=spec, sets=[])
+    code, seconds = resumed.wait(600)
+    assert code == 0, resumed.output()
+    row("--resume after the signal with a backlog", code, seconds, len(resumed.lines()))
+    runs = trial_runs(uri, "backlog")
+    assert len(runs) == 300 and {r.data.tags["fasweep.status"] for r in runs} == {"finished"}
+    client = MlflowClient(uri)
+    for run in runs:  # each trial's one epoch, logged once, whichever driver logged it
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_acc")] == [1], run.info.run_name
+
+
+def _safe(read: Callable[..., list], *args: str) -> list:
+    """`read(*args)`, or nothing while the store is being created."""
+    try:
+        return read(*args)
+    except Exception:
+        return []
+
+
+# --- a report during a launch ---------------------------------------------------------------------------------
+
+
+def test_a_report_during_a_launch_leaves_the_main_report_to_the_launch(ray_address, uri, tmp_path):
+    driver = Driver(tmp_path, uri, ray_address, *SLOWER)
+    wait_for(driver, mid_way(uri, 1), "a trial was mid-way")
+    command = [sys.executable, "-c", "from fasweep.cli import main; main()", "report", "quickstart"]
+    started = time.monotonic()
+    report = subprocess.run([*command, "--tracking-uri", uri], capture_output=True, text=True, cwd=tmp_path)
+    seconds = time.monotonic() - started
+    assert report.returncode == 0, report.stderr
+    (parent,) = parent_runs(uri)
+    said = [line for line in report.stderr.splitlines() if "mlflow.store.db.utils" not in line]
+    launch_id = parent.data.tags["fasweep.launch"]
+    assert said == [
+        f"not logged on the parent run: launch {launch_id} is still running and logs its main report when it ends; "
+        "--log logs this one as report-running/"
+    ], said
+    row("report during a launch", report.returncode, seconds, len(said) + len(report.stdout.splitlines()))
+    client = MlflowClient(uri)
+    assert [a.path for a in client.list_artifacts(parent.info.run_id) if a.is_dir] == []
+    code, _ = driver.wait()
+    logged = f"report: logged as artifacts report/ on parent run {parent.info.run_id} (tables; `fasweep report "
+    assert code == 0 and any(line.startswith(logged) for line in driver.lines()), driver.output()
+    table = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
+    assert all(f"| {condition} | " in table for condition in ("DS0", "DSR1", "DSR2-U")), table  # every condition

@@ -107,7 +107,10 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
     assert "feedback.concordance" in parent.data.tags["fasweep.axes"]
     client = MlflowClient(store)
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report", "spec.yaml"]
-    assert said == f"report: logged as artifacts report/ on parent run {parent.info.run_id}"  # the main report
+    assert said == (  # the main report's tables
+        f"report: logged as artifacts report/ on parent run {parent.info.run_id} (tables; `fasweep report "
+        "sign_concordance` adds the plots)"
+    )
     table = Path(client.download_artifacts(parent.info.run_id, "report/report.md", str(tmp_path))).read_text()
     assert "| concordance=1.0," in table and "| concordance=0.0," in table
 

@@ -144,6 +144,7 @@ def make_report(
     pairing: str | None = None,
     margin: float | None = None,
     sets: dict[str, Any] | None = None,
+    figures: bool = True,
 ) -> Report:
     """Read the sweep and build its tables; draw the plots when `out`, `log` or `plots` asks for them; write
     the files to `out`; log them as artifacts on the (latest selected) parent run when `log`.
@@ -154,7 +155,8 @@ def make_report(
     ends, and `log=True` logs a partial one as `report[-<its options>]-running/`.
     `ci`: t or bootstrap intervals (bootstrap refused below BOOTSTRAP_MIN_N seeds); `baseline` replaces the spec's
     declared comparisons with an ad-hoc family, `pairing` overrides the spec's; `margin` the spec's
-    `equivalence_margin` (TOST).
+    `equivalence_margin` (TOST). `figures=False` writes and logs the tables alone (a launch's own report: the
+    plots of hundreds of conditions take minutes).
     """
     if at not in ("final", "best"):
         raise UserError.field("--at", at, "final or best")
@@ -182,7 +184,7 @@ def make_report(
 
     draw = out is not None or log or plots
     chooser = selection_metric(metric, True)  # the validation metric that chooses best epochs, where logged
-    keys = [metric, chooser, "train_loss", *angle_keys(sweep)] if draw else [metric, chooser]
+    keys = [metric, chooser, "train_loss", *angle_keys(sweep)] if draw and figures else [metric, chooser]
     fetch_histories(tracking_uri, sweep.trials, keys)
     if ci == "bootstrap":
         _check_bootstrap(sweep, metric, at, by)
@@ -198,7 +200,7 @@ def make_report(
     if draw:
         with tempfile.TemporaryDirectory() as tmp:
             folder = out or Path(tmp)
-            _write(report, folder, by)
+            _write(report, folder, by, figures)
             if log:
                 report.logged = _log(tracking_uri, sweep.parent_ids[0], folder, folder_name)
             if out is None:
@@ -265,15 +267,15 @@ def _log(tracking_uri: str, parent_id: str, folder: Path, name: str) -> str:
     return f"logged as artifacts {name}/ on parent run {parent_id}"
 
 
-def _write(report: Report, folder: Path, by: list[str]) -> None:
-    """Plots and the four renderings into `folder`."""
+def _write(report: Report, folder: Path, by: list[str], figures: bool = True) -> None:
+    """Plots (unless not `figures`) and the four renderings into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     sweep, metric, at = report.sweep, report.metric, report.at
     x_axis, line_axis = _plot_axes(sweep, by)
-    plots = [learning_curves(sweep, metric)]
-    if angles := angle_keys(sweep):
+    plots = [learning_curves(sweep, metric)] if figures else []
+    if figures and (angles := angle_keys(sweep)):
         plots.append(angle_curves(sweep, angles))
-    if x_axis:
+    if figures and x_axis:
         plots.append(metric_vs_axis(sweep, metric, at, x_axis, line_axis))
     paths = [p.save(folder) for p in plots]
     report.images = {p.name: p.read_bytes() for p in paths}

@@ -47,6 +47,7 @@ class Tag(StrEnum):
 
 
 LEASE_TAG_PREFIX = "fasweep.lease."  # experiment tag `fasweep.lease.<sweep>`: the running launch's lease
+LEASE_RELEASED_SUFFIX = ".released"  # `fasweep.lease.<sweep>.released`: the driver that last let a taken lease go
 
 
 class Role(StrEnum):

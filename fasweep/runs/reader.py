@@ -153,18 +153,20 @@ class LaunchSummary:
 def sweep_summaries(uri: str, sweep: str | None = None) -> list[LaunchSummary]:
     """Every launch in the store (of `sweep`, when given), newest first, with trial counts and the best trial.
     A launch still marked running whose driver is gone (its lease free or stale) is first marked interrupted,
-    with its running condition and trial runs: the store then tells the truth."""
+    with its running condition and trial runs (also those a driver stopped by a signal had no time to mark): the
+    store then tells the truth."""
     from fasweep.runs.lease import live_holder
-    from fasweep.runs.writer import mark_interrupted
+    from fasweep.runs.writer import interrupt_launch
 
     mlflow = client(uri)
     out = []
     for launch in find_launches(mlflow, sweep):
         trials = launch_trials(mlflow, launch)
-        if launch.status == LaunchStatus.RUNNING:
+        stopped = launch.status == LaunchStatus.INTERRUPTED and any(t.status == TrialStatus.RUNNING for t in trials)
+        if launch.status == LaunchStatus.RUNNING or stopped:  # its driver may be gone: then nothing still runs
             holder = live_holder(mlflow, launch.experiment_id, launch.sweep)
             if holder is None or holder.launch_id != launch.launch_id:
-                mark_interrupted(mlflow, [launch.run_id, *running_runs(mlflow, launch.experiment_id, launch.launch_id)])
+                interrupt_launch(mlflow, launch.experiment_id, launch.launch_id)
                 launch = _launch(mlflow.get_run(launch.run_id))
                 trials = launch_trials(mlflow, launch)
         counts = Counter(t.status for t in trials)

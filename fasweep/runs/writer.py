@@ -14,10 +14,10 @@ import json
 import logging
 import math
 import os
-import queue
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ from fasweep.runs.layout import (
     trial_run_name,
     trial_status,
 )
+from fasweep.runs.reader import running_runs
 from fasweep.runs.store import RETRY_BUDGET_S, TrackingError, client, quote, retry, search_all
 
 log = logging.getLogger(__name__)
@@ -101,47 +102,97 @@ class _Cond:
 
 
 class _Queue:
-    """One background thread applying queued writes in order, each retried; a final failure is kept and re-raised."""
+    """One background thread applying queued writes in order, each retried; a final failure is kept and re-raised.
+
+    Hurried (`deadline` set: the driver is stopping), a write not started by the deadline is dropped and named in
+    `dropped`, and a retry never outlasts the deadline. Abandoned (the driver lost its lease), nothing more is
+    written: what is queued is dropped and later writes are refused."""
 
     def __init__(self, uri: str, budget_s: float) -> None:
         self._uri = uri
         self._budget_s = budget_s
-        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self._items: deque[tuple[str, Callable[[], None]]] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
         self.error: TrackingError | None = None
+        self.deadline: float | None = None  # time.monotonic() by which a hurried write must have started
+        self.dropped: list[str] = []  # writes a hurried queue could not start in time
+        self.abandoned = False
         self._thread = threading.Thread(target=self._loop, name="fasweep-mlflow-writer", daemon=True)
         self._thread.start()
 
     def submit(self, what: str, fn: Callable[[], None]) -> None:
         """Queue a write; after a failure writes are not attempted (the failure is raised by flush)."""
-        self._queue.put((what, fn))
+        with self._cond:
+            if not self.abandoned:
+                self._items.append((what, fn))
+                self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Until every queued write is applied (or dropped); when hurried, at most until the deadline."""
+        with self._cond:
+            while self._items or self._busy:
+                left = None if self.deadline is None else self.deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._cond.wait(min(left, 0.2) if left is not None else 0.2)  # a deadline may come meanwhile
 
     def flush(self) -> None:
-        """Wait until every queued write is applied (or the writer has failed), then raise its failure if any."""
-        self._queue.join()
+        """`wait`, then raise the writer's failure if any."""
+        self.wait()
         if self.error is not None:
             raise self.error
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+    def abandon(self) -> None:
+        """Write nothing more: drop what is queued, refuse what comes (the write under way ends first)."""
+        with self._cond:
+            self.abandoned = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Apply what is queued (a hurried queue drops what is late), then stop the thread; wait at most
+        `timeout` for it."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            try:
-                if item is None:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
                     return
-                what, fn = item
-                if self.error is None:  # after a failure keep draining, never write out of order
-                    try:
-                        retry(fn, what, self._budget_s, self._uri)
-                    except TrackingError as exc:
-                        self.error = exc
-                    except Exception as exc:  # a bug in a write: surface it, don't kill the thread silently
-                        self.error = TrackingError(f"MLflow {what} failed: {type(exc).__name__}: {exc}")
-                        log.exception("MLflow %s failed", what)
+                what, fn = self._items.popleft()
+                self._busy = True
+            try:
+                if self.error is None and not self.abandoned:  # after a failure keep draining, never out of order
+                    self._apply(what, fn)
             finally:
-                self._queue.task_done()
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _apply(self, what: str, fn: Callable[[], None]) -> None:
+        budget = self._budget_s
+        if self.deadline is not None:
+            budget = min(budget, self.deadline - time.monotonic())
+            if budget <= 0:
+                self.dropped.append(what)
+                return
+        try:
+            retry(fn, what, budget, self._uri)
+        except TrackingError as exc:
+            if self.deadline is not None:  # out of time, not a store gone: left for --resume like a late write
+                self.dropped.append(what)
+            else:
+                self.error = exc
+        except Exception as exc:  # a bug in a write: surface it, don't kill the thread silently
+            self.error = TrackingError(f"MLflow {what} failed: {type(exc).__name__}: {exc}")
+            log.exception("MLflow %s failed", what)
 
 
 @dataclass
@@ -165,6 +216,8 @@ class RunWriter:
     _conds: dict[tuple[str, str], _Cond] = field(default_factory=dict, init=False)
     _tried: set[str] = field(default_factory=set, init=False)  # trials whose run this writer tried to create
     _reopened: bool = field(default=False, init=False)  # a resumed launch: runs of it may exist already
+    _deferred: list[Callable[[], None]] = field(default_factory=list, init=False)  # hurried: curves, drawn last
+    ended: bool = field(default=False, init=False)  # the parent's final status is written
 
     def __post_init__(self) -> None:
         # Our retry loop is the policy; MLflow's default (7 retries, 120 s timeouts) would hide outages for minutes.
@@ -177,8 +230,13 @@ class RunWriter:
     # --- driver-side, synchronous -------------------------------------------------------------------
 
     def sync(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one store call now, retried like the queued writes."""
-        return retry(fn, what, self.budget_s, self.uri)
+        """Run one store call now, retried like the queued writes (no longer than a hurried writer's deadline)."""
+        return retry(fn, what, self._budget(), self.uri)
+
+    def _budget(self) -> float:
+        """Seconds a call may retry: the budget, or up to a hurried writer's deadline (at least a second)."""
+        deadline = self._queue.deadline
+        return self.budget_s if deadline is None else max(1.0, min(self.budget_s, deadline - time.monotonic()))
 
     def _get_or_create_experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -221,13 +279,44 @@ class RunWriter:
         self.sync("log spec.yaml", lambda: self.client.log_text(self.parent_id, spec_yaml, SPEC_ARTIFACT))
 
     def finish_parent(self, status: LaunchStatus) -> None:
-        """Log the launch's summary (`_log_summary`), set the parent's status and end its MLflow run accordingly."""
-        self.sync("log launch summary", self._log_summary)
+        """Log the launch's summary (`_log_summary`; not when hurried), set the parent's status and end its MLflow run
+        accordingly."""
+        if self.abandoned:
+            return
+        if not self.hurried:
+            self.sync("log launch summary", self._log_summary)
         self.sync("end parent run", lambda: self._set_status(self.parent_id, status))
+        self.ended = True
 
     def interrupt_runs(self, run_ids: list[str]) -> None:
         """Mark trial runs whose driver stopped before they ended `interrupted` (MLflow KILLED), now."""
-        self.sync("mark runs interrupted", lambda: mark_interrupted(self.client, run_ids))
+        if not self.abandoned:
+            mark_interrupted(self.client, run_ids, self._budget())
+
+    def hurry(self, deadline: float) -> None:
+        """The driver is stopping: writes not started by `deadline` (time.monotonic()) are dropped (`dropped`),
+        trials' curves are drawn after every queued write (`flush`), and no call waits past the deadline."""
+        self._queue.deadline = deadline
+
+    @property
+    def hurried(self) -> bool:
+        """Whether the driver is stopping (`hurry`)."""
+        return self._queue.deadline is not None
+
+    @property
+    def dropped(self) -> list[str]:
+        """The writes a hurried writer could not start in time."""
+        return self._queue.dropped
+
+    def abandon(self) -> None:
+        """Write nothing more to the launch's runs (its lease was taken over): queued writes are dropped, later
+        ones refused."""
+        self._queue.abandon()
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether `abandon` was called."""
+        return self._queue.abandoned
 
     def _set_status(self, run_id: str, status: str, extra: dict[str, str] | None = None) -> None:
         from mlflow.entities import RunTag
@@ -308,8 +397,14 @@ class RunWriter:
         return run.status if run else None
 
     def flush(self) -> None:
-        """Wait for every queued write; raise TrackingError if one could not be written."""
+        """Wait for every queued write (a hurried writer: until its deadline, then the curves it put off); raise
+        TrackingError if one could not be written."""
         self._queue.flush()
+        while self._deferred and not self.abandoned:
+            draws, self._deferred = self._deferred, []
+            for draw in draws:
+                self._queue.submit("log curves.png", draw)
+            self._queue.flush()
 
     def raise_if_failed(self) -> None:
         """Raise the write that could not be done, if any."""
@@ -321,9 +416,9 @@ class RunWriter:
         """The write that could not be done, if any (then nothing after it was written)."""
         return self._queue.error
 
-    def close(self) -> None:
-        """Stop the writer thread (after the writes queued so far)."""
-        self._queue.close()
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the writer thread (after the writes queued so far), waiting at most `timeout` for it."""
+        self._queue.close(timeout)
 
     # --- the writes themselves (writer thread) ------------------------------------------------------
 
@@ -410,9 +505,10 @@ class RunWriter:
             self._log_epochs(key, [(m, stamp) for m in history])
             if ckpt is not None:
                 self.client.log_artifact(run.run_id, str(ckpt), CHECKPOINT_ARTIFACT_DIR)
-            curves = Path(tmp) / CURVES_ARTIFACT
-            if self.curves and self.curves(history, key, curves):
-                self.client.log_artifact(run.run_id, str(curves))
+            if self.hurried:  # metrics and statuses first: the curves once every queued write is in
+                self._deferred.append(lambda: self._log_curves(run.run_id, history, key))
+            else:
+                self._log_curves(run.run_id, history, key, Path(tmp))
         status = TrialStatus.ERROR if error else trial_status(history, self._trials[key].planned_epochs)
         if status == TrialStatus.ERROR and not error:
             error = "the trial ended without reporting an epoch"
@@ -420,6 +516,15 @@ class RunWriter:
         self._set_status(run.run_id, status, extra)
         run.status = status
         self._condition_trial(key, status)
+
+    def _log_curves(self, run_id: str, history: list[dict[str, float]], key: str, folder: Path | None = None) -> None:
+        """Draw a trial's curves.png (in `folder`, else a temporary one) and log it on its run."""
+        if self.curves is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="fasweep-curves-") as tmp:
+            path = (folder or Path(tmp)) / CURVES_ARTIFACT
+            if self.curves(history, key, path):
+                self.client.log_artifact(run_id, str(path))
 
     # --- condition runs and the launch summary (writer thread; see fasweep.runs.conditions) --------------
 
@@ -613,12 +718,29 @@ def _same(a: dict[str, float], b: dict[str, float] | None) -> bool:
     return b is not None and a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
 
 
-def mark_interrupted(mlflow: Any, run_ids: list[str]) -> None:
-    """Mark runs (a launch's parent, its trials) whose driver is gone `interrupted` (MLflow KILLED), now: for
-    `fasweep status` and `--resume`, which find a launch still marked running after its driver was killed."""
+def mark_interrupted(mlflow: Any, run_ids: list[str], budget_s: float = RETRY_BUDGET_S) -> None:
+    """Mark runs (a launch's parent, its trials) whose driver is gone `interrupted` (MLflow KILLED), now, in at
+    most `budget_s` (those left then stay as they are): for `fasweep status` and `--resume`, which find a launch
+    still marked running after its driver was killed."""
     from mlflow.entities import RunTag
 
     tag = [RunTag(str(Tag.STATUS), str(TrialStatus.INTERRUPTED))]
+    killed = MLFLOW_STATUS[TrialStatus.INTERRUPTED]
+    deadline = time.monotonic() + budget_s
     for run_id in run_ids:
-        retry(lambda run_id=run_id: mlflow.log_batch(run_id, tags=tag), "mark run interrupted")
-        retry(lambda run_id=run_id: mlflow.set_terminated(run_id, MLFLOW_STATUS[TrialStatus.INTERRUPTED]), "end run")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        retry(lambda run_id=run_id: mlflow.log_batch(run_id, tags=tag), "mark run interrupted", left)
+        retry(lambda run_id=run_id: mlflow.set_terminated(run_id, killed), "end run", left)
+
+
+def interrupt_launch(mlflow: Any, experiment_id: str, launch_id: str, budget_s: float = RETRY_BUDGET_S) -> None:
+    """Mark a launch whose driver is gone `interrupted`: its parent, if still marked running, then its running
+    condition and trial runs."""
+    where = (
+        f"tags.`{Tag.LAUNCH}` = {quote(launch_id)} AND tags.`{Tag.ROLE}` = '{Role.PARENT}' AND "
+        f"tags.`{Tag.STATUS}` = '{LaunchStatus.RUNNING}'"
+    )
+    parents = [r.info.run_id for r in retry(lambda: search_all(mlflow, [experiment_id], where), "find launch")]
+    mark_interrupted(mlflow, [*parents, *running_runs(mlflow, experiment_id, launch_id)], budget_s)
