@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -205,15 +206,51 @@ def test_a_dead_drivers_lease_is_taken_over_and_force_takes_a_live_one(uri: str,
     forcer = Lease(mlflow, experiment, "sw", "L9")
     with pytest.raises(UserError, match="already running as launch L0"):
         forcer.acquire()
-    assert forcer.acquire(force=True) is not None
+    got: list[Holder | None] = []
+    said: list[str] = []
+    forcing = threading.Thread(target=lambda: got.append(forcer.acquire(force=True, say=said.append)))
+    forcing.start()
     deadline = time.monotonic() + 10
     while taker.lost_to is None and time.monotonic() < deadline:  # the old holder notices at its next beat
         time.sleep(0.1)
     assert taker.lost_to is not None and taker.lost_to.launch_id == "L9"
-    taker.release()  # releasing a lost lease leaves the new holder's alone
+    time.sleep(0.5)
+    assert forcing.is_alive() and not got  # the taking driver waits until the old one has let go
+    assert said and said[0].startswith("taking the lease of sw from launch L0") and "waiting for its driver" in said[0]
+    taker.release()  # letting go of a lost lease leaves the new holder's alone and says so
+    forcing.join(5)
+    assert got and got[0] is not None and taker._me.same(got[0])
     holder = forcer.holder()
     assert holder is not None and holder.launch_id == "L9"
     forcer.release()
+
+
+def test_a_driver_whose_lease_is_taken_is_told_and_the_taker_waits_at_most_until_it_is_stale(
+    uri: str, monkeypatch
+) -> None:
+    """`on_lost` runs once the heartbeat finds the lease taken; a holder that never lets go (hung, or on another
+    machine) is waited for only until its heartbeat is stale; the old holder's heartbeat writing over the
+    taker's lease while it waits is undone."""
+    monkeypatch.setattr(lease_module, "HEARTBEAT_S", 0.2)
+    mlflow = MlflowClient(uri)
+    experiment = mlflow.create_experiment("lease-wait")
+    lost: list[Holder] = []
+    old = Lease(mlflow, experiment, "sw", "L1", on_lost=lost.append)
+    old.acquire()
+    monkeypatch.setattr(lease_module, "STALE_S", 1.5)
+    new = Lease(mlflow, experiment, "sw", "L2")
+    clobbered = threading.Timer(0.7, lambda: old._write(old._me))  # an old heartbeat landing after the take
+    clobbered.start()
+    started = time.monotonic()
+    assert new.acquire(force=True) is not None
+    assert 0.5 < time.monotonic() - started < 5  # until stale: the old holder never said it let go
+    assert new.holder() is not None and new.holder().launch_id == "L2"  # written back over the old beat
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [h.launch_id for h in lost] == ["L2"] and old.lost_to is not None
+    old.release()
+    new.release()
 
 
 def test_a_lease_whose_heartbeat_stopped_is_stale(monkeypatch) -> None:
