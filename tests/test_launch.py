@@ -298,29 +298,21 @@ def test_a_net_larger_than_a_workers_memory_is_refused_before_any_trial(ray_addr
     assert runs(store, "quickstart", "parent") == []
 
 
-def test_the_free_space_warning_counts_the_real_checkpoints(tmp_path):
+def test_the_free_space_warning_counts_the_real_checkpoints(tmp_path, small_storage):
     """The plan's checkpoints estimated from each net's state and optimizer moments (on the data's own input shape)
     match the checkpoints train() writes, and a storage with less free space says so once."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        plan = load_spec(QUICKSTART, {"base.data.name": "digits", "storage": str(small), "seeds": [0, 1]})
-        real = 0
-        for trial in plan.trials:
-            config = validate_trial(trial.config | {"train": {**trial.config["train"], "epochs": 1}})
-            train(config, checkpoint_dir=tmp_path / trial.key)
-            real += next((tmp_path / trial.key).rglob("checkpoint.pt")).stat().st_size * plan.spec.checkpoint.keep
-        console = Console(file=io.StringIO(), width=400)
-        _preflight(plan, console)
-        warning = console.file.getvalue().splitlines()[-1]
-        need = re.search(r"the plan's checkpoints may need ([\d.]+) MB \(2 per trial\)$", warning)
-        assert warning.startswith(f"warning: storage {small} has ") and need, warning
-        assert float(need.group(1)) == pytest.approx(real / 1e6, rel=0.01), (real, warning)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
+    plan = load_spec(QUICKSTART, {"base.data.name": "digits", "storage": str(small_storage), "seeds": [0, 1]})
+    real = 0
+    for trial in plan.trials:
+        config = validate_trial(trial.config | {"train": {**trial.config["train"], "epochs": 1}})
+        train(config, checkpoint_dir=tmp_path / trial.key)
+        real += next((tmp_path / trial.key).rglob("checkpoint.pt")).stat().st_size * plan.spec.checkpoint.keep
+    console = Console(file=io.StringIO(), width=400)
+    _preflight(plan, console)
+    warning = console.file.getvalue().splitlines()[-1]
+    need = re.search(r"the plan's checkpoints may need ([\d.]+) MB \(2 per trial\)$", warning)
+    assert warning.startswith(f"warning: storage {small_storage} has ") and need, warning
+    assert float(need.group(1)) == pytest.approx(real / 1e6, rel=0.01), (real, warning)
 
 
 def test_two_stage_spec_starts_the_second_stage_from_the_best_first_stage_checkpoint(ray_address, store, tmp_path):
