@@ -212,6 +212,7 @@ class _Driver:
         self.packs: dict[str, list[str]] = {}  # pack key -> its members' trial keys
         self.lease: Lease | None = None  # the launch's lease: taken over, the driver stops
         self.ended: set[str] = set()  # trials whose end this driver queued for the writer
+        self.stopping = False  # Tune was told to stop because the lease was taken over
 
     def start_stage(self, stage: str, statuses: dict[str, str]) -> None:
         """Begin showing `stage`, whose trials have these statuses now."""
@@ -330,7 +331,8 @@ class _Driver:
         self.ended.add(key)
 
     def step(self, final: bool = False) -> None:
-        if self.writer.abandoned:  # the lease was taken over (perhaps before Tune could be told): stop
+        if self.writer.abandoned and not self.stopping:  # the lease was taken over: stop the trials, once
+            self.stopping = True
             self.interrupt()
         if not final:  # at the end (also after an error) the failure is raised by the flush that follows
             self.writer.raise_if_failed()
