@@ -70,7 +70,7 @@ def train(
     from rich.table import Table
 
     from fasweep.config import set_path, validate_trial
-    from fasweep.models import parse_layers, resolve_arch
+    from fasweep.models import feedback_fields, feedback_read, layer_rules, unread
     from fasweep.train import train as run_trial
 
     data: Any = {}
@@ -83,11 +83,17 @@ def train(
             raise UserError.field("--config", str(config), f"valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(data, dict):
             raise UserError.field("--config", str(config), "a mapping with sections data, model, feedback, train")
+    feedback_set = {f: f"{config}: feedback.{f}" for f in feedback_fields("feedback", data.get("feedback"))}
     flags = {"model.arch": model, "data.name": dataset, "train.epochs": epochs, "feedback.mode": feedback}
+    named = {"feedback.mode": "--feedback"}
     for path, value in [*((k, v) for k, v in flags.items() if v is not None), *parse_sets(set_).items()]:
         data = set_path(data, path, value)
+        feedback_set |= dict.fromkeys(feedback_fields(path, value), named.get(path, f"--set {path}"))
     trial = validate_trial(data, where=str(config) if config is not None else "")
-    parse_layers(resolve_arch(trial.model.arch))  # a bad layer string fails before the progress bar
+    rules = layer_rules(trial.model.arch, trial.feedback.model_dump())  # a bad layer string fails here, not later
+    for field, where in feedback_set.items():  # a feedback setting no layer reads would change nothing
+        if field not in feedback_read(rules):
+            raise UserError.field(where, getattr(trial.feedback, field), unread(field, rules, f" of {trial.model.arch}"))
     metrics_file = out / "metrics.jsonl" if out is not None else None
     if metrics_file is not None:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)

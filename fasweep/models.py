@@ -18,12 +18,15 @@ from __future__ import annotations
 import difflib
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from fasweep.config import FeedbackConfig, FeedbackMode, InitFrom, ModelConfig
 from fasweep.errors import UserError
+from fasweep.rule_options import RULE_OPTIONS
 
 if TYPE_CHECKING:
     import torch
@@ -172,6 +175,85 @@ def parse_layers(text: str, *, where: str = "model.arch") -> list[LayerSpec]:
     return specs
 
 
+def module_name(spec: LayerSpec, index: int) -> str:
+    """The module name of the layer at token `index`: `<kind><index>` (`dense6`, `conv0`, `untie2`, `pool1`)."""
+    return f"{spec.kind}{index}"
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """The feedback rule one weight layer runs: its module name, the rule, whether a mark in the layer string chose
+    it (else `feedback.mode` did) and the options the rule reads, with their values."""
+
+    layer: str
+    rule: str
+    marked: bool
+    options: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        """`random`, `random_updated(decay=0.0)`, `sign_concordant(concordance=0.5, magnitude=uniform)`: the rule and
+        the options it reads (one left at null, such as init_scale: W's init std, is not written)."""
+        shown = ", ".join(f"{name}={value}" for name, value in self.options if value is not None)
+        return f"{self.rule}({shown})" if shown else self.rule
+
+
+@lru_cache(maxsize=256)
+def _weight_layers(arch: str) -> tuple[tuple[str, str | None], ...]:
+    """(module name, mark) of each weight layer of a preset or layer string."""
+    specs = parse_layers(resolve_arch(arch))
+    return tuple((module_name(spec, i), spec.feedback) for i, spec in enumerate(specs) if spec.kind != "pool")
+
+
+def layer_rules(arch: str, feedback: Mapping[str, Any]) -> list[LayerRule]:
+    """The rule each weight layer of `arch` runs, as `build_model` builds it: its mark, else `feedback['mode']`; and
+    the options that rule reads from `feedback` (a FeedbackConfig as a dict). Torch-free: `fasweep validate` and the
+    run record use it."""
+    out = []
+    for name, mark in _weight_layers(arch):
+        rule = mark or str(feedback["mode"])
+        out.append(LayerRule(name, rule, mark is not None, tuple((o, feedback[o]) for o in RULE_OPTIONS[rule])))
+    return out
+
+
+def feedback_read(rules: list[LayerRule]) -> set[str]:
+    """The `feedback.*` fields a net with these layer rules reads: `mode` where a layer is unmarked, and every
+    option of the rules that run."""
+    unmarked = {"mode"} if any(not r.marked for r in rules) else set()
+    return unmarked | {name for r in rules for name, _ in r.options}
+
+
+def rules_text(rules: list[LayerRule]) -> str:
+    """`dense0:bp dense1:bp dense2:random`: the rule each weight layer runs (the run record's `feedback.layers`)."""
+    return " ".join(f"{r.layer}:{r.rule}" for r in rules)
+
+
+def feedback_fields(path: str, value: Any) -> list[str]:
+    """The `feedback.*` fields a setting of trial `path` sets (`feedback.decay` -> decay; `feedback` -> its keys)."""
+    if path == "feedback":
+        return list(value) if isinstance(value, dict) else []
+    head, _, rest = path.partition(".")
+    return [rest] if head == "feedback" and rest else []
+
+
+def unread(field: str, rules: list[LayerRule], where: str = "") -> str:
+    """The `expected ...` part of the error for a `feedback.<field>` set where no layer's rule reads it (`where`:
+    e.g. ` in condition X`)."""
+    return (
+        f"a setting some layer reads: the layers{where} run {rules_text(rules)}, and none reads feedback.{field} (to "
+        f"make it count: {what_reads(field)})"
+    )
+
+
+def what_reads(field: str) -> str:
+    """What would make `feedback.<field>` count, for an error message: the rules that read an option, or an
+    unmarked layer for `mode`."""
+    if field == "mode":
+        return "a weight layer without a mark in model.arch"
+    readers = [rule for rule, names in RULE_OPTIONS.items() if field in names]
+    marks = " or ".join(f"({_SHORT.get(rule, rule)})" for rule in readers)
+    return f"feedback.mode: {' | '.join(readers)}, or a layer marked {marks}"
+
+
 def format_layers(specs: list[LayerSpec]) -> str:
     """The canonical layer string of `specs` (parse_layers(format_layers(s)) == s)."""
     return " ".join(str(spec) for spec in specs)
@@ -234,17 +316,17 @@ def assemble(
             pool = (
                 nn.MaxPool2d(spec.kernel, 2, pad) if kind == "max" else nn.AvgPool2d(spec.kernel, 2, pad, False, False)
             )
-            layers[f"pool{i}"] = pool
+            layers[module_name(spec, i)] = pool
             shape = (shape[0], _pool_out(shape[1], spec.kernel), _pool_out(shape[2], spec.kernel))
             pools_seen += 1
             continue
-        rule = make_rule(spec.feedback or feedback_cfg.mode, **options).seed_streams(seed, i)
+        rule = make_rule(spec.feedback or feedback_cfg.mode, **options).seed_streams(seed, i)  # as `layer_rules`
         if spec.kind == "dense":
             if len(shape) != 1:
                 layers["flatten"] = nn.Flatten()
                 shape = (shape[0] * shape[1] * shape[2],)
             width = num_outputs if i == last_dense else spec.width
-            layers[f"dense{i}"] = FALinear(shape[0], width, feedback=rule)
+            layers[module_name(spec, i)] = FALinear(shape[0], width, feedback=rule)
             shape = (width,)
         else:
             if len(shape) != 3:
@@ -256,7 +338,7 @@ def assemble(
                 )
             else:
                 layer = FAConv2d(shape[0], spec.width, spec.kernel, padding=pad, feedback=rule)
-            layers[f"{spec.kind}{i}"] = layer
+            layers[module_name(spec, i)] = layer
             shape = (spec.width, shape[1] + 2 * pad - spec.kernel + 1, shape[2] + 2 * pad - spec.kernel + 1)
         if i == last_dense:
             break

@@ -13,6 +13,7 @@ MAX_TRIALS trials, counted before any is expanded.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -286,7 +287,7 @@ class _Source:
         path = format_loc(loc) or "<top>"
         for set_loc, flag in self.sets.items():
             if loc[: len(set_loc)] == set_loc:
-                return f"--set {flag}" + ("" if loc == set_loc else f": {path}")
+                return f"--set {flag}" + ("" if path in (format_loc(set_loc), flag) else f": {path}")
         line = _line_of(self.root, loc)
         return f"{self.name}:{line}: {path}" if line else f"{self.name}: {path}"
 
@@ -608,6 +609,62 @@ def _check_arch(trial: TrialConfig, cell: _Cell, source: _Source) -> None:
         raise source.fail(loc, detail) from None
     if any(layer.kind == "fixconv" for layer in layers) and trial.model.init_from is None:
         raise source.bad(loc, trial.model.arch, "model.init_from (or a stage init_from) for its FixConv layer")
+
+
+def _check_effect(
+    spec: SweepSpec, cells: dict[str, list[_Cell]], configs: dict[str, dict[str, dict[str, Any]]], source: _Source
+) -> None:
+    """Every feedback setting is read by the rule of some layer it reaches, and every axis changes what trains.
+
+    Refused, naming the field and what would make it count: an override of `feedback.X` (a condition, grid, sample
+    or stage override) in a condition none of whose layers runs a rule that reads X (marks applied: `Dense10(R)`
+    runs random whatever `feedback.mode` says); a `feedback.X` set in `base` that no trial of the spec reads; two
+    conditions of a stage whose configs differ only in what no layer reads (the same layers, rules and options:
+    e.g. `model.arch` DSR1 and its own layer string)."""
+    from fasweep.models import feedback_fields, feedback_read, layer_rules, rules_text, unread, what_reads
+
+    read_anywhere: set[str] = set()
+    for stage, sloc in _stages(spec):
+        seen: dict[str, _Cell] = {}
+        for cell in cells[stage.name]:
+            config = configs[stage.name][cell.name]
+            rules = layer_rules(config["model"]["arch"], config["feedback"])
+            read = feedback_read(rules)
+            read_anywhere |= read
+            for path, value in cell.overrides.items():
+                fields = [f for f in feedback_fields(path, value) if f not in read]
+                if fields:
+                    origin = cell.origins[path]
+                    shown = stage.grid[path] if origin[len(sloc) : len(sloc) + 1] == ("grid",) else value
+                    loc = origin[:-1] if isinstance(origin[-1], int) else origin  # a grid axis, not one value
+                    raise source.bad(loc, shown, unread(fields[0], rules, f" of condition {cell.name}"))
+            model = {**config["model"], "arch": _layer_shapes(config["model"]["arch"])}
+            effective = {**config, "model": model, "feedback": [vars(r) for r in rules]}  # what trains
+            key = json.dumps(effective, sort_keys=True, default=str)
+            twin = seen.setdefault(key, cell)
+            if twin is not cell and configs[stage.name][twin.name] != config:
+                path = next(p for p in cell.overrides if twin.overrides.get(p) != cell.overrides[p])
+                raise source.bad(
+                    cell.origins[path],
+                    cell.overrides[path],
+                    f"a value that changes what trains: conditions {twin.name} and {cell.name} train the same "
+                    f"layers and rules ({rules_text(rules)}) and differ only in {path}",
+                )
+    for name in sorted(spec.base.feedback.model_fields_set - read_anywhere):
+        value = getattr(spec.base.feedback, name)
+        raise source.bad(
+            ("base", "feedback", name),
+            value,
+            f"a setting some trial reads: no layer of any condition runs a rule that reads feedback.{name} (to make "
+            f"it count: {what_reads(name)})",
+        )
+
+
+def _layer_shapes(arch: str) -> str:
+    """The layer string of `arch` without its marks: the network's shape (its rules are compared separately)."""
+    from fasweep.models import format_layers, parse_layers, resolve_arch
+
+    return format_layers([dataclasses.replace(spec, feedback=None) for spec in parse_layers(resolve_arch(arch))])
 
 
 def _check_spec(spec: SweepSpec, source: _Source) -> dict[str, list[_Cell]]:
@@ -975,6 +1032,7 @@ def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
         stage.name: {cell.name: _validate_cell(spec, stage, cell, source) for cell in cells[stage.name]}
         for stage, _ in _stages(spec)
     }
+    _check_effect(spec, cells, configs, source)
     trials: list[PlannedTrial] = []
     for stage, sloc in _stages(spec):
         seeds = stage.seeds or spec.seeds
