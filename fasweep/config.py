@@ -256,6 +256,12 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
         return loc, unknown_field(str(loc[-1]), _fields_at(model, loc[:-1]))
     if err["type"] == "missing":
         return loc, "required field is missing; expected a value for it"
+    return loc, describe(err)
+
+
+def describe(err: Any) -> str:
+    """`got X; expected Y` for one Pydantic error (`ValidationError.errors()` item); a misspelt choice ends with
+    `(did you mean X?)`."""
     msg = str(err["msg"])
     for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
@@ -263,7 +269,7 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
     hint = ""
     if err["type"] == "literal_error" and isinstance(value, str):
         hint = suggest(value, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
-    return loc, f"got {brief(value)}; expected {msg[:1].lower()}{msg[1:]}{hint}"
+    return f"got {brief(value)}; expected {msg[:1].lower()}{msg[1:]}{hint}"
 
 
 def validate_trial(data: dict[str, Any], *, where: str = "") -> TrialConfig:

@@ -45,6 +45,7 @@ from fasweep.config import (
 )
 from fasweep.errors import UserError
 from fasweep.packed.group import packable
+from fasweep.report_options import Pairing
 from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, condition_label, on_test_data, selection_metric, trial_key
 
 MAX_SPEC_BYTES = 1 << 20  # a spec's text (the shipped ones are under 5 KB)
@@ -173,7 +174,7 @@ class Stage(Axes):
     compare_to: str | None = Field(default=None, description="the report's baseline in this stage; None: the spec's")
     compare: dict[str, Any] | None = Field(default=None, description="{axis path: value}; None: the spec's")
     contrasts: list[tuple[str, str]] = Field(default_factory=list, description="[X, Y] pairs compared (X − Y)")
-    pairing: Literal["seed", "none"] | None = Field(default=None, description="None: the spec's pairing")
+    pairing: Pairing | None = Field(default=None, description="None: the spec's pairing")
     pack: int | None = Field(default=None, ge=1, description="None: the spec's pack")
 
 
@@ -215,7 +216,7 @@ class SweepSpec(Axes):
         default=None, description="{axis path: value}: each condition against its twin with that value, all else equal"
     )
     contrasts: list[tuple[str, str]] = Field(default_factory=list, description="[X, Y] pairs compared (X − Y)")
-    pairing: Literal["seed", "none"] = Field(default="none", description="seed: compare conditions seed by seed")
+    pairing: Pairing = Field(default="none", description="seed: compare conditions seed by seed")
     equivalence_margin: float | None = Field(
         default=None, gt=0, description="TOST margin: |X − Y| < margin, in the metric's units; None: no TOST"
     )
@@ -618,7 +619,8 @@ def _check_effect(
 
     Refused, naming the field and what would make it count: an override of `feedback.X` (a condition, grid, sample
     or stage override) in a condition none of whose layers runs a rule that reads X (marks applied: `Dense10(R)`
-    runs random whatever `feedback.mode` says); a `feedback.X` set in `base` that no trial of the spec reads; two
+    runs random whatever `feedback.mode` says); a `feedback.X` set in `base` to other than its default that no trial
+    of the spec reads; two
     conditions of a stage whose configs differ only in what no layer reads (the same layers, rules and options:
     e.g. `model.arch` DSR1 and its own layer string)."""
     from fasweep.models import feedback_fields, feedback_read, layer_rules, rules_text, unread, what_reads
@@ -652,6 +654,8 @@ def _check_effect(
                 )
     for name in sorted(spec.base.feedback.model_fields_set - read_anywhere):
         value = getattr(spec.base.feedback, name)
+        if value == type(spec.base.feedback).model_fields[name].default:  # a default written out (a dumped spec)
+            continue
         raise source.bad(
             ("base", "feedback", name),
             value,

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, Trial, fetch_histories, label, load_sweep
 from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
-from fasweep.report.stats import BOOTSTRAP_MIN_N, CI_METHODS, PAIRINGS
+from fasweep.report.stats import BOOTSTRAP_MIN_N
 from fasweep.report.tables import (
     Table,
     check_axes,
@@ -36,12 +36,12 @@ from fasweep.report.tables import (
     render_md,
     summarize,
 )
+from fasweep.report_options import AT, CI_METHODS, FORMATS, PAIRINGS
 from fasweep.runs.layout import REPORT_ARTIFACT_DIR, selection_metric
 from fasweep.spec import Plan, load_spec
 
-__all__ = ["FORMATS", "Report", "Sweep", "Table", "make_report", "render"]
+__all__ = ["Report", "Sweep", "Table", "make_report", "render"]
 
-FORMATS = ("md", "csv", "html", "json")
 CSS = (
     "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
     "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
@@ -154,8 +154,8 @@ def make_report(
     declared comparisons with an ad-hoc family, `pairing` overrides the spec's; `margin` the spec's
     `equivalence_margin` (TOST).
     """
-    if at not in ("final", "best"):
-        raise UserError.field("--at", at, "final or best")
+    if at not in AT:
+        raise UserError.field("--at", at, " or ".join(AT))
     if ci not in CI_METHODS:
         raise UserError.field("--ci", ci, " or ".join(CI_METHODS))
     if pairing is not None and pairing not in PAIRINGS:

@@ -18,7 +18,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fasweep.config import flatten
-from fasweep.runs.layout import COMPLETE, REPORT_ARTIFACT_DIR, Best, Role, Tag, TrialStatus, condition_run_names
+from fasweep.models import layer_rules, rules_text
+from fasweep.runs.layout import (
+    COMPLETE,
+    LAYERS_PARAM,
+    REPORT_ARTIFACT_DIR,
+    Best,
+    Role,
+    Tag,
+    TrialStatus,
+    condition_run_names,
+    layer_param,
+)
 
 if TYPE_CHECKING:
     from fasweep.spec import Plan
@@ -57,11 +68,20 @@ def param_value(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
+def rule_params(config: dict[str, Any]) -> dict[str, str]:
+    """What a trial's layers ran, as params: `feedback.layers` (`dense0:bp dense1:bp dense2:random`) and per weight
+    layer its rule with the options the rule read (`feedback.layers.dense2` = `random`): a preset's marked layers
+    run their mark's rule, which `feedback.mode` alone does not show."""
+    rules = layer_rules(config["model"]["arch"], config["feedback"])
+    return {LAYERS_PARAM: rules_text(rules)} | {layer_param(r.layer): str(r) for r in rules}
+
+
 def merged_params(configs: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """The flattened configs as params: a key's one value, or `[a, b, ...]` (first-seen order) where they differ."""
+    """The flattened configs and their `rule_params` as params: a key's one value, or `[a, b, ...]` (first-seen
+    order) where they differ."""
     values: dict[str, dict[str, None]] = {}
     for config in configs:
-        for key, value in flatten(config).items():
+        for key, value in (flatten(config) | rule_params(config)).items():
             values.setdefault(key, {})[param_value(value)] = None
     out = {k: next(iter(v)) if len(v) == 1 else f"[{', '.join(v)}]" for k, v in values.items()}
     return {k: v if len(v) <= PARAM_MAX else v[: PARAM_MAX - 1] + "…" for k, v in out.items()}
