@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import signal
 import sys
-import urllib.parse
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 import yaml
@@ -22,9 +21,6 @@ from fasweep.datasets import DATASET_NAMES
 from fasweep.errors import UserError
 from fasweep.report_options import At, CiMethod, Format, Pairing
 from fasweep.rule_options import RULE_NAMES
-
-if TYPE_CHECKING:
-    from fasweep.runs.reader import LaunchRecord
 
 _TYPE_HINTS = {"int": "INTEGER", "float": "FLOAT", "Path": "PATH", "str": "TEXT"}
 
@@ -328,6 +324,11 @@ def launch(
     best = f"; best {result.best[0]} {result.best[1]:.4f}" if result.best else ""
     typer.echo(f"{result.sweep} @ {result.launch_id} {result.status}: {counts}{best}")
     typer.echo(f"MLflow: experiment {result.experiment!r}, parent run {result.parent_run_id} in {result.tracking_uri}")
+    uri = result.tracking_uri
+    if uri.startswith(("http://", "https://")):  # the server's UI: the launch's pages
+        typer.echo("\n".join(launch_pages(uri, uri.rstrip("/"), result.sweep, result.launch_id)))
+    else:
+        typer.echo(f"its pages in the MLflow UI: fasweep ui {result.sweep} --tracking-uri {uri}")
     if result.status == "interrupted":
         typer.echo(f"continue with: fasweep launch {spec} --resume (same --set values)")
         raise SystemExit(128 + (result.signal or signal.SIGINT))
@@ -394,34 +395,29 @@ def ui(
     port: Annotated[int, typer.Option(min=1, max=65535, help="port to serve on")] = 5000,
     workers: Annotated[int, typer.Option(min=1, help="server processes (1 suits a laptop)")] = 1,
 ) -> None:
-    """Serve the MLflow UI on the tracking store; print its URL (SWEEP's experiment, its condition runs in the
-    chart view) once the server answers. Ctrl+C stops it."""
+    """Serve the MLflow UI on the tracking store and, once it answers, print the pages of SWEEP's latest launch in
+    MLflow's training view: its runs (parent and conditions, best first, charts), the parent run, its report and
+    MLflow's Compare page of the conditions. Ctrl+C stops it."""
     import subprocess
 
-    from mlflow import MlflowClient
-
-    from fasweep.runs.reader import find_launches, unknown_sweep
+    from fasweep.runs.links import home
     from fasweep.runs.store import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    latest = None
-    if sweep:
-        launches = find_launches(MlflowClient(uri), sweep)
-        if not launches:
-            raise unknown_sweep(uri, sweep, find_launches(MlflowClient(uri)))
-        latest = launches[0]
     if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
-        typer.echo(ui_url(uri.rstrip("/"), latest))
+        typer.echo("\n".join(launch_pages(uri, uri.rstrip("/"), sweep) if sweep else [home(uri.rstrip("/"))]))
         return
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{'[' + local + ']' if ':' in local else local}:{port}"
+    pages = launch_pages(uri, base, sweep) if sweep else []  # an unknown sweep fails before the server starts
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     server = subprocess.Popen([*argv, "--workers", str(workers)])
     signal.signal(signal.SIGTERM, _interrupt)  # a kill stops the server too
     try:
         _wait_for_health(server, base)
-        typer.echo(f"MLflow UI for {uri}: {ui_url(base, latest)} (Ctrl+C stops it)")
+        typer.echo(f"MLflow UI for {uri}: {home(base)} (Ctrl+C stops it)")
+        typer.echo("\n".join(pages))
         if server.wait():
             raise UserError(f"the MLflow UI stopped with code {server.returncode}")
     except KeyboardInterrupt:
@@ -435,21 +431,22 @@ def ui(
                 server.kill()
 
 
-def ui_url(base: str, launch: LaunchRecord | None) -> str:
-    """The UI page of a launch's condition runs, best first, in the chart view of the training (not GenAI) UI;
-    without a launch, the UI's home. A filter keeps the runs flat: the conditions, not their parent."""
-    from fasweep.runs.layout import Role, Tag
+def launch_pages(uri: str, base: str, sweep: str, launch_id: str = "") -> list[str]:
+    """The lines naming a launch's pages in the MLflow UI at `base` (the latest launch of `sweep`, or `launch_id`),
+    its saved view written first (`fasweep.runs.links`); an unknown sweep is a UserError naming the sweeps there."""
+    from fasweep.runs.links import publish_links
+    from fasweep.runs.reader import find_launches, unknown_sweep
+    from fasweep.runs.store import client
 
-    if launch is None:
-        return base + "/"
-    query = {
-        "searchFilter": f"tags.`{Tag.ROLE}` = '{Role.CONDITION}' AND tags.`{Tag.LAUNCH}` = '{launch.launch_id}'",
-        "orderByKey": f"metrics.`{launch.best.metric}`",
-        "orderByAsc": str(launch.best.mode == "min").lower(),
-        "compareRunsMode": "CHART",
-        "workflowType": "machine_learning",
-    }
-    return f"{base}/#/experiments/{launch.experiment_id}/runs?{urllib.parse.urlencode(query)}"
+    mlflow = client(uri)
+    launches = [
+        launch for launch in find_launches(mlflow, sweep) if launch.launch_id in ("", launch_id) or not launch_id
+    ]
+    if not launches:
+        raise unknown_sweep(uri, sweep, find_launches(mlflow))
+    launch = launches[0]
+    head = f"{sweep} @ {launch.launch_id} in the MLflow UI:"
+    return [head, *publish_links(mlflow, base, launch).lines(launch.best.metric)]
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -22,7 +22,6 @@ from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metr
 from fasweep.report.stats import BOOTSTRAP_MIN_N
 from fasweep.report.tables import (
     Table,
-    check_axes,
     condition_table,
     contrast_table,
     group_by,
@@ -34,6 +33,7 @@ from fasweep.report.tables import (
     render_html,
     render_json,
     render_md,
+    resolve_axes,
     summarize,
 )
 from fasweep.report_options import AT, CI_METHODS, FORMATS, PAIRINGS
@@ -171,7 +171,7 @@ def make_report(
         raise UserError(f"sweep {name!r} launch {', '.join(sweep.launches)}: no trial runs logged yet")
     if metric not in sweep.metrics:
         raise UserError.field("--metric", metric, f"a logged metric: {', '.join(sweep.metrics)}")
-    check_axes(sweep, by)
+    by = resolve_axes(sweep, by)
     options = _table_options(metric, at, by, launch, ci, baseline, pairing, margin)
     adhoc = [(k, v) for k, v, default in options if v != default]
     log = not adhoc if log is None else log

@@ -23,6 +23,7 @@ from fasweep.runs.layout import (
     COMPLETE,
     LAYERS_PARAM,
     REPORT_ARTIFACT_DIR,
+    TEST_PREFIX,
     Best,
     Role,
     Tag,
@@ -153,17 +154,20 @@ def settled_through(trials: Iterable[tuple[str | None, History]], epochs: int) -
 
 def aggregate(trials: Sequence[tuple[str | None, History]], epoch: int) -> dict[str, float]:
     """A condition's metrics at `epoch`: each metric's mean (and `_sd`) over the trials counted there, and `n`;
-    empty when none counts."""
+    empty when none counts. The test metrics come first (`test_acc`, `test_acc_sd`, `test_loss`, ...), `n` last: a
+    run's metrics keep the order of its first epoch, and MLflow's Compare page opens on the first one."""
     rows = [row for status, history in trials if (row := trial_counts_at(status, history, epoch)) is not None]
     if not rows:
         return {}
-    out = {N_METRIC: float(len(rows))}
-    for key in sorted({k for row in rows for k in row} - _NOT_AVERAGED):
+    out = {}
+    keys = {k for row in rows for k in row} - _NOT_AVERAGED
+    for key in sorted(keys, key=lambda k: (not k.startswith(TEST_PREFIX), k)):
         values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
         if values:
             mean = out[key] = math.fsum(values) / len(values)
             if len(values) > 1:
                 out[key + SD_SUFFIX] = _sd(values, mean)
+    out[N_METRIC] = float(len(rows))
     return out
 
 

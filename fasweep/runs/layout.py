@@ -58,6 +58,8 @@ def layer_param(layer: str) -> str:
 
 
 LEASE_TAG_PREFIX = "fasweep.lease."  # experiment tag `fasweep.lease.<sweep>`: the running launch's lease
+# experiment tag `<prefix><id>`: a saved view of the runs page (MLflow's name; one per launch, `fasweep.runs.links`)
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 
 class Role(StrEnum):
