@@ -140,7 +140,7 @@ def publish_links(mlflow: Any, base: str, launch: LaunchRecord) -> LaunchLinks:
     conditions = [run.info.run_id for run in search_all(mlflow, [launch.experiment_id], where)]
     experiment = f"experiments/{launch.experiment_id}"
     parent = f"{experiment}/runs/{launch.run_id}"
-    compare = {"runs": json.dumps(conditions), "experiments": json.dumps([launch.experiment_id])}
+    compare = {"runs": json.dumps(conditions, separators=(",", ":")), "experiments": json.dumps([launch.experiment_id])}
     return LaunchLinks(
         runs=page(base, f"{experiment}/runs", {"viewStateShareKey": view_id(launch), "compareRunsMode": "CHART"}),
         parent=page(base, parent),
