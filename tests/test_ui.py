@@ -142,7 +142,8 @@ def test_every_page_fasweep_ui_prints_opens_in_the_training_view(
             page.screenshot(path=tmp_path / "runs.png")
 
             page.goto(pages["parent"])
-            page.get_by_text(f"{parent.info.run_name}: 6 trials", exact=False).first.wait_for()  # its description
+            launch_id = parent.data.tags["fasweep.launch"]
+            page.get_by_text(f"{SWEEP} @ {launch_id}: 6 trials", exact=False).first.wait_for()  # its description
             _training_view(page)
             page.screenshot(path=tmp_path / "parent.png")
 
