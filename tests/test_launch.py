@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from fasweep.checkpoints import find_checkpoints
 from fasweep.cli import main
+from fasweep.config import TrialConfig, set_path
 from fasweep.launch import ERRORS_LOG, launch
 from fasweep.runs.layout import CHECKPOINTS_DIR, LaunchStatus, epoch_marker, trial_checkpoints
 from fasweep.runs.store import TrackingError
@@ -463,7 +464,8 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
     def tracker(name: str, budget_s: float) -> RunWriter:
         t = RunWriter(uri, name, name, budget_s=budget_s)
         t.open_parent("L1", {"fasweep.plan_hash": "x"}, spec_yaml=f"name: {name}\n")
-        t.trial_started(TrialInfo("main/A/s0", "main", "A", 0, {"train": {"epochs": 3}, "feedback": {"mode": "bp"}}))
+        config = set_path(TrialConfig().model_dump(mode="json"), "train.epochs", 3)
+        t.trial_started(TrialInfo("main/A/s0", "main", "A", 0, config))
         t.trial_epoch("main/A/s0", {"epoch": 1.0, "test_acc": 0.5})
         t.flush()
         return t

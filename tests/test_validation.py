@@ -105,3 +105,65 @@ def test_misspelt_data_set_in_a_set_flag_names_the_flag(capsys: pytest.CaptureFi
     assert exc.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: --set base.data.name: got 'fashion-mnist'; expected 'cifar10'")
     assert err.rstrip().endswith("(did you mean fashion_mnist?)")
+
+
+@pytest.mark.parametrize("mode", RULE_NAMES)
+def test_layer_rules_say_what_the_built_layers_run(mode: str) -> None:
+    """`layer_rules` (torch-free: validate and the run record) against the layers `assemble` builds for every preset:
+    the same rule per weight layer (its mark, else feedback.mode) and the options that rule object holds."""
+    import torch
+
+    from fasweep.config import ModelConfig
+    from fasweep.models import PRESETS, assemble, feedback_read, layer_rules, parse_layers, resolve_arch
+
+    feedback = FeedbackConfig(mode=mode, init_scale=0.2, concordance=0.5, magnitude="fixed_random", decay=0.1)
+    for arch in PRESETS:
+        with torch.device("meta"):
+            model = assemble(parse_layers(resolve_arch(arch)), ModelConfig(), feedback, (3, 32, 32), 10, seed=0)
+        built = [(name, m.rule.mode, m.rule.options()) for name, m in model.named_children() if hasattr(m, "rule")]
+        rules = layer_rules(arch, feedback.model_dump())
+        assert [(r.layer, r.rule, dict(r.options)) for r in rules] == built, arch
+        unmarked = any(r.rule == mode and not r.marked for r in rules)
+        options = {option for _, _, opts in built for option in opts}
+        assert feedback_read(rules) == ({"mode"} if unmarked else set()) | options, arch
+
+
+NO_EFFECT = "expected a setting some layer reads: the layers of DS0 run dense0:bp dense1:bp dense2:bp"
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--set", "feedback.concordance=0.0"], f"--set feedback.concordance: got 0.0; {NO_EFFECT}"),
+        (["--feedback", "bp", "--set", "feedback.decay=0.1"], f"--set feedback.decay: got 0.1; {NO_EFFECT}"),
+        (["--model", "Dense10(R)", "--feedback", "random"], "--feedback: got 'random'; expected a setting some layer"),
+    ],
+)
+def test_train_refuses_a_feedback_setting_no_layer_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], line: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(tmp_path / "out"), *args])
+    out, err = capsys.readouterr()
+    assert (exc.value.code, out) == (2, "") and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {line}") and "to make it count: " in err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_options_some_condition_reads_are_accepted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A base option read by one condition only, and axes over the options of the rules each condition runs."""
+    spec = """\
+name: read
+base: {data: {name: digits}, feedback: {decay: 0.1, init_scale: 0.5}}
+conditions:
+  DS0: {model.arch: DS0}
+  DSR1-U: {model.arch: DSR1-U}
+  SC: {model.arch: Dense32 Dense10, feedback.mode: sign_concordant, feedback.concordance: 0.5}
+"""
+    assert validate(tmp_path, spec, capsys) == (
+        0,
+        "ok " + str(tmp_path / "spec.yaml") + ": 3 trials (3 conditions × 1 seed)\n",
+        "",
+    )
+    grid = "name: g\nbase: {data: {name: digits}, model: {arch: DSR2-U}}\ngrid: {feedback.decay: [0.0, 0.1]}\n"
+    assert validate(tmp_path, grid, capsys)[0] == 0
