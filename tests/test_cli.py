@@ -10,21 +10,16 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from test_spec import run_cli
 
-from fasweep.cli import app, main
+from fasweep.cli import app
 
 FASWEEP = str(Path(sys.executable).parent / "fasweep")  # the installed console script
 COMMANDS = ["train", "models", "validate", "plan", "launch", "status", "ui", "report"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(list(args), capsys)
 
 
 def test_bare_fasweep_prints_the_help_and_exits_0() -> None:
