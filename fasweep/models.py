@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -198,20 +198,21 @@ class LayerRule:
 
 
 @lru_cache(maxsize=256)
-def _weight_layers(arch: str) -> tuple[tuple[str, str | None], ...]:
-    """(module name, mark) of each weight layer of a preset or layer string."""
-    specs = parse_layers(resolve_arch(arch))
-    return tuple((module_name(spec, i), spec.feedback) for i, spec in enumerate(specs) if spec.kind != "pool")
+def _parsed(arch: str) -> tuple[LayerSpec, ...]:
+    return tuple(parse_layers(resolve_arch(arch)))
 
 
-def layer_rules(arch: str, feedback: Mapping[str, Any]) -> list[LayerRule]:
-    """The rule each weight layer of `arch` runs, as `build_model` builds it: its mark, else `feedback['mode']`; and
-    the options that rule reads from `feedback` (a FeedbackConfig as a dict). Torch-free: `fasweep validate` and the
-    run record use it."""
+def layer_rules(arch: str | Sequence[LayerSpec], feedback: Mapping[str, Any]) -> list[LayerRule]:
+    """The rule each weight layer of `arch` (a preset, a layer string or its parsed specs) runs: its mark, else
+    `feedback['mode']`; and the options that rule reads from `feedback` (a FeedbackConfig as a dict). The one
+    answer: `assemble` builds these rules, `fasweep validate` and the run record report them (torch-free)."""
+    specs = _parsed(arch) if isinstance(arch, str) else arch
     out = []
-    for name, mark in _weight_layers(arch):
-        rule = mark or str(feedback["mode"])
-        out.append(LayerRule(name, rule, mark is not None, tuple((o, feedback[o]) for o in RULE_OPTIONS[rule])))
+    for i, spec in enumerate(specs):
+        if spec.kind != "pool":
+            rule = spec.feedback or str(feedback["mode"])
+            options = tuple((o, feedback[o]) for o in RULE_OPTIONS[rule])
+            out.append(LayerRule(module_name(spec, i), rule, spec.feedback is not None, options))
     return out
 
 
@@ -302,7 +303,7 @@ def assemble(
 
     seed = torch.initial_seed() if seed is None else seed
 
-    options = feedback_cfg.model_dump(exclude={"mode"})
+    rules = {r.layer: r for r in layer_rules(specs, feedback_cfg.model_dump())}
     last_dense = max(i for i, s in enumerate(specs) if s.kind == "dense")
     shape = tuple(input_shape)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -320,7 +321,8 @@ def assemble(
             shape = (shape[0], _pool_out(shape[1], spec.kernel), _pool_out(shape[2], spec.kernel))
             pools_seen += 1
             continue
-        rule = make_rule(spec.feedback or feedback_cfg.mode, **options).seed_streams(seed, i)  # as `layer_rules`
+        chosen = rules[module_name(spec, i)]
+        rule = make_rule(chosen.rule, **dict(chosen.options)).seed_streams(seed, i)
         if spec.kind == "dense":
             if len(shape) != 1:
                 layers["flatten"] = nn.Flatten()

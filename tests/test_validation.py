@@ -128,6 +128,21 @@ def test_layer_rules_say_what_the_built_layers_run(mode: str) -> None:
         assert feedback_read(rules) == ({"mode"} if unmarked else set()) | options, arch
 
 
+@pytest.mark.parametrize(
+    ("arch", "mode", "layers"),
+    [  # read off the seed report's tables by hand: marked layers keep their mark, the rest take the mode
+        ("DSR1", "sign_concordant", "dense0:sign_concordant dense1:sign_concordant dense2:random"),
+        ("DSR2-U", "bp", "dense0:bp dense1:random_updated dense2:random_updated"),
+        ("PGR3-Untie", "dfa", "untie0:dfa untie2:dfa untie4:random dense6:random dense7:random"),
+        ("Dense64(bp) Dense10", "random", "dense0:bp dense1:random"),
+    ],
+)
+def test_layer_rules_read_the_marks(arch: str, mode: str, layers: str) -> None:
+    from fasweep.models import layer_rules, rules_text
+
+    assert rules_text(layer_rules(arch, FeedbackConfig(mode=mode).model_dump())) == layers
+
+
 NO_EFFECT = "expected a setting some layer reads: the layers of DS0 run dense0:bp dense1:bp dense2:bp"
 
 
