@@ -325,10 +325,15 @@ def launch(
     typer.echo(f"{result.sweep} @ {result.launch_id} {result.status}: {counts}{best}")
     typer.echo(f"MLflow: experiment {result.experiment!r}, parent run {result.parent_run_id} in {result.tracking_uri}")
     uri = result.tracking_uri
+    command = f"its pages in the MLflow UI: fasweep ui {result.sweep} --tracking-uri {uri}"
     if uri.startswith(("http://", "https://")):  # the server's UI: the launch's pages
-        typer.echo("\n".join(launch_pages(uri, uri.rstrip("/"), result.sweep, result.launch_id)))
-    else:
-        typer.echo(f"its pages in the MLflow UI: fasweep ui {result.sweep} --tracking-uri {uri}")
+        from mlflow.exceptions import MlflowException
+
+        try:
+            command = "\n".join(launch_pages(uri, uri.rstrip("/"), result.sweep, result.launch_id))
+        except (MlflowException, OSError) as exc:  # the sweep ran; its links are a convenience
+            command += f" (its saved view not written: {type(exc).__name__})"
+    typer.echo(command)
     if result.status == "interrupted":
         typer.echo(f"continue with: fasweep launch {spec} --resume (same --set values)")
         raise SystemExit(128 + (result.signal or signal.SIGINT))

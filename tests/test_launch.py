@@ -91,8 +91,10 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
         *("--set", "seeds=[0, 1]", "--set", "max_concurrent=2"),
     ]
     assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, *sets) == 0
-    closing = capsys.readouterr().out.strip().splitlines()[-2]
+    *_, closing, tracked, pages = capsys.readouterr().out.strip().splitlines()
     best_key, best_value = closing.split("; best ")[1].split()
+    assert tracked.startswith("MLflow: experiment 'sign_concordance', parent run ")
+    assert pages == f"its pages in the MLflow UI: fasweep ui sign_concordance --tracking-uri {store}"
     parents, children = runs(store, "sign_concordance", "parent"), runs(store, "sign_concordance", "trial")
     assert len(parents) == 1 and parents[0].data.tags["fasweep.status"] == "finished"
     parent = parents[0]
