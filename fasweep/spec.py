@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -664,6 +665,7 @@ def _check_effect(
         )
 
 
+@functools.lru_cache(maxsize=256)
 def _layer_shapes(arch: str) -> str:
     """The layer string of `arch` without its marks: the network's shape (its rules are compared separately)."""
     from fasweep.models import format_layers, parse_layers, resolve_arch
