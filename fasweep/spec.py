@@ -621,9 +621,8 @@ def _check_effect(
     Refused, naming the field and what would make it count: an override of `feedback.X` (a condition, grid, sample
     or stage override) in a condition none of whose layers runs a rule that reads X (marks applied: `Dense10(R)`
     runs random whatever `feedback.mode` says); a `feedback.X` set in `base` to other than its default that no trial
-    of the spec reads; two
-    conditions of a stage whose configs differ only in what no layer reads (the same layers, rules and options:
-    e.g. `model.arch` DSR1 and its own layer string)."""
+    of the spec reads; two conditions of a stage whose configs differ only in what no layer reads (the same layers,
+    rules and options: e.g. `model.arch` DSR1 and its own layer string)."""
     from fasweep.models import feedback_fields, feedback_read, layer_rules, rules_text, unread, what_reads
 
     read_anywhere: set[str] = set()
@@ -646,12 +645,15 @@ def _check_effect(
             key = json.dumps(effective, sort_keys=True, default=str)
             twin = seen.setdefault(key, cell)
             if twin is not cell and configs[stage.name][twin.name] != config:
-                path = next(p for p in cell.overrides if twin.overrides.get(p) != cell.overrides[p])
+                paths = [
+                    p for p in {**twin.overrides, **cell.overrides} if twin.overrides.get(p) != cell.overrides.get(p)
+                ]
+                blamed = cell if paths[0] in cell.overrides else twin
                 raise source.bad(
-                    cell.origins[path],
-                    cell.overrides[path],
+                    blamed.origins[paths[0]],
+                    blamed.overrides[paths[0]],
                     f"a value that changes what trains: conditions {twin.name} and {cell.name} train the same "
-                    f"layers and rules ({rules_text(rules)}) and differ only in {path}",
+                    f"layers and rules ({rules_text(rules)}) and differ only in {', '.join(paths)}",
                 )
     for name in sorted(spec.base.feedback.model_fields_set - read_anywhere):
         value = getattr(spec.base.feedback, name)
