@@ -32,10 +32,9 @@ def _hinted(params: list[Any]) -> list[Any]:
         if isinstance(param, TyperArgument):
             param.display_type_rich = lambda ctx: None  # the name column shows SPEC already
         elif isinstance(param, TyperOption) and param.metavar is None:
-            choices = param.type_descriptor.choices if hasattr(param, "type_descriptor") else None
-            if param.is_flag or param.count:
+            if param.is_flag or param.count:  # --help too (click's own option)
                 param.metavar = ""
-            elif choices:
+            elif choices := param.type_descriptor.choices:
                 param.metavar = f"[{'|'.join(map(str, choices))}]"
             else:
                 param.metavar = _TYPE_HINTS.get(param.bare_type().removeprefix("list[").rstrip("]"), "VALUE")
@@ -72,17 +71,12 @@ app = typer.Typer(
 )
 
 
-def fasweep_version() -> str:
-    """The installed package's version."""
-    try:
-        return version("fasweep")
-    except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
-        return "unknown"
-
-
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"fasweep {fasweep_version()}")
+        try:
+            typer.echo(f"fasweep {version('fasweep')}")
+        except PackageNotFoundError:  # a source tree on PYTHONPATH, never installed
+            typer.echo("fasweep (not installed: pip install -e .)")
         raise typer.Exit()
 
 
@@ -444,9 +438,7 @@ def launch_pages(uri: str, base: str, sweep: str, launch_id: str = "") -> list[s
     from fasweep.runs.store import client
 
     mlflow = client(uri)
-    launches = [
-        launch for launch in find_launches(mlflow, sweep) if launch.launch_id in ("", launch_id) or not launch_id
-    ]
+    launches = [launch for launch in find_launches(mlflow, sweep) if not launch_id or launch.launch_id == launch_id]
     if not launches:
         raise unknown_sweep(uri, sweep, find_launches(mlflow))
     launch = launches[0]
