@@ -238,7 +238,7 @@ def feedback_fields(path: str, value: Any) -> list[str]:
 
 def unread(field: str, rules: list[LayerRule], where: str = "") -> str:
     """The `expected ...` part of the error for a `feedback.<field>` set where no layer's rule reads it (`where`:
-    e.g. ` in condition X`)."""
+    e.g. ` of condition X`)."""
     return (
         f"a setting some layer reads: the layers{where} run {rules_text(rules)}, and none reads feedback.{field} (to "
         f"make it count: {what_reads(field)})"
