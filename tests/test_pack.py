@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasweep.checkpoints import CheckpointPolicy, newest_checkpoint
-from fasweep.config import TrialConfig, validate_trial
+from fasweep.checkpoints import newest_checkpoint
+from fasweep.config import CheckpointPolicy, TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
 from fasweep.models import build_model
