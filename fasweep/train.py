@@ -165,9 +165,15 @@ class _Loop:
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device.type, torch.bfloat16) if self.cfg.bf16 else contextlib.nullcontext()
 
-    def _losses(self, out: Tensor, y: Tensor) -> Tensor:
-        """Each member's loss, by the very call a trial alone makes."""
-        return torch.stack([self.loss_fn(o, t) for o, t in zip(out, y, strict=True)])
+    def _losses(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Each member's loss, by the very call a trial alone makes, and their sum (what backward starts from).
+
+        One member: its loss itself, through views only (a trial alone runs the kernels it would on its own)."""
+        if len(out) == 1:
+            loss = self.loss_fn(out.squeeze(0), y.squeeze(0))
+            return loss.unsqueeze(0), loss
+        losses = torch.stack([self.loss_fn(o, t) for o, t in zip(out, y, strict=True)])
+        return losses, losses.sum()
 
     def _score(self, out: Tensor, y: Tensor) -> Tensor:
         if self.data.task != "classification":
@@ -196,17 +202,17 @@ class _Loop:
         for _ in range(math.ceil(self.data.x_train.shape[0] / cfg.batch_size)):
             pairs = [next(b) for b in batches]
             x = nets.inputs([p[0] for p in pairs])
-            y = torch.stack([p[1] for p in pairs])
+            y = pairs[0][1].unsqueeze(0) if len(pairs) == 1 else torch.stack([p[1] for p in pairs])
             with self._autocast():
                 out = nets.forward(x)
             out = out.float()
-            losses = self._losses(out, y)
+            losses, total = self._losses(out, y)
             count += len(y[0])
-            finite = torch.isfinite(losses)
             nets.zero_grad()
-            if bool(finite.all()):
-                losses.sum().backward()
+            if bool(torch.isfinite(total)):  # a finite sum: every member's loss is finite
+                total.backward()
             else:
+                finite = torch.isfinite(losses)
                 keep = finite.nonzero().flatten().tolist()
                 for i in (~finite).nonzero().flatten().tolist():
                     bad = float(loss_sum[i] + losses[i].detach() * len(y[0]))
@@ -235,7 +241,7 @@ class _Loop:
         for x, y in self.data.batches(split, EVAL_BATCH, shuffle=False):
             with self._autocast():
                 out = nets.forward(nets.shared(x)).float()
-            losses = self._losses(out, y.expand(k, *y.shape)).tolist()
+            losses = self._losses(out, y.expand(k, *y.shape))[0].tolist()
             scores = self._score(out, y).tolist()
             for i in range(k):
                 loss_sum[i] += losses[i] * len(y)
