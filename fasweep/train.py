@@ -69,15 +69,12 @@ class Nets(Protocol):
 
     def inputs(self, xs: list[Tensor]) -> Tensor:
         """One batch per member -> the input of `forward`."""
-        ...
 
     def shared(self, x: Tensor) -> Tensor:
         """One batch for every member (evaluation) -> the input of `forward`."""
-        ...
 
     def forward(self, x: Tensor) -> Tensor:
         """The members' outputs, (K, N, outputs)."""
-        ...
 
     def mode(self, training: bool) -> None: ...
 
@@ -85,23 +82,18 @@ class Nets(Protocol):
 
     def step(self) -> None:
         """Every member's optimizer step (`fasweep.nn.optimizer_step`) from the grads of the last backward."""
-        ...
 
     def leave(self, keep: list[int]) -> None:
         """Only the members `keep` go on; the others are synced first."""
-        ...
 
     def sync(self, index: int) -> None:
         """Member `index`'s net and `optimizer_state` from the nets (before its checkpoint, or when it leaves)."""
-        ...
 
     def alignment(self, x: Tensor, y: Tensor, loss_fn: LossFn, due: list[int]) -> list[dict[str, float]]:
         """`fasweep.nn.alignment` on the probe batch for the members `due` (indices)."""
-        ...
 
     def alone(self, members: list[TrialState]) -> Nets:
         """Nets of members that left (diverged) with their last good weights, to evaluate them."""
-        ...
 
 
 class Alone:
