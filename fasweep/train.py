@@ -19,7 +19,7 @@ import gc
 import math
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -288,6 +288,23 @@ class _Loop:
             self.nets.leave([i for i, m in enumerate(members) if not m.done])
 
 
+def _gives_gpu_memory_back(fn: Callable[..., list[TrialResult]]) -> Callable[..., list[TrialResult]]:
+    """`fn`, after which (its nets and data gone) the memory torch caches on the GPU is given back: several trials
+    share one GPU."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> list[TrialResult]:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.cuda.is_initialized():
+                gc.collect()
+                torch.cuda.empty_cache()
+
+    return wrapper
+
+
+@_gives_gpu_memory_back
 def run_trials(
     configs: Sequence[TrialConfig],
     make_nets: Callable[[list[TrialState], bool], Nets] | None,
@@ -302,27 +319,8 @@ def run_trials(
     epoch by epoch, each from `resume_from[k]` and checkpointed into `checkpoint_dirs[k]` by its own epochs and
     clock under `checkpointing`; `on_epoch(k, metrics, checkpoint or None)` after each epoch of trial k."""
     states = [load_checkpoint(Path(r), c) if r is not None else None for c, r in zip(configs, resume_from, strict=True)]
-    device = pick_device(configs[0].train.device)
-    try:
-        return _run(configs, states, device, make_nets, checkpoint_dirs, checkpointing, on_epoch, channels_last)
-    finally:
-        if device.type == "cuda":  # several trials share one GPU: give its memory back now
-            gc.collect()
-            torch.cuda.empty_cache()
-
-
-def _run(
-    configs: Sequence[TrialConfig],
-    states: list[Checkpoint | None],
-    device: torch.device,
-    make_nets: Callable[[list[TrialState], bool], Nets] | None,
-    checkpoint_dirs: Sequence[str | Path | None],
-    checkpointing: CheckpointPolicy,
-    on_epoch: TrialsCallback | None,
-    channels_last: bool | None,
-) -> list[TrialResult]:
-    """`run_trials` from the trials' checkpoints (None: from the start) on `device`."""
     results = {k: result for k, state in enumerate(states) if (result := ended(state)) is not None}
+    device = pick_device(configs[0].train.device)
     data = load_data(configs[0].data, device=str(device), seed=configs[0].train.seed)
     layout = use_channels_last(device, data.input_shape, channels_last)
     members = {
