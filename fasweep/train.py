@@ -199,7 +199,8 @@ class _Loop:
                 out = nets.forward(x)
             out = out.float()
             losses, total = self._losses(out, y)
-            count += len(y[0])
+            n = y.shape[1]
+            count += n
             nets.zero_grad()
             if bool(torch.isfinite(total)):  # a finite sum: every member's loss is finite
                 total.backward()
@@ -207,7 +208,7 @@ class _Loop:
                 finite = torch.isfinite(losses)
                 keep = finite.nonzero().flatten().tolist()
                 for i in (~finite).nonzero().flatten().tolist():
-                    bad = float(loss_sum[i] + losses[i].detach() * len(y[0]))
+                    bad = float(loss_sum[i] + losses[i].detach() * n)
                     results[nets.members[i]] = (self._metrics("train", bad, float(correct[i]), count), True)
                 if keep:
                     losses[keep].sum().backward()
@@ -219,7 +220,7 @@ class _Loop:
                 out, y = out[index], y[index]
                 batches = [batches[i] for i in keep]
             nets.step()
-            loss_sum += losses.detach() * len(y[0])
+            loss_sum += losses.detach() * n
             correct += self._score(out.detach(), y)
         for i, m in enumerate(nets.members):
             results[m] = (self._metrics("train", float(loss_sum[i]), float(correct[i]), count), False)
