@@ -147,6 +147,28 @@ class TrialConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+class CheckpointPolicy(Strict):
+    """How often a trial writes its checkpoint (a spec's `checkpoint`, `train()`'s `checkpointing`) and how many
+    it keeps.
+
+    A trial writes one after an epoch when `every_epochs` epochs or `every_seconds` seconds have passed since the
+    last (whichever comes first), and always after its last epoch or a diverged one; other epochs write nothing.
+    A retried or resumed trial continues from the newest; `keep` >= 2 leaves one to fall back to when the newest
+    is unreadable."""
+
+    model_config = ConfigDict(frozen=True)
+
+    every_epochs: int = Field(default=1, ge=1)
+    every_seconds: float | None = Field(default=None, gt=0, description="None: by epochs only")
+    keep: int = Field(default=2, ge=1, le=100)
+
+    def due(self, epochs: int, seconds: float, *, final: bool) -> bool:
+        """Whether a checkpoint is due `epochs` epochs and `seconds` seconds after the last (`final`: the trial's
+        last epoch)."""
+        timed = self.every_seconds is not None and seconds >= self.every_seconds
+        return final or epochs >= self.every_epochs or timed
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts to dotted keys: {'train': {'lr': 1}} -> {'train.lr': 1}."""
     out: dict[str, Any] = {}

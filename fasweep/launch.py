@@ -42,7 +42,7 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 from rich.console import Console
 
-from fasweep.checkpoints import CheckpointPolicy, find_checkpoints, newest_checkpoint
+from fasweep.checkpoints import find_checkpoints, newest_checkpoint
 from fasweep.config import set_path
 from fasweep.errors import UserError
 from fasweep.faults import describe_fault, describe_fault_text, free_space
@@ -792,7 +792,7 @@ def _run_stage(
         init=init,
         resumed=resumed,
         storage=root,
-        checkpointing=CheckpointPolicy(**spec.checkpoint.model_dump()),
+        checkpointing=spec.checkpoint,
         packs=driver.packs,
     )
     resources = {  # a pack's: its stage's (every member's)

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fasweep.config import (
+    CheckpointPolicy,
     DataConfig,
     Loc,
     Seed,
@@ -179,19 +180,6 @@ class Stage(Axes):
     pack: int | None = Field(default=None, ge=1, description="None: the spec's pack")
 
 
-class Checkpointing(Strict):
-    """How often a trial writes its checkpoint, straight into its folder in the storage, and how many it keeps.
-
-    A trial writes one after an epoch when `every_epochs` epochs or `every_seconds` seconds have passed since the
-    last (whichever comes first), and always after its last epoch or a diverged one; other epochs write nothing.
-    A retried or resumed trial continues from the newest; `keep` >= 2 leaves one to fall back to when the newest
-    is unreadable. The trainer's side of this is `fasweep.checkpoints.CheckpointPolicy`."""
-
-    every_epochs: int = Field(default=1, ge=1)
-    every_seconds: float | None = Field(default=None, gt=0, description="None: by epochs only")
-    keep: int = Field(default=2, ge=1, le=100)
-
-
 class SweepSpec(Axes):
     """A sweep: a base trial config, the axes to vary, seeds, resources and published reference numbers."""
 
@@ -205,7 +193,7 @@ class SweepSpec(Axes):
     max_concurrent: int | None = Field(default=None, ge=1, description="None: as many trials as resources allow")
     max_retries: int = Field(default=2, ge=0, description="retries of a failed trial, resuming its checkpoint")
     pack: int = Field(default=1, ge=1, description="trials per pack: compatible trials trained as one fused model")
-    checkpoint: Checkpointing = Field(default_factory=Checkpointing)
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     scheduler: Scheduler | None = None
     storage: str = Field(default="./fasweep-runs", description="Ray Tune storage path or URI (s3://...)")
     stages: list[Stage] = Field(default_factory=list)

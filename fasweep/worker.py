@@ -26,8 +26,8 @@ from typing import Any
 
 from ray import tune
 
-from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy
-from fasweep.config import set_path
+from fasweep.checkpoints import CheckpointFolder
+from fasweep.config import CheckpointPolicy, set_path
 from fasweep.errors import UserError
 from fasweep.faults import describe_fault
 from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, trial_checkpoints
@@ -166,11 +166,10 @@ def _failure(exc: Exception, storage: str) -> dict[str, str]:
 
 def _nothing_left(checkpoint: Path | None, planned: int) -> bool:
     """Whether the trial a checkpoint file saved has nothing left to run (all epochs, or diverged)."""
+    from fasweep.trial import nothing_left
+
     history = checkpoint.parent / HISTORY_FILE if checkpoint is not None else None
-    if history is None or not history.is_file():
-        return False
-    epochs = json.loads(history.read_text())
-    return bool(epochs) and (len(epochs) >= planned or bool(epochs[-1].get("diverged")))
+    return history is not None and history.is_file() and nothing_left(json.loads(history.read_text()), planned)
 
 
 def _first_readable(location: str, dst: Path) -> tuple[Path | None, int, bool]:

@@ -11,13 +11,14 @@ import pyarrow.fs
 import pytest
 import torch
 
-from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy, newest_checkpoint
+from fasweep.checkpoints import CheckpointFolder, newest_checkpoint
 from fasweep.cli import main
-from fasweep.config import TrialConfig, validate_trial
+from fasweep.config import CheckpointPolicy, TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
 from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, epoch_marker
-from fasweep.train import _Trial, make_loss, make_optimizer, train
+from fasweep.train import make_loss, train
+from fasweep.trial import TrialState, make_optimizer
 
 TIMING = {"epoch_time_s"}
 
@@ -240,7 +241,7 @@ def test_bf16_autocast_and_channels_last_run_on_the_cpu() -> None:
     assert bf16.status == "finished" and bf16.final["test_acc"] > 0.7
     assert bf16.final["test_acc"] == pytest.approx(fp32.final["test_acc"], abs=0.05)
     assert bf16.final["test_loss"] != fp32.final["test_loss"]  # bf16 did run
-    trial = _Trial(cfg, channels_last=True)
+    trial = TrialState(cfg, load_data(cfg.data), torch.device("cpu"), None, alone=True, channels_last=True)
     assert trial.model.get_submodule("conv1").weight.stride() == (72, 1, 24, 8)  # (O, C, kh, kw) as channels_last
     # the same fp32 maths in another memory layout: only the kernels' summation order differs
     _close(train(cfg, channels_last=True).history, fp32.history, rel=1e-3)
