@@ -7,15 +7,24 @@ Pydantic error into the one-line UserError that both `fasweep train` and the spe
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fasweep.datasets import DATASET_NAMES
-from fasweep.errors import UserError
-from fasweep.rule_options import OPTIONS, RULE_NAMES, Magnitude, check_option
+from fasweep.errors import UserError, suggest
+from fasweep.rule_options import OPTIONS, Magnitude, check_option, rule_info
 
 
 class Strict(BaseModel):
@@ -37,7 +46,6 @@ Seed = Annotated[int, AfterValidator(_seed_range)]  # train.seed and a spec's se
 
 
 DatasetName = Literal[DATASET_NAMES]  # the names in fasweep.datasets
-FeedbackMode = Literal[RULE_NAMES]  # the rules in fasweep.rule_options
 
 
 class DataConfig(Strict):
@@ -93,19 +101,59 @@ def _option(name: str) -> Any:
 class FeedbackConfig(Strict):
     """The default feedback rule (layers marked (R)/(R*) in the layer string override it) and the rules' options.
 
-    Every option is checked, whatever the mode (a marked layer may use it), by the check the rules use.
+    `mode`: a rule of `fasweep.rule_options` (a seed rule's name, a registered name, or an import path
+    `module:Class`). Every shared option is checked, whatever the mode (a marked layer may use it), by the check
+    the rules use; a key beyond them is an option of the mode's own rule (`feedback.mirror_lr`), checked by it.
     """
 
-    mode: FeedbackMode = "bp"
+    model_config = ConfigDict(extra="allow")
+
+    mode: str = "bp"
     init_scale: float | None = _option("init_scale")
     concordance: float = _option("concordance")
     magnitude: Magnitude = _option("magnitude")
     decay: float = _option("decay")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        try:
+            rule_info(value)
+        except UserError as exc:
+            raise ValueError(exc.expected or str(exc)) from None
+        return value
+
     @field_validator(*OPTIONS)
     @classmethod
     def _rule_check(cls, value: Any, info: ValidationInfo) -> Any:
         return check_option(str(info.field_name), value)
+
+    @model_validator(mode="after")
+    def _own_options(self) -> FeedbackConfig:
+        """Each key beyond the shared options is an option of the mode's rule, with a value it takes."""
+        extra = self.model_extra or {}
+        if not extra:
+            return self
+        info = rule_info(self.mode)
+        for name, value in extra.items():
+            if name in info.own:
+                try:
+                    info.check(name, value)
+                    continue
+                except ValueError as exc:
+                    message = f"got {brief(value)}; expected {exc}"
+            else:
+                names = [*type(self).model_fields, *info.own]
+                message = unknown_field(name, names)
+            error = PydanticCustomError("rule_option", "{message}", {"message": message})  # already `got X; expected Y`
+            detail = InitErrorDetails(type=error, loc=(name,), input=value)
+            raise ValidationError.from_exception_data(type(self).__name__, [detail])
+        return self
+
+    def options_for(self, mode: str) -> dict[str, Any]:
+        """The options rule `mode` takes, with this config's values (its own ones where set)."""
+        given = {**self.model_dump(exclude={"mode"}), **(self.model_extra or {})}
+        return {name: given[name] for name in rule_info(mode).options if name in given}
 
 
 class TrainConfig(Strict):
@@ -202,12 +250,6 @@ def brief(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def suggest(value: str, names: list[str]) -> str:
-    """' (did you mean X?)' for the closest of `names`, or ''."""
-    close = difflib.get_close_matches(value, names, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def unknown_field(key: str, names: list[str], shown: str = "") -> str:
     """`unknown field[ SHOWN] (did you mean X?); expected one of NAMES` for a `key` where `names` are the fields."""
     return f"unknown field{' ' * bool(shown)}{shown}{suggest(key, names)}; expected one of {', '.join(names)}"
@@ -256,6 +298,8 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
         return loc, unknown_field(str(loc[-1]), _fields_at(model, loc[:-1]))
     if err["type"] == "missing":
         return loc, "required field is missing; expected a value for it"
+    if err["type"] == "rule_option":  # FeedbackConfig's own: already `got X; expected Y` or `unknown field ...`
+        return loc, str(err["msg"])
     msg = str(err["msg"])
     for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)

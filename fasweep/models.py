@@ -20,10 +20,12 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal
 
-from fasweep.config import FeedbackConfig, FeedbackMode, InitFrom, ModelConfig
+from fasweep.config import FeedbackConfig, InitFrom, ModelConfig
 from fasweep.errors import UserError
+from fasweep.plugins import is_import_path
+from fasweep.rule_options import rule_info
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +97,6 @@ _NAMES: dict[LayerKind, str] = {
 }
 _MARKS: dict[str, str] = {"r": "random", "r*": "random_updated", "r^*": "random_updated"}
 _SHORT: dict[str, str] = {"random": "R", "random_updated": "R*"}
-_MODES: tuple[str, ...] = get_args(FeedbackMode)
 _TOKEN = re.compile(r"^(?P<kind>[A-Za-z]+?)(?P<body>\d[^()]*)(?:\((?P<mark>[^()]*)\))?$")
 _KERNEL = r"(\d+)\s*[*x×]\s*(\d+)"
 _BODY = {
@@ -148,10 +149,12 @@ def _parse_token(index: int, token: str, where: str) -> LayerSpec:
         raise UserError.field(path, token, "a square kernel, e.g. 5*5")
     feedback = None
     if match["mark"] is not None:
-        mark = match["mark"].strip().lower().replace(" ", "")
-        feedback = _MARKS.get(mark, mark)
-        if feedback not in _MODES:
-            raise UserError.field(path, token, f"a mark (R), (R*) or one of {', '.join(_MODES)}")
+        mark = match["mark"].strip().replace(" ", "")
+        feedback = _MARKS.get(mark.lower(), mark if is_import_path(mark) else mark.lower())
+        try:
+            rule_info(feedback)
+        except UserError as exc:
+            raise UserError.field(path, token, f"a mark (R), (R*) or a rule: {exc.expected}") from None
         if kind == "pool":
             raise UserError.field(path, token, "no feedback mark on a Pool layer")
     if kind == "dense":
@@ -220,7 +223,6 @@ def assemble(
 
     seed = torch.initial_seed() if seed is None else seed
 
-    options = feedback_cfg.model_dump(exclude={"mode"})
     last_dense = max(i for i, s in enumerate(specs) if s.kind == "dense")
     shape = tuple(input_shape)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -238,7 +240,8 @@ def assemble(
             shape = (shape[0], _pool_out(shape[1], spec.kernel), _pool_out(shape[2], spec.kernel))
             pools_seen += 1
             continue
-        rule = make_rule(spec.feedback or feedback_cfg.mode, **options).seed_streams(seed, i)
+        mode = spec.feedback or feedback_cfg.mode
+        rule = make_rule(mode, **feedback_cfg.options_for(mode)).seed_streams(seed, i)
         if spec.kind == "dense":
             if len(shape) != 1:
                 layers["flatten"] = nn.Flatten()

@@ -9,11 +9,11 @@ import pytest
 
 from fasweep import rule_options
 from fasweep.cli import main
-from fasweep.config import DatasetName, FeedbackConfig, FeedbackMode, validate_trial
+from fasweep.config import DatasetName, FeedbackConfig, validate_trial
 from fasweep.datasets import DATASET_NAMES
 from fasweep.errors import UserError
 from fasweep.nn import RULES, FALinear, make_rule
-from fasweep.rule_options import OPTIONS, RULE_NAMES, RULE_OPTIONS
+from fasweep.rule_options import OPTIONS, RULE_NAMES, RULE_OPTIONS, SEED_RULES, rule_info
 
 KP_SPEC = """\
 name: kp
@@ -72,7 +72,7 @@ def test_config_and_rules_agree_on_every_option(option: str, good: list, bad: li
     mode = next(m for m, names in RULE_OPTIONS.items() if option in names and m != "bp")
     for value in good:
         assert getattr(validate_trial({"feedback": {option: value}}).feedback, option) == value
-        assert make_rule(mode, **{option: value}).options()[option] == value
+        assert make_rule(mode, **{option: value}).option_values()[option] == value
     for value in bad:
         with pytest.raises(UserError, match=rf"^feedback\.{option}: got "):
             validate_trial({"feedback": {option: value}})
@@ -81,10 +81,11 @@ def test_config_and_rules_agree_on_every_option(option: str, good: list, bad: li
 
 
 def test_names_come_from_the_registries() -> None:
-    assert get_args(FeedbackMode) == RULE_NAMES and set(RULES) == set(RULE_NAMES)
+    assert set(RULES) == set(RULE_NAMES) == set(SEED_RULES)
     assert set(FeedbackConfig.model_fields) == {"mode", *OPTIONS}
     for name, cls in RULES.items():
-        assert set(make_rule(name).options()) == set(RULE_OPTIONS[name]) and cls.mode == name
+        assert set(make_rule(name).option_values()) == set(RULE_OPTIONS[name]) and cls.mode == name
+        assert cls.info is SEED_RULES[name] is rule_info(name) and cls.info.impl.endswith(f":{cls.__name__}")
     assert get_args(DatasetName) == DATASET_NAMES
 
 
