@@ -19,6 +19,7 @@ import json
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from fasweep.config import (
     unknown_field,
 )
 from fasweep.errors import UserError
-from fasweep.packed.group import packable
+from fasweep.packed.group import not_packable, packable
 from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, condition_label, on_test_data, selection_metric, trial_key
 
 MAX_SPEC_BYTES = 1 << 20  # a spec's text (the shipped ones are under 5 KB)
@@ -486,6 +487,9 @@ def _check_path(path: str, source: _Source, loc: Loc) -> None:
         model = submodel(annotation)
         if model is None and any(get_origin(a) is dict for a in get_args(annotation)):
             break  # a mapping-valued field such as train.l2: its keys are checked with the trial config
+        extra = model is not None and model.model_config.get("extra") == "allow"
+        if extra and i + 1 < len(parts) and parts[i + 1] not in model.model_fields:  # type: ignore[union-attr]
+            break  # a rule's own option (`feedback.mirror_lr`): checked with the trial config
     if path == "train.seed":
         raise source.fail(loc, "the seed is not an axis; expected the spec's `seeds: [...]` list")
 
@@ -1152,9 +1156,14 @@ class Plan:
 
     def warnings(self) -> list[str]:
         """What a reader should know before the plan runs, one line each: a stage whose `init_from` chooses its
-        source run on test data (no validation split)."""
+        source run on test data (no validation split); trials of a packing stage that run alone, by reason."""
         out = []
         for stage, _ in _stages(self.spec):
+            size = self.pack_size(stage.name)
+            mine = self.stage_trials(stage.name) if size > 1 else []
+            alone = [r for t in mine if (r := not_packable(TrialConfig.model_validate(t.config)))]
+            for reason, n in Counter(alone).items():
+                out.append(f"stage {stage.name}: {n} of {len(mine)} trials run alone, not in packs of {size}: {reason}")
             init = stage.init_from
             if init is not None and init.select == "best" and on_test_data(init.metric):
                 run = f"stage {stage.name}: the init_from run ({init.stage}/{init.condition}, best {init.metric})"
