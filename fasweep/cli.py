@@ -30,6 +30,10 @@ TrialSetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a trial field: --set train.epochs=1 (value read as YAML)"),
 ]
+CodeOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--code", help="your package's folder: imported here, shipped to the Ray workers (the spec's code:)"),
+]
 TrackingOpt = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"),
@@ -47,6 +51,14 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
             raise UserError.field("--set", item, "PATH=VALUE (value read as YAML)")
         out[path.strip()] = read_value(raw, f"--set {path.strip()}")
     return out
+
+
+def spec_sets(items: list[str] | None, code: list[Path] | None) -> dict[str, Any]:
+    """`parse_sets(items)`, with `--code` folders (absolute) as the spec's `code` when given."""
+    sets = parse_sets(items)
+    if code:
+        sets["code"] = [str(folder.resolve()) for folder in code]
+    return sets
 
 
 # --- single trial (fasweep.train / fasweep.models) -------------------------------------------
@@ -70,7 +82,7 @@ def train(
     from rich.table import Table
 
     from fasweep.config import set_path, validate_trial
-    from fasweep.models import parse_layers, resolve_arch
+    from fasweep.models import layers_of
     from fasweep.train import train as run_trial
 
     data: Any = {}
@@ -87,7 +99,7 @@ def train(
     for path, value in [*((k, v) for k, v in flags.items() if v is not None), *parse_sets(set_).items()]:
         data = set_path(data, path, value)
     trial = validate_trial(data, where=str(config) if config is not None else "")
-    parse_layers(resolve_arch(trial.model.arch))  # a bad layer string fails before the progress bar
+    layers_of(trial.model.arch)  # a bad layer string or model fails before the progress bar
     metrics_file = out / "metrics.jsonl" if out is not None else None
     if metrics_file is not None:
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -136,11 +148,11 @@ def models() -> None:
 
 
 @app.command()
-def validate(specs: list[Path], set_: SetOpt = None) -> None:
+def validate(specs: list[Path], set_: SetOpt = None, code: CodeOpt = None) -> None:
     """Validate sweep specs; print one line per spec (exit code 2 when any is bad)."""
     from fasweep.spec import load_spec
 
-    sets = parse_sets(set_)
+    sets = spec_sets(set_, code)
     bad = 0
     for path in specs:
         try:
@@ -156,14 +168,14 @@ def validate(specs: list[Path], set_: SetOpt = None) -> None:
 
 
 @app.command()
-def plan(spec: Path, set_: SetOpt = None) -> None:
+def plan(spec: Path, set_: SetOpt = None, code: CodeOpt = None) -> None:
     """Print the trial table of a spec: condition, overrides, seed, resources, and counts."""
     from rich.console import Console
     from rich.table import Table
 
     from fasweep.spec import format_value, load_spec
 
-    planned = load_spec(spec, parse_sets(set_))
+    planned = load_spec(spec, spec_sets(set_, code))
     sweep, trials = planned.spec, planned.trials
     staged = bool(sweep.stages)
     table = Table(title=f"{sweep.name} (experiment {sweep.experiment})", title_justify="left")
@@ -197,6 +209,7 @@ def launch(
     ] = False,
     set_: SetOpt = None,
     num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray (default: all cores)")] = None,
+    code: CodeOpt = None,
 ) -> None:
     """Run a sweep on Ray and track it in MLflow (exit 0 finished, 1 failed trials, 2 bad input or environment,
     128 + the signal when interrupted: 130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
@@ -204,7 +217,7 @@ def launch(
 
     result = run_launch(
         spec,
-        sets=parse_sets(set_),
+        sets=spec_sets(set_, code),
         address=address,
         tracking_uri=tracking_uri,
         resume=resume,

@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from fasweep.datasets import DATASET_NAMES
+from fasweep.datasets import DATASETS, user_dataset
 from fasweep.errors import UserError, suggest
 from fasweep.rule_options import OPTIONS, Magnitude, check_option, rule_info
 
@@ -45,13 +45,10 @@ def _seed_range(seed: int) -> int:
 Seed = Annotated[int, AfterValidator(_seed_range)]  # train.seed and a spec's seeds
 
 
-DatasetName = Literal[DATASET_NAMES]  # the names in fasweep.datasets
-
-
 class DataConfig(Strict):
     """Which data set, where a local copy lives, and how it is split and augmented."""
 
-    name: DatasetName = "digits"
+    name: str = Field(default="digits", description="a data set of fasweep.datasets, or a user's (module:function)")
     root: str | None = Field(
         default=None,
         description="local copy (torchvision layout or image folder train/<class>/*); None: default places",
@@ -62,6 +59,16 @@ class DataConfig(Strict):
     normalize: bool = True
     limit_train: int | None = Field(default=None, gt=0, description="use only the first N training samples")
     limit_test: int | None = Field(default=None, gt=0, description="use only the first N test samples")
+
+    @field_validator("name")
+    @classmethod
+    def _known_data(cls, value: str) -> str:
+        if value not in DATASETS:
+            try:
+                user_dataset(value)
+            except UserError as exc:
+                raise ValueError(exc.expected or str(exc)) from None
+        return value
 
     @property
     def validation(self) -> bool:
@@ -91,6 +98,19 @@ class ModelConfig(Strict):
         default="poggio", description="poggio: max after the first conv, average after the others"
     )
     init_from: InitFrom | None = None
+    rules: dict[str, str] = Field(
+        default_factory=dict, description="a user's model (`arch: module:function`): module name -> its layer's rule"
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        for mode in value.values():
+            try:
+                rule_info(mode)
+            except UserError as exc:
+                raise ValueError(exc.expected or str(exc)) from None
+        return value
 
 
 def _option(name: str) -> Any:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import difflib
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from fasweep import plugins
 from fasweep.config import FeedbackConfig, InitFrom, ModelConfig
 from fasweep.errors import UserError
-from fasweep.plugins import is_import_path
 from fasweep.rule_options import rule_info
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def _parse_token(index: int, token: str, where: str) -> LayerSpec:
     feedback = None
     if match["mark"] is not None:
         mark = match["mark"].strip().replace(" ", "")
-        feedback = _MARKS.get(mark.lower(), mark if is_import_path(mark) else mark.lower())
+        feedback = _MARKS.get(mark.lower(), mark if plugins.is_import_path(mark) else mark.lower())
         try:
             rule_info(feedback)
         except UserError as exc:
@@ -191,6 +192,29 @@ def resolve_arch(arch: str) -> str:
         hint = f"did you mean {upper[close[0]]}? " if close else ""
         raise UserError.field("model.arch", arch, f"{hint}a preset ({', '.join(PRESETS)}) or a layer string")
     return arch
+
+
+def is_user_model(arch: str) -> bool:
+    """Whether `arch` names a user's model (see `user_model`), told without importing it."""
+    return arch not in PRESETS and plugins.is_plugin("models", arch)
+
+
+def user_model(arch: str) -> Callable[..., Any] | None:
+    """The user's model function `arch` names (an import path `mypkg.models:lenet`, or a name an installed package
+    registers in the entry point group `fasweep.models`), checked to be callable; None for a preset or a layer
+    string. It is called as `fn(input_shape, num_outputs)` and returns an `nn.Module` (see `build_model`)."""
+    if not is_user_model(arch):
+        return None
+    fn = plugins.find("models", arch, "model.arch", list(PRESETS))
+    if not callable(fn):
+        raise UserError.field("model.arch", arch, f"a function returning an nn.Module, not a {type(fn).__name__}")
+    return fn
+
+
+def layers_of(arch: str) -> list[LayerSpec] | None:
+    """The layers of a preset or a layer string (a UserError naming the bad token); None for a user's model,
+    checked to load (`user_model`)."""
+    return None if user_model(arch) is not None else parse_layers(resolve_arch(arch))
 
 
 def layer_group(name: str) -> str | None:
@@ -325,6 +349,11 @@ def build_model(
     """
     from fasweep.nn import finalize
 
+    fn = user_model(model_cfg.arch)
+    if fn is not None:
+        return finalize(_user_net(fn, model_cfg, feedback_cfg, input_shape, num_outputs, seed))
+    if model_cfg.rules:
+        raise UserError.field("model.rules", model_cfg.rules, "{} with a layer string (mark its layers instead)")
     specs = parse_layers(resolve_arch(model_cfg.arch))
     model = assemble(specs, model_cfg, feedback_cfg, input_shape, num_outputs, seed)
     fixed = [i for i, spec in enumerate(specs) if spec.kind == "fixconv"]
@@ -339,6 +368,44 @@ def build_model(
     for i in fixed:
         model.get_submodule(f"fixconv{i}").requires_grad_(False)
     return finalize(model)
+
+
+def _user_net(
+    fn: Callable[..., Any],
+    model_cfg: ModelConfig,
+    feedback_cfg: FeedbackConfig,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    seed: int | None,
+) -> torch.nn.Module:
+    """`fn(input_shape, num_outputs)` with its `nn.Linear`/`nn.Conv2d` layers made FA layers: `model.rules`' rule
+    for a layer it names (by module name), else `feedback.mode`; each rule seeded by (seed, the layer's index)."""
+    import torch
+    from torch import nn
+
+    from fasweep.nn import convert, make_rule
+
+    seed = torch.initial_seed() if seed is None else seed
+    model = fn(tuple(input_shape), num_outputs)
+    if not isinstance(model, nn.Module):
+        raise UserError.field(
+            "model.arch", model_cfg.arch, f"a function returning an nn.Module, not a {type(model).__name__}"
+        )
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    unknown = sorted(set(model_cfg.rules) - set(names))
+    if not names or unknown:
+        found = ", ".join(names) or "none"
+        raise UserError.field(
+            "model.rules" if names else "model.arch",
+            unknown or model_cfg.arch,
+            f"module names of its Linear/Conv2d layers: {found}",
+        )
+
+    def rule_for(name: str) -> Any:
+        mode = model_cfg.rules.get(name, feedback_cfg.mode)
+        return make_rule(mode, **feedback_cfg.options_for(mode)).seed_streams(seed, names.index(name))
+
+    return convert(model, rule_for)
 
 
 def parameter_count(arch: str, input_shape: tuple[int, ...] = (3, 32, 32), num_outputs: int = 10) -> int:

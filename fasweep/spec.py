@@ -28,6 +28,7 @@ from typing import Any, Literal, Self, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from fasweep import plugins
 from fasweep.config import (
     DataConfig,
     Loc,
@@ -206,6 +207,11 @@ class SweepSpec(Axes):
     checkpoint: Checkpointing = Field(default_factory=Checkpointing)
     scheduler: Scheduler | None = None
     storage: str = Field(default="./fasweep-runs", description="Ray Tune storage path or URI (s3://...)")
+    code: list[str] = Field(
+        default_factory=list,
+        description="the user's package folders (relative to the spec's folder): imported here, shipped to the "
+        "Ray workers (runtime_env py_modules)",
+    )
     stages: list[Stage] = Field(default_factory=list)
     reference: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="condition (or stage/condition) -> {metric or metric@epoch: value}"
@@ -601,12 +607,13 @@ def _validate_cell(spec: SweepSpec, stage: Stage, cell: _Cell, source: _Source) 
 
 
 def _check_arch(trial: TrialConfig, cell: _Cell, source: _Source) -> None:
-    """model.arch must be a preset or a valid layer string; FixConv layers need model.init_from."""
-    from fasweep.models import parse_layers, resolve_arch
+    """model.arch must be a preset, a valid layer string or a user's model that loads; FixConv layers need
+    model.init_from."""
+    from fasweep.models import layers_of
 
     loc = cell.origins.get("model.arch", ("base", "model", "arch"))
     try:
-        layers = parse_layers(resolve_arch(trial.model.arch))
+        layers = layers_of(trial.model.arch) or []
     except UserError as exc:
         detail = str(exc).removeprefix("model.arch").lstrip(": ")
         raise source.fail(loc, detail) from None
@@ -1014,13 +1021,23 @@ def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
 # --- entry points ---------------------------------------------------------------------------------------------
 
 
-def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>") -> Plan:
+def parse_spec(
+    text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>", folder: Path | None = None
+) -> Plan:
     """Validate a spec from YAML text (plus --set overrides) and plan it; errors are one-line UserErrors with
-    the YAML line or --set flag."""
+    the YAML line or --set flag. The spec's `code` folders (relative to `folder`) are made importable first."""
     source = _Source(name)
     data = _read_yaml(text, source)
     for path, value in (sets or {}).items():
         source.sets[_apply_set(data, _set_loc(path, data), value, path)] = path
+    code = data.get("code") if isinstance(data, dict) else None
+    for i, entry in enumerate(code if isinstance(code, list) else []):
+        found = plugins.code_folder(entry, folder) if isinstance(entry, str) else None
+        if found is None:
+            raise source.bad(("code", i), entry, "a folder of your Python package, relative to the spec's folder")
+        code[i] = str(found)  # type: ignore[index]
+    if isinstance(code, list):
+        plugins.importable(code)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
@@ -1045,7 +1062,7 @@ def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> Plan:
         raise UserError.field("spec", str(path), "an existing YAML file, e.g. sweeps/quickstart.yaml") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError.field("spec", str(path), f"a readable UTF-8 YAML file ({exc.__class__.__name__})") from None
-    return parse_spec(text, sets, name=str(path))
+    return parse_spec(text, sets, name=str(path), folder=path.parent)
 
 
 def dump_spec(spec: SweepSpec) -> str:

@@ -28,7 +28,7 @@ from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy
 from fasweep.config import TrainConfig, TrialConfig, flatten
 from fasweep.data import TensorData, load_data
 from fasweep.errors import UserError
-from fasweep.models import build_model, layer_group, parse_layers, resolve_arch
+from fasweep.models import build_model, layer_group, layers_of
 from fasweep.nn import alignment, optimizer_step
 
 PROBE_SIZE = 256
@@ -270,7 +270,7 @@ def train(
     """Train one trial (from the checkpoint file `resume_from`), writing its checkpoints to the folder
     `checkpoint_dir` as `checkpointing` says; `on_epoch(metrics, checkpoint or None)` after every epoch;
     `channels_last`: see `use_channels_last`. See the module docstring."""
-    parse_layers(resolve_arch(config.model.arch))  # a bad arch fails before the data set loads
+    layers_of(config.model.arch)  # a bad arch fails before the data set loads
     state = load_checkpoint(Path(resume_from), config) if resume_from is not None else None
     if state is not None and state["status"] == "diverged":
         history = list(state["history"])

@@ -22,7 +22,7 @@ from typing import Any
 
 from fasweep.config import TrialConfig, flatten
 from fasweep.errors import UserError
-from fasweep.models import format_layers, parse_layers, resolve_arch
+from fasweep.models import format_layers, is_user_model, parse_layers, resolve_arch
 from fasweep.rule_options import rule_info
 
 PER_MEMBER: dict[str, str] = {
@@ -38,6 +38,8 @@ def not_packable(config: TrialConfig) -> str | None:
     """Why `config` cannot share a pack with any other trial, or None."""
     if config.model.dropout > 0:
         return "model.dropout > 0: each trial's masks come from its own global RNG stream"
+    if is_user_model(config.model.arch):
+        return f"model.arch {config.model.arch}: a model of your own (a pack fuses layer strings only)"
     for mode in dict.fromkeys(_rules(config)):
         why = rule_info(mode).packable
         if why is not True:
@@ -58,8 +60,10 @@ def pack_fields(config: TrialConfig) -> dict[str, Any]:
             fields.pop(path)
     for path in [p for p in fields if p.startswith("feedback.") and p != "feedback.mode"]:
         fields.pop(path)  # a rule option: each member's rule keeps its own
-    specs = parse_layers(resolve_arch(config.model.arch))
+    if is_user_model(config.model.arch):
+        return fields  # never packed (`not_packable`); its fields only say how two trials differ
     mode = fields.pop("feedback.mode")
+    specs = parse_layers(resolve_arch(config.model.arch))
     fields["model.arch"] = format_layers(
         [spec if spec.kind == "pool" else dataclasses.replace(spec, feedback=spec.feedback or mode) for spec in specs]
     )
