@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+
 import pytest
 
 from fasweep import rule_options
@@ -90,7 +91,8 @@ def test_names_come_from_the_registries() -> None:
 def test_misspelt_names_suggest_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = validate(tmp_path, "name: x\nbase:\n  data: {name: fashion-mnist}\n", capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"error: {tmp_path / 'spec.yaml'}:3: base.data.name: got 'fashion-mnist'; expected one of cifar10")
+    line = f"error: {tmp_path / 'spec.yaml'}:3: base.data.name: got 'fashion-mnist'; expected one of cifar10"
+    assert err.startswith(line)
     assert err.rstrip().endswith("(did you mean fashion_mnist?)")
     with pytest.raises(UserError, match=r"^feedback\.mode: got 'random_update'; .* \(did you mean random_updated\?\)$"):
         validate_trial({"feedback": {"mode": "random_update"}})
