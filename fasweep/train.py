@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fasweep.api import callable_module
 from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy
 from fasweep.config import TrainConfig, TrialConfig, flatten
 from fasweep.data import TensorData, load_data
@@ -299,3 +300,6 @@ def train(
         if cuda:  # several trials share one GPU: give its memory back now
             gc.collect()
             torch.cuda.empty_cache()
+
+
+callable_module(__name__)  # `fasweep.train(...)` calls fasweep.api.train
