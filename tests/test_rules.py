@@ -19,7 +19,7 @@ from fasweep.cli import main
 from fasweep.config import TrialConfig, validate_trial
 from fasweep.errors import UserError
 from fasweep.nn import FALinear, optimizer_step
-from fasweep.nn.rules import FeedbackRule, LayerOp
+from fasweep.nn.rules import LayerOp, RandomFeedback
 from fasweep.packed import not_packable, train_pack
 from fasweep.rule_options import OPTIONS, Option, rule_info
 from fasweep.spec import parse_spec
@@ -28,9 +28,10 @@ from fasweep.train import train
 MODULE = __name__  # `test_rules`: pytest puts tests/ on sys.path, so `test_rules:Drifting` imports this module
 
 
-class Drifting(FeedbackRule):
-    """Random B pulled a fraction `pull` of the way to W after every step, plus N(0, 1e-3) noise drawn from the
-    trial's RNG; dL/dx is half of G sent back through B."""
+class Drifting(RandomFeedback):
+    """Random B (drawn as `random`'s), pulled a fraction `pull` of the way to W after every step, plus N(0, 1e-3)
+    noise drawn from the trial's RNG; the feedback matrix is B + pull W, and dL/dx is half of G sent through it.
+    It redefines `matrix`: `random`'s batched pack maths (its B as is) must not stand in for it."""
 
     mode = "drifting"
     options = {  # noqa: RUF012 (a declaration read once by FeedbackRule)
@@ -39,12 +40,8 @@ class Drifting(FeedbackRule):
     }
     pull: float
 
-    def bind(self, weight: Tensor, fan_in: int) -> None:
-        super().bind(weight, fan_in)
-        self.register_buffer("B", self.draw_like_init(weight.detach()))
-
     def matrix(self, weight: Tensor) -> Tensor:
-        return self.B
+        return self.B + self.pull * weight
 
     def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
         full = super().input_grad(op, grad_out, weight, feedback, x)
@@ -86,7 +83,7 @@ def test_a_rule_declared_on_its_class_is_found_by_its_import_path() -> None:
 
 
 def test_its_own_maths_and_hook_run_alone_as_declared() -> None:
-    """One step of a Drifting layer against the rule's definition computed here: dL/dx = 0.5 G B, and
+    """One step of a Drifting layer against the rule's definition computed here: dL/dx = 0.5 G (B + pull W), and
     B <- B + pull (W' - B) + 1e-3 noise, the noise the global RNG's next draw after the step."""
     torch.manual_seed(0)
     layer = FALinear(5, 3, feedback=DRIFTING, pull=0.3)
@@ -96,7 +93,7 @@ def test_its_own_maths_and_hook_run_alone_as_declared() -> None:
     out = layer(x)
     g = torch.randn_like(out)
     out.backward(g)
-    assert torch.allclose(x.grad, 0.5 * g @ b0)
+    assert torch.allclose(x.grad, 0.5 * g @ (b0 + 0.3 * layer.weight.detach()))
     rng = torch.get_rng_state()
     optimizer_step(layer, opt)
     noise = torch.randn(b0.shape, generator=torch.Generator().manual_seed(0).set_state(rng))

@@ -83,7 +83,8 @@ class FeedbackRule(nn.Module):
 
     A pack (`fasweep.packed.PackedNet`): the class methods `stacked_*`, given a `RuleStack` (every member's rule,
     its options its own, its buffers slices of the pack's stacked tensors). By default each member runs its own
-    methods above on its slice, which is bitwise what it does alone; a rule overrides them only to batch the work.
+    methods above on its slice, which is bitwise what it does alone; a rule overrides them only to batch the work,
+    and a subclass that redefines a method of one model gets the default pack version of it back.
     """
 
     mode: ClassVar[str]
@@ -93,6 +94,9 @@ class FeedbackRule(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for method, stacked in _STACKED.items():  # a parent's batched pack maths never stands in for new maths
+            if method in cls.__dict__ and stacked not in cls.__dict__:
+                setattr(cls, stacked, FeedbackRule.__dict__[stacked])
         cls.steps = cls.before_step is not FeedbackRule.before_step or cls.after_step is not FeedbackRule.after_step
         if "mode" in cls.__dict__ and "info" not in cls.__dict__:
             cls.info = _declared(cls)
@@ -236,6 +240,15 @@ class FeedbackRule(nn.Module):
             if buf is not None and saved is not None and saved.shape != buf.shape:
                 self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# each method of one model -> its pack version: a subclass redefining the first gets the default (per member) second
+_STACKED = {
+    "matrix": "stacked_matrix",
+    "input_grad": "stacked_input_grad",
+    "before_step": "stacked_before_step",
+    "after_step": "stacked_after_step",
+}
 
 
 def _declared(cls: type[FeedbackRule]) -> RuleInfo:

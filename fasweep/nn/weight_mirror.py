@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fasweep.nn.rules import FeedbackRule, LayerOp
+from fasweep.nn.rules import LayerOp, RandomFeedback
 from fasweep.rule_options import OPTIONS, Option
 
 
@@ -19,7 +19,7 @@ def _rate(v: float) -> bool:
     return 0.0 <= v <= 1.0
 
 
-class WeightMirror(FeedbackRule):
+class WeightMirror(RandomFeedback):
     """`weight_mirror`: dL/dx = G B with B, drawn random, taught W by a mirror phase after every optimizer step.
 
     The mirror phase feeds `mirror_batch` noise inputs xi ~ N(0, 1) (shaped like the layer's input, from the
@@ -51,13 +51,6 @@ class WeightMirror(FeedbackRule):
         super().__init__(**options)
         self._seen: tuple[LayerOp, tuple[int, ...]] | None = None  # the layer's op and input shape (one sample)
         self._count: Tensor | None = None
-
-    def bind(self, weight: Tensor, fan_in: int) -> None:
-        super().bind(weight, fan_in)
-        self.register_buffer("B", self.draw_like_init(weight.detach()))
-
-    def matrix(self, weight: Tensor) -> Tensor:
-        return self.B
 
     def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
         self._seen = (op, tuple(x.shape[1:]))
