@@ -150,11 +150,12 @@ class FeedbackConfig(Strict):
 
     @model_validator(mode="after")
     def _own_options(self) -> FeedbackConfig:
-        """Each key beyond the shared options is an option of the mode's rule, with a value it takes."""
-        extra = self.model_extra or {}
-        if not extra:
-            return self
+        """Each key beyond the shared options is an option of the mode's rule, with a value it takes; the rule's own
+        options not given are filled in with their defaults (so a trial's params say what ran)."""
         info = rule_info(self.mode)
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for name, option in info.own.items():
+            extra.setdefault(name, option.default)
         for name, value in extra.items():
             if name in info.own:
                 try:

@@ -54,6 +54,9 @@ import sys
 import fasweep
 
 spec, uri = sys.argv[1], sys.argv[2]
+trial = {"data": {"name": "digits", "limit_train": 300}, "model": {"arch": "DSR1"}, "train": {"epochs": 1}}
+alone = fasweep.train(trial)
+print("train", alone.status, len(alone.history))
 result = fasweep.launch(spec, tracking_uri=uri, num_cpus=2)
 print("launch", result.status, result.counts)
 table = fasweep.runs("plugin_example", tracking_uri=uri)
@@ -71,7 +74,7 @@ def test_a_script_launches_the_example_plugin_on_ray_and_tables_and_reports_it(t
         [sys.executable, "script.py", str(SPEC), uri], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "launch finished {'finished': 6" in run.stdout, run.stdout[-2000:]
+    assert "train finished 1\n" in run.stdout and "\nlaunch finished {'finished': 6" in run.stdout, run.stdout[-2000:]
     table = pd.read_csv(tmp_path / "runs.csv")
     assert len(table) == 12 and set(table["epoch"]) == {1, 2}  # 6 trials x 2 epochs
     modes = {"bp", "random", "fasweep_example.rules:ScaledSign"}
@@ -87,7 +90,7 @@ def test_a_script_launches_the_example_plugin_on_ray_and_tables_and_reports_it(t
     )
     assert len(trials) == 6 and all("angle/features.0" in r.data.metrics for r in trials)
     assert {r.data.params["model.arch"] for r in trials} == {"fasweep_example.models:lenet"}
-    report = run.stdout.split("\n", 1)[1]
+    report = run.stdout.split("\nlaunch finished", 1)[1]
     assert all(f"mode={m}" in report for m in ("bp", "random")) and "ScaledSign" in report
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "angles.png").is_file()
 
