@@ -20,6 +20,7 @@ from fasweep.rule_options import rule_info
 from fasweep.train import train
 
 REPO = Path(__file__).resolve().parents[1]
+MIRROR = "fasweep.nn.weight_mirror:WeightMirror"  # its import path: the tests below need no installed entry point
 
 
 def test_it_is_registered_by_an_entry_point_as_a_users_package_would() -> None:
@@ -44,7 +45,7 @@ def _step(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def test_a_dense_mirror_step_is_its_definition() -> None:
     torch.manual_seed(0)
-    layer = FALinear(6, 4, feedback="weight_mirror", mirror_lr=0.3, mirror_decay=0.2, mirror_batch=5)
+    layer = FALinear(6, 4, feedback=MIRROR, mirror_lr=0.3, mirror_decay=0.2, mirror_batch=5)
     b0, rng = _step(layer, torch.randn(3, 6, requires_grad=True))
     noise = torch.randn(5, 6, generator=torch.Generator().set_state(rng))
     w = layer.weight.detach()
@@ -55,7 +56,7 @@ def test_a_dense_mirror_step_is_its_definition() -> None:
 def test_a_conv_mirror_step_is_its_definition_with_padding() -> None:
     """The correlation of y and xi by im2col here, divided by how many real (unpadded) inputs each weight saw."""
     torch.manual_seed(1)
-    layer = FAConv2d(2, 3, 3, padding=1, feedback="weight_mirror", mirror_lr=0.5, mirror_decay=0.1, mirror_batch=4)
+    layer = FAConv2d(2, 3, 3, padding=1, feedback=MIRROR, mirror_lr=0.5, mirror_decay=0.1, mirror_batch=4)
     b0, rng = _step(layer, torch.randn(2, 2, 5, 5, requires_grad=True))
     noise = torch.randn(4, 2, 5, 5, generator=torch.Generator().set_state(rng))
     w = layer.weight.detach()
@@ -80,7 +81,7 @@ def _config(mode: str, seed: int = 0, **feedback: float) -> TrialConfig:
 
 
 def test_the_b_w_angle_falls_during_training_and_a_pack_trains_it_as_alone() -> None:
-    configs = [_config("weight_mirror", 0), _config("weight_mirror", 1, mirror_lr=0.1, mirror_decay=0.1)]
+    configs = [_config(MIRROR, 0), _config(MIRROR, 1, mirror_lr=0.1, mirror_decay=0.1)]
     alone = train(configs[0])
     angles = [[h[f"bw_angle/{layer}"] for h in alone.history] for layer in ("conv2", "dense3", "dense4")]
     for per_epoch in angles:  # from a random B's ~90 degrees
@@ -96,4 +97,4 @@ def test_the_b_w_angle_falls_during_training_and_a_pack_trains_it_as_alone() -> 
 
 def test_its_options_are_checked_by_validate() -> None:
     with pytest.raises(UserError, match=r"^feedback\.mirror_batch: got 0; expected an integer from 1 to 4096$"):
-        validate_trial({"feedback": {"mode": "weight_mirror", "mirror_batch": 0}})
+        validate_trial({"feedback": {"mode": MIRROR, "mirror_batch": 0}})
