@@ -11,7 +11,7 @@ import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -107,6 +107,14 @@ TrialSetOpt = Annotated[
         "--set", metavar="PATH=VALUE", help="override a trial field, repeatable: --set train.epochs=1 (YAML value)"
     ),
 ]
+CodeOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--code",
+        metavar="DIR",
+        help="your package's folder: imported here, shipped to the Ray workers (the spec's code:)",
+    ),
+]
 TrackingOpt = Annotated[
     str | None,
     typer.Option(
@@ -130,6 +138,14 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def spec_sets(items: list[str] | None, code: list[Path] | None) -> dict[str, Any]:
+    """`parse_sets(items)`, with `--code` folders (absolute) as the spec's `code` when given."""
+    sets = parse_sets(items)
+    if code:
+        sets["code"] = [str(folder.resolve()) for folder in code]
+    return sets
+
+
 # --- single trial (fasweep.train / fasweep.models) -------------------------------------------
 
 
@@ -139,10 +155,17 @@ def train(
     model: Annotated[
         str | None, typer.Option(metavar="ARCH", help="preset (DSR1, PG0, ...; fasweep models) or layer string")
     ] = None,
-    dataset: Annotated[Literal[DATASET_NAMES] | None, typer.Option(help="data set (data.name)")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help=f"data set (data.name): {', '.join(DATASET_NAMES)}, or module:function"),
+    ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="number of epochs")] = None,
     feedback: Annotated[
-        Literal[RULE_NAMES] | None, typer.Option(help="rule of the layers without a mark (feedback.mode)")
+        str | None,
+        typer.Option(
+            metavar="RULE",
+            help=f"rule of the layers without a mark (feedback.mode): {', '.join(RULE_NAMES)}, or module:Class",
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option(metavar="DIR", help="folder for metrics.jsonl and checkpoints (epoch-N/)")
@@ -157,7 +180,7 @@ def train(
     from rich.table import Table
 
     from fasweep.config import set_path, validate_trial
-    from fasweep.models import feedback_fields, feedback_read, layer_rules, unread
+    from fasweep.models import feedback_fields, feedback_read, layer_rules, layers_of, unread
     from fasweep.train import train as run_trial
 
     data: Any = {}
@@ -177,7 +200,8 @@ def train(
         data = set_path(data, path, value)
         feedback_set |= dict.fromkeys(feedback_fields(path, value), named.get(path, f"--set {path}"))
     trial = validate_trial(data, where=str(config) if config is not None else "")
-    rules = layer_rules(trial.model.arch, trial.feedback.model_dump())  # a bad layer string fails here, not later
+    layers_of(trial.model.arch)  # a bad layer string or model fails before the progress bar
+    rules = layer_rules(trial.model.arch, trial.feedback.model_dump(), trial.model.rules)
     for field, where in feedback_set.items():  # a feedback setting no layer reads would change nothing
         if field not in feedback_read(rules):
             raise UserError.field(
@@ -234,11 +258,12 @@ def models() -> None:
 def validate(
     specs: Annotated[list[Path], typer.Argument(metavar="SPEC...", help="sweep spec YAML files, e.g. sweeps/*.yaml")],
     set_: SetOpt = None,
+    code: CodeOpt = None,
 ) -> None:
     """Validate sweep specs; print one line per spec (exit code 2 when any is bad)."""
     from fasweep.spec import load_spec
 
-    sets = parse_sets(set_)
+    sets = spec_sets(set_, code)
     bad = 0
     for path in specs:
         try:
@@ -254,14 +279,14 @@ def validate(
 
 
 @app.command(cls=Command)
-def plan(spec: SpecArg, set_: SetOpt = None) -> None:
+def plan(spec: SpecArg, set_: SetOpt = None, code: CodeOpt = None) -> None:
     """Print the trial table of a spec: condition, overrides, seed, resources, and counts."""
     from rich.console import Console
     from rich.table import Table
 
     from fasweep.spec import format_value, load_spec
 
-    planned = load_spec(spec, parse_sets(set_))
+    planned = load_spec(spec, spec_sets(set_, code))
     sweep, trials = planned.spec, planned.trials
     staged = bool(sweep.stages)
     table = Table(title=f"{sweep.name} (experiment {sweep.experiment})", title_justify="left")
@@ -298,6 +323,7 @@ def launch(
     ] = False,
     set_: SetOpt = None,
     num_cpus: Annotated[int | None, typer.Option(min=1, help="CPUs of a local Ray (default: all cores)")] = None,
+    code: CodeOpt = None,
 ) -> None:
     """Run a sweep on Ray and track it in MLflow (exit 0 finished, 1 failed trials, 2 bad input or environment,
     128 + the signal when interrupted: 130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
@@ -305,7 +331,7 @@ def launch(
 
     result = run_launch(
         spec,
-        sets=parse_sets(set_),
+        sets=spec_sets(set_, code),
         address=address,
         tracking_uri=tracking_uri,
         resume=resume,

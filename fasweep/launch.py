@@ -42,6 +42,7 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 from rich.console import Console
 
+from fasweep.api import callable_module
 from fasweep.checkpoints import find_checkpoints, newest_checkpoint
 from fasweep.config import set_path
 from fasweep.errors import UserError
@@ -367,13 +368,16 @@ def best_rule(plan: Plan) -> Best:
     return Best(scheduler.asha.metric, scheduler.asha.mode) if scheduler else Best()
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to `address` or start a local Ray; False when Ray was already up in this process."""
+def _init_ray(address: str | None, num_cpus: int | None, code: list[str]) -> bool:
+    """Connect to `address` or start a local Ray, shipping the user's `code` folders to its workers (runtime_env
+    `py_modules`); False when Ray was already up in this process."""
     import ray
 
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if code:
+        options["runtime_env"] = {"py_modules": code}
     if address:
         ray.init(address=address, **options)
     else:
@@ -488,7 +492,7 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
     """Before any trial: every distinct data set found (or downloaded), the storage writable; the trials' configs
     with a relative `data.root` made absolute (against the directory `fasweep launch` runs in)."""
     from fasweep.config import DataConfig
-    from fasweep.datasets import DATASETS
+    from fasweep.datasets import source as data_source
 
     configs: dict[str, dict[str, Any]] = {}
     datasets: dict[str, dict[str, Any]] = {}
@@ -499,7 +503,7 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
         configs[trial.key] = config
         datasets.setdefault(json.dumps(config["data"], sort_keys=True), config["data"])
     for data in datasets.values():
-        source = DATASETS[data["name"]].source  # a generated or bundled set needs no look (nor torch, here)
+        source = data_source(data["name"])  # a generated, bundled or user's set needs no look (nor torch, here)
         if source == "files":
             from fasweep.data import locate
 
@@ -588,7 +592,7 @@ def launch(
             if target is not None:  # its driver is gone: what it left running is interrupted until restarted
                 writer.interrupt_runs(running_runs(writer.client, writer.experiment_id, launch_id))
             try:
-                started_ray = _init_ray(address, num_cpus)
+                started_ray = _init_ray(address, num_cpus, spec.code)
             except Exception as exc:
                 reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 raise UserError.field(
@@ -853,3 +857,6 @@ def _scheduler(plan: Plan, trials: list[PlannedTrial]) -> Any:
         grace_period=min(asha.grace_period, max_t),
         reduction_factor=asha.reduction_factor,
     )
+
+
+callable_module(__name__)  # `fasweep.launch(...)` calls fasweep.api.launch

@@ -21,6 +21,7 @@ import json
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Literal, Self, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from fasweep import plugins
 from fasweep.config import (
     CheckpointPolicy,
     DataConfig,
@@ -46,7 +48,7 @@ from fasweep.config import (
     unknown_field,
 )
 from fasweep.errors import UserError
-from fasweep.packed.group import packable
+from fasweep.packed.group import not_packable, packable
 from fasweep.report_options import Pairing
 from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, condition_label, on_test_data, selection_metric, trial_key
 
@@ -196,6 +198,11 @@ class SweepSpec(Axes):
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     scheduler: Scheduler | None = None
     storage: str = Field(default="./fasweep-runs", description="Ray Tune storage path or URI (s3://...)")
+    code: list[str] = Field(
+        default_factory=list,
+        description="the user's package folders (relative to the spec's folder): imported here, shipped to the "
+        "Ray workers (runtime_env py_modules)",
+    )
     stages: list[Stage] = Field(default_factory=list)
     reference: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="condition (or stage/condition) -> {metric or metric@epoch: value}"
@@ -477,6 +484,9 @@ def _check_path(path: str, source: _Source, loc: Loc) -> None:
         model = submodel(annotation)
         if model is None and any(get_origin(a) is dict for a in get_args(annotation)):
             break  # a mapping-valued field such as train.l2: its keys are checked with the trial config
+        extra = model is not None and model.model_config.get("extra") == "allow"
+        if extra and i + 1 < len(parts) and parts[i + 1] not in model.model_fields:  # type: ignore[union-attr]
+            break  # a rule's own option (`feedback.mirror_lr`): checked with the trial config
     if path == "train.seed":
         raise source.fail(loc, "the seed is not an axis; expected the spec's `seeds: [...]` list")
 
@@ -588,12 +598,13 @@ def _validate_cell(spec: SweepSpec, stage: Stage, cell: _Cell, source: _Source) 
 
 
 def _check_arch(trial: TrialConfig, cell: _Cell, source: _Source) -> None:
-    """model.arch must be a preset or a valid layer string; FixConv layers need model.init_from."""
-    from fasweep.models import parse_layers, resolve_arch
+    """model.arch must be a preset, a valid layer string or a user's model that loads; FixConv layers need
+    model.init_from."""
+    from fasweep.models import layers_of
 
     loc = cell.origins.get("model.arch", ("base", "model", "arch"))
     try:
-        layers = parse_layers(resolve_arch(trial.model.arch))
+        layers = layers_of(trial.model.arch) or []
     except UserError as exc:
         detail = str(exc).removeprefix("model.arch").lstrip(": ")
         raise source.fail(loc, detail) from None
@@ -618,7 +629,7 @@ def _check_effect(
         seen: dict[str, _Cell] = {}
         for cell in cells[stage.name]:
             config = configs[stage.name][cell.name]
-            rules = layer_rules(config["model"]["arch"], config["feedback"])
+            rules = layer_rules(config["model"]["arch"], config["feedback"], config["model"].get("rules"))
             read = feedback_read(rules)
             read_anywhere |= read
             for path, value in cell.overrides.items():
@@ -658,8 +669,10 @@ def _check_effect(
 @functools.lru_cache(maxsize=256)
 def _layer_shapes(arch: str) -> str:
     """The layer string of `arch` without its marks: the network's shape (its rules are compared separately)."""
-    from fasweep.models import format_layers, parse_layers, resolve_arch
+    from fasweep.models import format_layers, is_user_model, parse_layers, resolve_arch
 
+    if is_user_model(arch):  # its layers are not known without building it
+        return arch
     return format_layers([dataclasses.replace(spec, feedback=None) for spec in parse_layers(resolve_arch(arch))])
 
 
@@ -1064,13 +1077,23 @@ def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
 # --- entry points ---------------------------------------------------------------------------------------------
 
 
-def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>") -> Plan:
+def parse_spec(
+    text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>", folder: Path | None = None
+) -> Plan:
     """Validate a spec from YAML text (plus --set overrides) and plan it; errors are one-line UserErrors with
-    the YAML line or --set flag."""
+    the YAML line or --set flag. The spec's `code` folders (relative to `folder`) are made importable first."""
     source = _Source(name)
     data = _read_yaml(text, source)
     for path, value in (sets or {}).items():
         source.sets[_apply_set(data, _set_loc(path, data), value, path)] = path
+    code = data.get("code") if isinstance(data, dict) else None
+    for i, entry in enumerate(code if isinstance(code, list) else []):
+        found = plugins.code_folder(entry, folder) if isinstance(entry, str) else None
+        if found is None:
+            raise source.bad(("code", i), entry, "a folder of your Python package, relative to the spec's folder")
+        code[i] = str(found)  # type: ignore[index]
+    if isinstance(code, list):
+        plugins.importable(code)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
@@ -1095,7 +1118,7 @@ def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> Plan:
         raise UserError.field("spec", str(path), "an existing YAML file, e.g. sweeps/quickstart.yaml") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError.field("spec", str(path), f"a readable UTF-8 YAML file ({exc.__class__.__name__})") from None
-    return parse_spec(text, sets, name=str(path))
+    return parse_spec(text, sets, name=str(path), folder=path.parent)
 
 
 def dump_spec(spec: SweepSpec) -> str:
@@ -1206,9 +1229,14 @@ class Plan:
 
     def warnings(self) -> list[str]:
         """What a reader should know before the plan runs, one line each: a stage whose `init_from` chooses its
-        source run on test data (no validation split)."""
+        source run on test data (no validation split); trials of a packing stage that run alone, by reason."""
         out = []
         for stage, _ in _stages(self.spec):
+            size = self.pack_size(stage.name)
+            mine = self.stage_trials(stage.name) if size > 1 else []
+            alone = [r for t in mine if (r := not_packable(TrialConfig.model_validate(t.config)))]
+            for reason, n in Counter(alone).items():
+                out.append(f"stage {stage.name}: {n} of {len(mine)} trials run alone, not in packs of {size}: {reason}")
             init = stage.init_from
             if init is not None and init.select == "best" and on_test_data(init.metric):
                 run = f"stage {stage.name}: the init_from run ({init.stage}/{init.condition}, best {init.metric})"

@@ -26,10 +26,11 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from fasweep.api import callable_module
 from fasweep.config import CheckpointPolicy, TrialConfig
 from fasweep.data import TensorData, load_data
 from fasweep.errors import UserError
-from fasweep.models import parse_layers, resolve_arch
+from fasweep.models import layers_of
 from fasweep.nn import alignment, optimizer_step
 from fasweep.trial import Checkpoint, Checkpointer, Status, TrialResult, TrialState, ended, load_checkpoint
 
@@ -362,7 +363,7 @@ def train(
     """Train one trial (from the checkpoint file `resume_from`), writing its checkpoints to the folder
     `checkpoint_dir` as `checkpointing` says; `on_epoch(metrics, checkpoint or None)` after every epoch;
     `channels_last`: see `use_channels_last`. See the module docstring."""
-    parse_layers(resolve_arch(config.model.arch))  # a bad arch fails before the data set loads
+    layers_of(config.model.arch)  # a bad arch fails before the data set loads
     callback = None if on_epoch is None else lambda _, metrics, saved: on_epoch(metrics, saved)
     return run_trials(
         [config],
@@ -373,3 +374,6 @@ def train(
         on_epoch=callback,
         channels_last=channels_last,
     )[0]
+
+
+callable_module(__name__)  # `fasweep.train(...)` calls fasweep.api.train

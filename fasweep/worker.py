@@ -65,7 +65,7 @@ def run_trial(
     import ray
     import torch
 
-    from fasweep.config import TrialConfig
+    from fasweep.config import validate_trial
     from fasweep.train import train
 
     key = config["key"]
@@ -88,7 +88,7 @@ def run_trial(
 
         try:
             result = train(
-                TrialConfig.model_validate(mine[key]),
+                validate_trial(mine[key]),
                 checkpoint_dir=folder,
                 checkpointing=checkpointing,
                 resume_from=resume_from,
@@ -105,7 +105,7 @@ def _run_pack(
     configs: dict[str, dict[str, Any]], *, resumed: bool, storage: str, checkpointing: CheckpointPolicy
 ) -> None:
     """Train a pack's members (`configs`: member key -> TrialConfig dict) with `train_pack`, one result per epoch."""
-    from fasweep.config import TrialConfig
+    from fasweep.config import validate_trial
     from fasweep.packed import train_pack
 
     keys = list(configs)
@@ -138,7 +138,7 @@ def _run_pack(
 
         try:
             results = train_pack(
-                [TrialConfig.model_validate(configs[k]) for k in keys],
+                [validate_trial(configs[k]) for k in keys],
                 checkpoint_dirs=folders,
                 checkpointing=checkpointing,
                 resume_from=resumes,

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
 
 import pytest
 
 from fasweep import rule_options
 from fasweep.cli import main
-from fasweep.config import DatasetName, FeedbackConfig, FeedbackMode, validate_trial
+from fasweep.config import DataConfig, FeedbackConfig, validate_trial
 from fasweep.datasets import DATASET_NAMES
 from fasweep.errors import UserError
 from fasweep.nn import RULES, FALinear, make_rule
-from fasweep.rule_options import OPTIONS, RULE_NAMES, RULE_OPTIONS
+from fasweep.rule_options import OPTIONS, RULE_NAMES, RULE_OPTIONS, SEED_RULES, rule_info
 
 KP_SPEC = """\
 name: kp
@@ -72,7 +71,7 @@ def test_config_and_rules_agree_on_every_option(option: str, good: list, bad: li
     mode = next(m for m, names in RULE_OPTIONS.items() if option in names and m != "bp")
     for value in good:
         assert getattr(validate_trial({"feedback": {option: value}}).feedback, option) == value
-        assert make_rule(mode, **{option: value}).options()[option] == value
+        assert make_rule(mode, **{option: value}).option_values()[option] == value
     for value in bad:
         with pytest.raises(UserError, match=rf"^feedback\.{option}: got "):
             validate_trial({"feedback": {option: value}})
@@ -81,17 +80,19 @@ def test_config_and_rules_agree_on_every_option(option: str, good: list, bad: li
 
 
 def test_names_come_from_the_registries() -> None:
-    assert get_args(FeedbackMode) == RULE_NAMES and set(RULES) == set(RULE_NAMES)
+    assert set(RULES) == set(RULE_NAMES) == set(SEED_RULES)
     assert set(FeedbackConfig.model_fields) == {"mode", *OPTIONS}
     for name, cls in RULES.items():
-        assert set(make_rule(name).options()) == set(RULE_OPTIONS[name]) and cls.mode == name
-    assert get_args(DatasetName) == DATASET_NAMES
+        assert set(make_rule(name).option_values()) == set(RULE_OPTIONS[name]) and cls.mode == name
+        assert cls.info is SEED_RULES[name] is rule_info(name) and cls.info.impl.endswith(f":{cls.__name__}")
+    assert all(DataConfig(name=name).name == name for name in DATASET_NAMES)
 
 
 def test_misspelt_names_suggest_the_closest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = validate(tmp_path, "name: x\nbase:\n  data: {name: fashion-mnist}\n", capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"error: {tmp_path / 'spec.yaml'}:3: base.data.name: got 'fashion-mnist'; expected 'cifar10'")
+    line = f"error: {tmp_path / 'spec.yaml'}:3: base.data.name: got 'fashion-mnist'; expected one of cifar10"
+    assert err.startswith(line)
     assert err.rstrip().endswith("(did you mean fashion_mnist?)")
     with pytest.raises(UserError, match=r"^feedback\.mode: got 'random_update'; .* \(did you mean random_updated\?\)$"):
         validate_trial({"feedback": {"mode": "random_update"}})
@@ -103,7 +104,7 @@ def test_misspelt_data_set_in_a_set_flag_names_the_flag(capsys: pytest.CaptureFi
         main(["validate", str(spec), "--set", "base.data.name=fashion-mnist"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.splitlines()) == 1
-    assert err.startswith("error: --set base.data.name: got 'fashion-mnist'; expected 'cifar10'")
+    assert err.startswith("error: --set base.data.name: got 'fashion-mnist'; expected one of cifar10")
     assert err.rstrip().endswith("(did you mean fashion_mnist?)")
 
 

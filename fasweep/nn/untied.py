@@ -4,8 +4,8 @@ Weights are stored as they are used, (out positions P, in_channels * kh * kw, ou
 parameter count, never the seed's dense mostly-zero (C*H*W, O*P) matrix. Forward and backward are
 patches made once per forward, (P, N, C*kh*kw) by one strided copy (batch innermost) and saved for
 dW; the shared FA Function then runs a position-wise linear op (bmm over positions); dL/d(patches) = G B^T
-is folded (col2im) onto the input by the patches' own backward. dfa (B sized by the layer input) and packs
-use `UntiedOp`, the same kernels with the layer input as x.
+is folded (col2im) onto the input by the patches' own backward. A rule with its own dL/dx (dfa: B sized by
+the layer input) and packs use `UntiedOp`, the same kernels with the layer input as x.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from fasweep.nn.layers import FALayer, _conv_padding, apply_feedback
-from fasweep.nn.rules import DirectFeedback, FeedbackRule, LayerOp
+from fasweep.nn.rules import FeedbackRule, LayerOp
 
 
 def patches(x: Tensor, op: UntiedOp) -> Tensor:
@@ -190,8 +190,8 @@ class UntiedConv2d(FALayer):
 
     def feedback_forward(self, x: Tensor, feedback: Tensor) -> Tensor:
         """Patches once (one copy, saved for dW), then the shared FA Function over positions (bmm)."""
-        if isinstance(self.rule, DirectFeedback):
-            return super().feedback_forward(x, feedback)  # dfa needs the layer input as x: B is (outputs, C*H*W)
+        if self.rule.own_input_grad():  # e.g. dfa, whose B is (outputs, C*H*W): the layer input as x
+            return super().feedback_forward(x, feedback)
         op = self._op
         device = x.device.type
         if torch.is_autocast_enabled(device):

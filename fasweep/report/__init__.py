@@ -16,6 +16,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from fasweep.api import callable_module
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, Trial, fetch_histories, label, load_sweep
 from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
@@ -275,3 +276,6 @@ def _write(report: Report, folder: Path, by: list[str]) -> None:
         path = folder / f"report.{fmt}"
         path.write_text(render(report, fmt))
         report.files.append(path)
+
+
+callable_module(__name__)  # `fasweep.report(...)` calls fasweep.api.report

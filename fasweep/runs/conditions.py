@@ -73,7 +73,7 @@ def rule_params(config: dict[str, Any]) -> dict[str, str]:
     """What a trial's layers ran, as params: `feedback.layers` (`dense0:bp dense1:bp dense2:random`) and per weight
     layer its rule with the options the rule read (`feedback.layers.dense2` = `random`): a preset's marked layers
     run their mark's rule, which `feedback.mode` alone does not show."""
-    rules = layer_rules(config["model"]["arch"], config["feedback"])
+    rules = layer_rules(config["model"]["arch"], config["feedback"], config["model"].get("rules"))
     return {LAYERS_PARAM: rules_text(rules)} | {layer_param(r.layer): str(r) for r in rules}
 
 
