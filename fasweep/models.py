@@ -204,7 +204,7 @@ def _parsed(arch: str) -> tuple[LayerSpec, ...]:
     return tuple(parse_layers(resolve_arch(arch)))
 
 
-USER_MODEL_OTHERS = "*"  # a user's model: the layer name standing for every layer `model.rules` does not name
+USER_MODEL_OTHERS = "other_layers"  # a user's model: every layer `model.rules` does not name (an MLflow param key)
 
 
 def layer_rules(
@@ -214,7 +214,7 @@ def layer_rules(
     `feedback['mode']`; and the options that rule reads from `feedback` (a FeedbackConfig as a dict). The one
     answer: `assemble` builds these rules, `fasweep validate` and the run record report them (torch-free for the
     seed rules). A user's model (`module:function`) is not built here: its layers are those `named` (`model.rules`,
-    marked) and `*`, every other Linear/Conv2d layer, on `feedback['mode']`."""
+    marked) and `other_layers`, every other Linear/Conv2d layer, on `feedback['mode']`."""
 
     def rule_of(layer: str, rule: str, marked: bool) -> LayerRule:
         options = tuple((o, feedback[o]) for o in rule_info(rule).options if o in feedback)
