@@ -3,7 +3,8 @@ elementwise update of the stacked tensors.
 
 Adam and SGD are elementwise, so K of them over K slices are one update over the stack: member k's slice gets
 the ops of torch's own single-tensor Adam/SGD in the same order, with its own lr and step count (members that
-agree in them share each op), which gives it bitwise what its own optimizer would (`tests/test_pack.py` checks
+agree in them share each op), or for a fused Adam (`make_optimizer`'s) torch's fused kernel on each member's
+slice as a tensor of its own, which gives it bitwise what its own optimizer would (`tests/test_pack.py` checks
 against K `torch.optim` instances). The members' torch optimizers stay the holders of their hyperparameters and
 lr (their schedulers move it) and of the `state_dict` format; their own state is moved into the stack.
 """
@@ -45,6 +46,7 @@ class StackedOptimizer:
         self.optimizers = list(optimizers)
         first = self.optimizers[0]
         self.adam = isinstance(first, torch.optim.Adam)
+        self.fused = self.adam and bool(first.param_groups[0].get("fused"))
         fixed = _ADAM if self.adam else _SGD
         if not isinstance(first, torch.optim.Adam | torch.optim.SGD) or any(
             g.get(key, value) != value for g in first.param_groups for key, value in fixed.items()
@@ -115,7 +117,9 @@ class StackedOptimizer:
                 p = tensors[name]
                 if p.grad is None:
                     continue
-                if self.adam:
+                if self.fused:
+                    self._fused_adam(p, p.grad, self.state[name], lrs, hyper)
+                elif self.adam:
                     self._adam(p, p.grad, self.state[name], lrs, hyper)
                 else:
                     self._sgd(p, p.grad, self.state[name], lrs, hyper)
@@ -133,6 +137,30 @@ class StackedOptimizer:
         for rows, (step_size, bias_correction2_sqrt) in _runs(scalars):
             denom[rows].div_(bias_correction2_sqrt).add_(h["eps"])
             p[rows].addcdiv_(exp_avg[rows], denom[rows], value=-step_size)
+
+    def _fused_adam(
+        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]
+    ) -> None:
+        # torch.optim.adam._fused_adam: one kernel call per run of members with one lr, each member's slice a
+        # tensor of its own (the kernel's vector loop and scalar tail then split it as they do the trial's)
+        beta1, beta2 = h["betas"]
+        for rows, lr in _runs(lrs):
+            members = range(rows.start, rows.stop)
+            torch._fused_adam_(
+                [p[k] for k in members],
+                [grad[k] for k in members],
+                [state["exp_avg"][k] for k in members],
+                [state["exp_avg_sq"][k] for k in members],
+                [],
+                [torch.tensor(float(self.steps[k]), device=p.device) for k in members],
+                amsgrad=False,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=h["weight_decay"],
+                eps=h["eps"],
+                maximize=False,
+            )
 
     def _sgd(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]) -> None:
         # torch.optim.sgd._single_tensor_sgd; a fresh momentum buffer is zeros, so 0 * m + grad = torch's clone
