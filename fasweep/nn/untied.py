@@ -6,7 +6,7 @@ per forward into a padded, batch-innermost (C, H+2p, W+2p, N) tensor (a blocked 
 tensor saved for backward. The shared FA Function then runs `PositionLinearOp` on it: for a few output
 rows at a time, their patches (P_rows, C*kh*kw, N) are gathered by one strided copy (batch innermost on both
 sides) and multiplied by their positions' W (`bmm`); the input gradient B G^T is summed back (col2im) per
-kernel offset in the same layout. On the CPU the rows of a chunk are chosen so that their patches fit in
+output row and kernel column in the same layout. On the CPU the rows of a chunk are chosen so that their patches fit in
 `CHUNK_BYTES`: they stay in cache between the copy and the product, and no patches tensor of the whole
 layer (100 MB at PG-Untie's second layer) is made, saved or paid for in page faults at every step; on CUDA
 one chunk holds every row. dfa (B sized by the layer input) and packs use `UntiedOp`, the same kernels
@@ -124,7 +124,8 @@ class PositionLinearOp:
         return out
 
     def input_grad(self, grad_out: Tensor, matrix: Tensor, x: Tensor) -> Tensor:
-        """G B^T per chunk, (P_rows, C*kh*kw, N), summed onto xt's (C, H+2p, W+2p, N) per kernel offset (x unused)."""
+        """G B^T per chunk, (P_rows, C*kh*kw, N), summed onto xt's (C, H+2p, W+2p, N) per output row and kernel
+        column (x unused)."""
         (kh, kw), (sh, sw), ow = self.kernel_size, self.stride, self.output_size[1]
         n, features = grad_out.shape[1], matrix.shape[1]
         total = grad_out.new_zeros(features // (kh * kw), *self.padded_size, n)
@@ -132,10 +133,10 @@ class PositionLinearOp:
             cols = _chunk_buffer(grad_out, ((r1 - r0) * ow, features, n))
             torch.bmm(matrix[pos], grad_out[pos].transpose(1, 2), out=cols)
             cols = cols.view(r1 - r0, ow, -1, kh, kw, n)
-            for i in range(kh):
+            for r in range(r0, r1):  # one output row's kh kernel rows land on kh distinct input rows: one add per j
                 for j in range(kw):
-                    rows, columns = slice(r0 * sh + i, (r1 - 1) * sh + i + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
-                    total[:, rows, columns].add_(cols[:, :, :, i, j].permute(2, 0, 1, 3))
+                    rows, columns = slice(r * sh, r * sh + kh), slice(j, j + sw * (ow - 1) + 1, sw)
+                    total[:, rows, columns].add_(cols[r - r0, :, :, :, j].permute(1, 2, 0, 3))
         return total
 
     def param_grads(
