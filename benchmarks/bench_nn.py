@@ -198,6 +198,31 @@ def _parameter_bytes(model: nn.Module) -> int:
     return 4 * words
 
 
+def _bmm_time(model: nn.Module, batch: int, device: torch.device, reps: int) -> tuple[float, int]:
+    """Seconds and FLOPs of the untied layers' matrix products alone, one output row of positions per `bmm` (as
+    the layer runs them on the CPU, operands in cache): forward, dL/dW and, but for the first layer, dL/dx."""
+    layers: list[tuple[int, list[Callable[[], object]]]] = []
+    flops = 0
+    for i, layer in enumerate(m for m in model.modules() if isinstance(m, UntiedConv2d)):
+        positions, features, out = layer.weight.shape
+        row = layer.output_size[1]
+        cols = torch.randn(row, features, batch, device=device)
+        w, g = torch.randn(row, features, out, device=device), torch.randn(row, batch, out, device=device)
+        products = [lambda c=cols, w=w: torch.bmm(c.transpose(1, 2), w), lambda c=cols, g=g: torch.bmm(c, g)]
+        if i:
+            products.append(lambda w=w, g=g: torch.bmm(w, g.transpose(1, 2)))
+        layers.append((layer.output_size[0], products))
+        flops += len(products) * 2 * positions * batch * features * out
+
+    def run() -> None:
+        for rows, products in layers:
+            for _ in range(rows):
+                for product in products:
+                    product()
+
+    return compare({"bmm": run}, reps, device)["bmm"], flops
+
+
 def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
     """PG-Untie / PG0 training step (fwd + bwd + Adam), GFLOP/s, and the limit the untied net could reach."""
     nets = {arch: _preset_step(arch, device, batch) for arch in ("PG0", "PG-Untie")}
@@ -211,6 +236,8 @@ def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
     compute = t["PG0"] * flops["PG-Untie"] / flops["PG0"]
     extra = moved["PG-Untie"] - moved["PG0"]
     limit = compute + extra / bandwidth
+    bmm_s, bmm_flops = _bmm_time(nets["PG-Untie"][0], batch, device, reps)
+    with_bmm = limit - t["PG0"] * bmm_flops / flops["PG0"] + bmm_s
     print(f"Preset nets, batch {batch}, fwd+bwd+Adam (median of {reps} interleaved steps):")
     for arch in nets:
         print(
@@ -223,6 +250,11 @@ def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
         f"  limit {limit * 1e3:.1f} ms = {limit / t['PG0']:.2f}x PG0: {compute * 1e3:.1f} ms for PG-Untie's FLOPs at"
         f" PG0's rate + {extra / bandwidth * 1e3:.1f} ms for {extra / 1e6:.0f} MB more parameter traffic at"
         f" {bandwidth / 1e9:.1f} GB/s (a copy's); PG-Untie's step is {t['PG-Untie'] / limit:.2f}x the limit"
+    )
+    print(
+        f"  PG-Untie's products alone (torch.bmm per output row): {bmm_s * 1e3:.1f} ms, {bmm_flops / bmm_s / 1e9:.1f}"
+        f" GFLOP/s; the limit with them at that rate: {with_bmm * 1e3:.1f} ms = {with_bmm / t['PG0']:.2f}x PG0,"
+        f" PG-Untie's step {t['PG-Untie'] / with_bmm:.2f}x it"
     )
 
 
