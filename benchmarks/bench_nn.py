@@ -7,7 +7,9 @@ Prints ratios measured in this one run (interleaved repetitions, medians):
 - Preset nets PG-Untie vs PG0 (poggio pools, batch 128, fwd + bwd + the trainer's Adam): ms per step, GFLOP/s,
   the ratio, and the limit: PG0's step scaled to PG-Untie's FLOPs (the tied net's rate) plus the time to move
   the bytes the untied net's parameters add (W read forward, B read for dL/dx, dW written, Adam's one pass
-  over param, grad and its two moments) at this machine's memory bandwidth, measured here by a large copy.
+  over param, grad and its two moments) at this machine's memory bandwidth, measured here by a large copy;
+  and the nets' matrix products alone (PG0's convolutions, PG-Untie's bmms), whose rates set how near the
+  limit the untied net can get with torch's kernels.
 
 Usage: python benchmarks/bench_nn.py [--device cpu|cuda] [--reps N] [--threads T] [--only presets]
 """
@@ -198,29 +200,47 @@ def _parameter_bytes(model: nn.Module) -> int:
     return 4 * words
 
 
-def _bmm_time(model: nn.Module, batch: int, device: torch.device, reps: int) -> tuple[float, int]:
-    """Seconds and FLOPs of the untied layers' matrix products alone, one output row of positions per `bmm` (as
-    the layer runs them on the CPU, operands in cache): forward, dL/dW and, but for the first layer, dL/dx."""
-    layers: list[tuple[int, list[Callable[[], object]]]] = []
+def _products(model: nn.Module, batch: int, device: torch.device) -> tuple[list[Callable[[], object]], int]:
+    """The matrix products of the net's conv / untied layers alone and their FLOPs: forward, dL/dW and, but for
+    the first layer, dL/dx; a conv as ATen's convolution kernels (oneDNN on the CPU), an untied layer as the
+    `bmm`s it runs, one output row of positions each (on the CPU its chunks' operands are in cache)."""
+    products: list[Callable[[], object]] = []
     flops = 0
-    for i, layer in enumerate(m for m in model.modules() if isinstance(m, UntiedConv2d)):
-        positions, features, out = layer.weight.shape
-        row = layer.output_size[1]
-        cols = torch.randn(row, features, batch, device=device)
-        w, g = torch.randn(row, features, out, device=device), torch.randn(row, batch, out, device=device)
-        products = [lambda c=cols, w=w: torch.bmm(c.transpose(1, 2), w), lambda c=cols, g=g: torch.bmm(c, g)]
-        if i:
-            products.append(lambda w=w, g=g: torch.bmm(w, g.transpose(1, 2)))
-        layers.append((layer.output_size[0], products))
-        flops += len(products) * 2 * positions * batch * features * out
+    layers = [m for m in model.modules() if isinstance(m, FAConv2d | UntiedConv2d)]
+    for i, layer in enumerate(layers):
+        if isinstance(layer, UntiedConv2d):
+            positions, features, out = layer.weight.shape
+            (rows, row), n = layer.output_size, batch
+            cols = torch.randn(row, features, n, device=device)
+            w, g = torch.randn(row, features, out, device=device), torch.randn(row, n, out, device=device)
+            passes = [lambda c=cols, w=w: torch.bmm(c.transpose(1, 2), w), lambda c=cols, g=g: torch.bmm(c, g)]
+            if i:
+                passes.append(lambda w=w, g=g: torch.bmm(w, g.transpose(1, 2)))
+            products.append(lambda rows=rows, passes=passes: [f() for _ in range(rows) for f in passes])
+            flops += len(passes) * 2 * positions * n * features * out
+        else:
+            w, op = layer.weight.detach(), layer.op
+            x = torch.randn(batch, layer.in_channels, *_input_sizes(model)[i], device=device)
+            y = op.forward(x, w, None)
+            g = torch.randn_like(y)
+            products += [lambda x=x, w=w, op=op: op.forward(x, w, None)]
+            products += [lambda g=g, x=x, w=w, op=op: op.param_grads(g, x, w, True, False)]
+            if i:
+                products += [lambda g=g, x=x, w=w, op=op: op.input_grad(g, w, x)]
+            flops += (2 + bool(i)) * 2 * y.numel() * w[0].numel()
+    return products, flops
 
-    def run() -> None:
-        for rows, products in layers:
-            for _ in range(rows):
-                for product in products:
-                    product()
 
-    return compare({"bmm": run}, reps, device)["bmm"], flops
+def _input_sizes(model: nn.Module) -> list[tuple[int, ...]]:
+    """(H, W) of each conv / untied layer's input in a forward of one CIFAR-sized image."""
+    sizes: list[tuple[int, ...]] = []
+    layers = [m for m in model.modules() if isinstance(m, FAConv2d | UntiedConv2d)]
+    handles = [m.register_forward_pre_hook(lambda _m, args: sizes.append(tuple(args[0].shape[-2:]))) for m in layers]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
+    for h in handles:
+        h.remove()
+    return sizes
 
 
 def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
@@ -236,8 +256,9 @@ def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
     compute = t["PG0"] * flops["PG-Untie"] / flops["PG0"]
     extra = moved["PG-Untie"] - moved["PG0"]
     limit = compute + extra / bandwidth
-    bmm_s, bmm_flops = _bmm_time(nets["PG-Untie"][0], batch, device, reps)
-    with_bmm = limit - t["PG0"] * bmm_flops / flops["PG0"] + bmm_s
+    products = {arch: _products(model, batch, device) for arch, (model, _) in nets.items()}
+    kernels = compare({arch: lambda fs=fs: [f() for f in fs] for arch, (fs, _) in products.items()}, reps, device)
+    with_bmm = limit + kernels["PG-Untie"] - kernels["PG0"]
     print(f"Preset nets, batch {batch}, fwd+bwd+Adam (median of {reps} interleaved steps):")
     for arch in nets:
         print(
@@ -251,9 +272,11 @@ def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
         f" PG0's rate + {extra / bandwidth * 1e3:.1f} ms for {extra / 1e6:.0f} MB more parameter traffic at"
         f" {bandwidth / 1e9:.1f} GB/s (a copy's); PG-Untie's step is {t['PG-Untie'] / limit:.2f}x the limit"
     )
+    rates = {arch: f / kernels[arch] / 1e9 for arch, (_, f) in products.items()}
     print(
-        f"  PG-Untie's products alone (torch.bmm per output row): {bmm_s * 1e3:.1f} ms, {bmm_flops / bmm_s / 1e9:.1f}"
-        f" GFLOP/s; the limit with them at that rate: {with_bmm * 1e3:.1f} ms = {with_bmm / t['PG0']:.2f}x PG0,"
+        f"  the products alone: PG0's convolutions {kernels['PG0'] * 1e3:.1f} ms ({rates['PG0']:.1f} GFLOP/s),"
+        f" PG-Untie's bmms {kernels['PG-Untie'] * 1e3:.1f} ms ({rates['PG-Untie']:.1f} GFLOP/s); the limit with"
+        f" the bmms' time for the convolutions': {with_bmm * 1e3:.1f} ms = {with_bmm / t['PG0']:.2f}x PG0,"
         f" PG-Untie's step {t['PG-Untie'] / with_bmm:.2f}x it"
     )
 
