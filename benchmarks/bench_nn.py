@@ -203,14 +203,15 @@ def _parameter_bytes(model: nn.Module) -> int:
 def _products(model: nn.Module, batch: int, device: torch.device) -> tuple[list[Callable[[], object]], int]:
     """The matrix products of the net's conv / untied layers alone and their FLOPs: forward, dL/dW and, but for
     the first layer, dL/dx; a conv as ATen's convolution kernels (oneDNN on the CPU), an untied layer as the
-    `bmm`s it runs, one output row of positions each (on the CPU its chunks' operands are in cache)."""
+    `bmm`s it runs: on the CPU one output row of positions each (its chunks' operands are in cache), on CUDA one."""
     products: list[Callable[[], object]] = []
     flops = 0
     layers = [m for m in model.modules() if isinstance(m, FAConv2d | UntiedConv2d)]
     for i, layer in enumerate(layers):
         if isinstance(layer, UntiedConv2d):
             positions, features, out = layer.weight.shape
-            (rows, row), n = layer.output_size, batch
+            row, n = layer.output_size[1] if device.type == "cpu" else positions, batch  # as the layer chunks
+            rows = positions // row
             cols = torch.randn(row, features, n, device=device)
             w, g = torch.randn(row, features, out, device=device), torch.randn(row, n, out, device=device)
             passes = [lambda c=cols, w=w: torch.bmm(c.transpose(1, 2), w), lambda c=cols, g=g: torch.bmm(c, g)]
@@ -247,18 +248,22 @@ def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
     """PG-Untie / PG0 training step (fwd + bwd + Adam), GFLOP/s, and the limit the untied net could reach."""
     nets = {arch: _preset_step(arch, device, batch) for arch in ("PG0", "PG-Untie")}
     flops = {arch: _step_flops(step) for arch, (_, step) in nets.items()}
-    times = _interleaved({arch: step for arch, (_, step) in nets.items()}, reps, device)
+    products = {arch: _products(model, batch, device) for arch, (model, _) in nets.items()}
+    cases: dict[str, Callable[[], object]] = {arch: step for arch, (_, step) in nets.items()}
+    cases.update({f"{arch} products": lambda fs=fs: [f() for f in fs] for arch, (fs, _) in products.items()})
+    times = _interleaved(cases, reps, device)  # steps and products alike, so drifts in load hit all
     t = {arch: statistics.median(v) for arch, v in times.items()}
     ratio = statistics.median(a / b for a, b in zip(times["PG-Untie"], times["PG0"], strict=True))
+    gap = statistics.median(  # (PG-Untie's products - PG0's) / PG0's step, paired
+        (u - p) / s for u, p, s in zip(times["PG-Untie products"], times["PG0 products"], times["PG0"], strict=True)
+    )
     bandwidth = _bandwidth(device, reps)
     moved = {arch: _parameter_bytes(model) for arch, (model, _) in nets.items()}
     n_params = {arch: sum(p.numel() for p in model.parameters()) for arch, (model, _) in nets.items()}
     compute = t["PG0"] * flops["PG-Untie"] / flops["PG0"]
     extra = moved["PG-Untie"] - moved["PG0"]
     limit = compute + extra / bandwidth
-    products = {arch: _products(model, batch, device) for arch, (model, _) in nets.items()}
-    kernels = compare({arch: lambda fs=fs: [f() for f in fs] for arch, (fs, _) in products.items()}, reps, device)
-    with_bmm = limit + kernels["PG-Untie"] - kernels["PG0"]
+    with_bmm = limit / t["PG0"] + gap  # in PG0 steps
     print(f"Preset nets, batch {batch}, fwd+bwd+Adam (median of {reps} interleaved steps):")
     for arch in nets:
         print(
@@ -272,12 +277,12 @@ def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
         f" PG0's rate + {extra / bandwidth * 1e3:.1f} ms for {extra / 1e6:.0f} MB more parameter traffic at"
         f" {bandwidth / 1e9:.1f} GB/s (a copy's); PG-Untie's step is {t['PG-Untie'] / limit:.2f}x the limit"
     )
+    kernels = {arch: t[f"{arch} products"] for arch in nets}
     rates = {arch: f / kernels[arch] / 1e9 for arch, (_, f) in products.items()}
     print(
         f"  the products alone: PG0's convolutions {kernels['PG0'] * 1e3:.1f} ms ({rates['PG0']:.1f} GFLOP/s),"
         f" PG-Untie's bmms {kernels['PG-Untie'] * 1e3:.1f} ms ({rates['PG-Untie']:.1f} GFLOP/s); the limit with"
-        f" the bmms' time for the convolutions': {with_bmm * 1e3:.1f} ms = {with_bmm / t['PG0']:.2f}x PG0,"
-        f" PG-Untie's step {t['PG-Untie'] / with_bmm:.2f}x it"
+        f" the bmms' time for the convolutions': {with_bmm:.2f}x PG0, PG-Untie's step {ratio / with_bmm:.2f}x it"
     )
 
 
