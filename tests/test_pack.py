@@ -278,10 +278,14 @@ def test_a_batched_member_checkpoint_has_the_trials_format_and_resumes_alone(tmp
         lambda ps, lr: torch.optim.Adam(
             [{"params": ps[:2], "weight_decay": 0.01}, {"params": ps[2:], "weight_decay": 0.0}], lr=lr
         ),
+        lambda ps, lr: torch.optim.Adam(
+            [{"params": ps[:2], "weight_decay": 0.01}, {"params": ps[2:], "weight_decay": 0.0}], lr=lr, fused=True
+        ),
+        lambda ps, lr: torch.optim.Adam(ps, lr=lr, fused=lr > 1e-3),  # one member fused, as a resumed pack may mix
         lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3),
         lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.0),
     ],
-    ids=["adam", "nesterov", "sgd"],
+    ids=["adam", "adam-fused", "adam-fused-and-not", "nesterov", "sgd"],
 )
 def test_a_stacked_optimizer_is_k_torch_optimizers_bitwise(make: Any) -> None:
     torch.manual_seed(0)

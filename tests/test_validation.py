@@ -121,7 +121,8 @@ def test_layer_rules_say_what_the_built_layers_run(mode: str) -> None:
     for arch in PRESETS:
         with torch.device("meta"):
             model = assemble(parse_layers(resolve_arch(arch)), ModelConfig(), feedback, (3, 32, 32), 10, seed=0)
-        built = [(name, m.rule.mode, m.rule.option_values()) for name, m in model.named_children() if hasattr(m, "rule")]
+        weights = [(name, m.rule) for name, m in model.named_children() if hasattr(m, "rule")]
+        built = [(name, rule.mode, rule.option_values()) for name, rule in weights]
         rules = layer_rules(arch, feedback.model_dump())
         assert [(r.layer, r.rule, dict(r.options)) for r in rules] == built, arch
         unmarked = any(r.rule == mode and not r.marked for r in rules)
