@@ -4,9 +4,12 @@ Prints ratios measured in this one run (interleaved repetitions, medians):
 - FA step / BP step for Linear and Conv2d (fwd + bwd + optimizer step; BP = stock nn.Linear/nn.Conv2d).
 - The seed's first untied layer (3x32x32 input, 5x5, 32 channels, no padding): bytes of weights and
   fwd+bwd time for UntiedConv2d vs the dense mostly-zero (3072, 32*28*28) matrix vs nn.Conv2d.
-- Preset nets PG-Untie vs PG0 (poggio pools, batch 128, fwd + bwd + Adam): ms per step, GFLOP/s, the ratio,
-  and the limit: PG0's step scaled to PG-Untie's FLOPs plus the extra Adam step and the extra weight traffic
-  (W read forward, B read backward, dW written) of the untied net's parameters, both measured here.
+- Preset nets PG-Untie vs PG0 (poggio pools, batch 128, fwd + bwd + the trainer's Adam): ms per step, GFLOP/s,
+  the ratio, and the limit: PG0's step scaled to PG-Untie's FLOPs (the tied net's rate) plus the time to move
+  the bytes the untied net's parameters add (W read forward, B read for dL/dx, dW written, Adam's one pass
+  over param, grad and its two moments) at this machine's memory bandwidth, measured here by a large copy;
+  and the nets' matrix products alone (PG0's convolutions, PG-Untie's bmms), whose rates set how near the
+  limit the untied net can get with torch's kernels.
 
 Usage: python benchmarks/bench_nn.py [--device cpu|cuda] [--reps N] [--threads T] [--only presets]
 """
@@ -152,13 +155,14 @@ def bench_untied(device: torch.device, reps: int, batch: int = 64) -> None:
     )
 
 
-def _preset_step(arch: str, device: torch.device, batch: int) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
-    from fasweep.config import FeedbackConfig, ModelConfig
+def _preset_step(arch: str, device: torch.device, batch: int) -> tuple[nn.Module, Callable[[], None]]:
+    from fasweep.config import FeedbackConfig, ModelConfig, TrainConfig
     from fasweep.models import build_model
+    from fasweep.trial import make_optimizer
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, pool="poggio"), FeedbackConfig(), (3, 32, 32), 10).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, TrainConfig())  # the trainer's Adam
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -167,7 +171,7 @@ def _preset_step(arch: str, device: torch.device, batch: int) -> tuple[nn.Module
         F.cross_entropy(model(x), y).backward()
         optimizer_step(model, opt)
 
-    return model, opt, step
+    return model, step
 
 
 def _step_flops(step: Callable[[], None]) -> int:
@@ -178,43 +182,107 @@ def _step_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def _param_costs(model: nn.Module, device: torch.device, reps: int) -> dict[str, float]:
-    """Seconds for one Adam step and one read+write pass over tensors shaped as `model`'s parameters."""
-    params = [torch.randn_like(p) for p in model.parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt = torch.optim.Adam(params, lr=1e-3)
-    opt.step()
+def _bandwidth(device: torch.device, reps: int, mib: int = 256) -> float:
+    """Bytes per second read + written by a copy of `mib` MiB (far beyond the caches)."""
+    src = torch.ones(mib << 18, device=device)
+    dst = torch.empty_like(src)
+    seconds = compare({"copy": lambda: dst.copy_(src)}, reps, device)["copy"]
+    return 2 * src.numel() * src.element_size() / seconds
 
-    def rw_pass() -> None:
-        for p in params:
-            p.grad.add_(p)
 
-    return compare({"adam": opt.step, "rw": rw_pass}, reps, device)
+def _parameter_bytes(model: nn.Module) -> int:
+    """Bytes an ideal step moves for the parameters: each parameter read forward, its grad written and Adam's one
+    pass (param, grad, two moments read; param, moments written): 9 words; a weight whose layer sends dL/dx
+    back also has B (W's shape) read: 1 word more. The first layer (fed with data) sends none back."""
+    words = 9 * sum(p.numel() for p in model.parameters())
+    layers = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    words += sum(m.weight.numel() for m in layers[1:])
+    return 4 * words
+
+
+def _products(model: nn.Module, batch: int, device: torch.device) -> tuple[list[Callable[[], object]], int]:
+    """The matrix products of the net's conv / untied layers alone and their FLOPs: forward, dL/dW and, but for
+    the first layer, dL/dx; a conv as ATen's convolution kernels (oneDNN on the CPU), an untied layer as the
+    `bmm`s it runs: on the CPU one output row of positions each (its chunks' operands are in cache), on CUDA one."""
+    products: list[Callable[[], object]] = []
+    flops = 0
+    layers = [m for m in model.modules() if isinstance(m, FAConv2d | UntiedConv2d)]
+    for i, layer in enumerate(layers):
+        if isinstance(layer, UntiedConv2d):
+            positions, features, out = layer.weight.shape
+            row, n = layer.output_size[1] if device.type == "cpu" else positions, batch  # as the layer chunks
+            rows = positions // row
+            cols = torch.randn(row, features, n, device=device)
+            w, g = torch.randn(row, features, out, device=device), torch.randn(row, n, out, device=device)
+            passes = [lambda c=cols, w=w: torch.bmm(c.transpose(1, 2), w), lambda c=cols, g=g: torch.bmm(c, g)]
+            if i:
+                passes.append(lambda w=w, g=g: torch.bmm(w, g.transpose(1, 2)))
+            products.append(lambda rows=rows, passes=passes: [f() for _ in range(rows) for f in passes])
+            flops += len(passes) * 2 * positions * n * features * out
+        else:
+            w, op = layer.weight.detach(), layer.op
+            x = torch.randn(batch, layer.in_channels, *_input_sizes(model)[i], device=device)
+            y = op.forward(x, w, None)
+            g = torch.randn_like(y)
+            products += [lambda x=x, w=w, op=op: op.forward(x, w, None)]
+            products += [lambda g=g, x=x, w=w, op=op: op.param_grads(g, x, w, True, False)]
+            if i:
+                products += [lambda g=g, x=x, w=w, op=op: op.input_grad(g, w, x)]
+            flops += (2 + bool(i)) * 2 * y.numel() * w[0].numel()
+    return products, flops
+
+
+def _input_sizes(model: nn.Module) -> list[tuple[int, ...]]:
+    """(H, W) of each conv / untied layer's input in a forward of one CIFAR-sized image."""
+    sizes: list[tuple[int, ...]] = []
+    layers = [m for m in model.modules() if isinstance(m, FAConv2d | UntiedConv2d)]
+    handles = [m.register_forward_pre_hook(lambda _m, args: sizes.append(tuple(args[0].shape[-2:]))) for m in layers]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, device=next(model.parameters()).device))
+    for h in handles:
+        h.remove()
+    return sizes
 
 
 def bench_presets(device: torch.device, reps: int, batch: int = 128) -> None:
     """PG-Untie / PG0 training step (fwd + bwd + Adam), GFLOP/s, and the limit the untied net could reach."""
     nets = {arch: _preset_step(arch, device, batch) for arch in ("PG0", "PG-Untie")}
-    flops = {arch: _step_flops(step) for arch, (_, _, step) in nets.items()}
-    times = _interleaved({arch: step for arch, (_, _, step) in nets.items()}, reps, device)
+    flops = {arch: _step_flops(step) for arch, (_, step) in nets.items()}
+    products = {arch: _products(model, batch, device) for arch, (model, _) in nets.items()}
+    cases: dict[str, Callable[[], object]] = {arch: step for arch, (_, step) in nets.items()}
+    cases.update({f"{arch} products": lambda fs=fs: [f() for f in fs] for arch, (fs, _) in products.items()})
+    times = _interleaved(cases, reps, device)  # steps and products alike, so drifts in load hit all
     t = {arch: statistics.median(v) for arch, v in times.items()}
     ratio = statistics.median(a / b for a, b in zip(times["PG-Untie"], times["PG0"], strict=True))
-    costs = {arch: _param_costs(model, device, max(3, reps // 2)) for arch, (model, _, _) in nets.items()}
-    n_params = {arch: sum(p.numel() for p in model.parameters()) for arch, (model, _, _) in nets.items()}
-    # a read+write pass moves 2 words per parameter; W read (fwd) + B read (bwd) + dW written = 3 words
-    extra = {arch: costs[arch]["adam"] + 1.5 * costs[arch]["rw"] for arch in nets}
-    limit = t["PG0"] * flops["PG-Untie"] / flops["PG0"] + extra["PG-Untie"] - extra["PG0"]
+    gap = statistics.median(  # (PG-Untie's products - PG0's) / PG0's step, paired
+        (u - p) / s for u, p, s in zip(times["PG-Untie products"], times["PG0 products"], times["PG0"], strict=True)
+    )
+    bandwidth = _bandwidth(device, reps)
+    moved = {arch: _parameter_bytes(model) for arch, (model, _) in nets.items()}
+    n_params = {arch: sum(p.numel() for p in model.parameters()) for arch, (model, _) in nets.items()}
+    compute = t["PG0"] * flops["PG-Untie"] / flops["PG0"]
+    extra = moved["PG-Untie"] - moved["PG0"]
+    limit = compute + extra / bandwidth
+    with_bmm = limit / t["PG0"] + gap  # in PG0 steps
     print(f"Preset nets, batch {batch}, fwd+bwd+Adam (median of {reps} interleaved steps):")
     for arch in nets:
         print(
             f"  {arch:9s} {t[arch] * 1e3:8.1f} ms/step  {flops[arch] / 1e9:6.2f} GFLOP/step  "
             f"{flops[arch] / t[arch] / 1e9:6.1f} GFLOP/s  {n_params[arch] / 1e6:6.2f} M params  "
-            f"(Adam {costs[arch]['adam'] * 1e3:.1f} ms, param r+w pass {costs[arch]['rw'] * 1e3:.1f} ms)"
+            f"{moved[arch] / 1e6:6.1f} MB parameter traffic"
         )
+    print(f"  PG-Untie / PG0 step: {ratio:.2f}x (paired median)")
     print(
-        f"  PG-Untie / PG0 step: {ratio:.2f}x (paired median); limit {limit * 1e3:.1f} ms = "
-        f"{limit / t['PG0']:.2f}x PG0 (PG0 at PG-Untie's FLOPs + extra Adam + 3 words/param of W, B, dW traffic)"
+        f"  limit {limit * 1e3:.1f} ms = {limit / t['PG0']:.2f}x PG0: {compute * 1e3:.1f} ms for PG-Untie's FLOPs at"
+        f" PG0's rate + {extra / bandwidth * 1e3:.1f} ms for {extra / 1e6:.0f} MB more parameter traffic at"
+        f" {bandwidth / 1e9:.1f} GB/s (a copy's); PG-Untie's step is {t['PG-Untie'] / limit:.2f}x the limit"
+    )
+    kernels = {arch: t[f"{arch} products"] for arch in nets}
+    rates = {arch: f / kernels[arch] / 1e9 for arch, (_, f) in products.items()}
+    print(
+        f"  the products alone: PG0's convolutions {kernels['PG0'] * 1e3:.1f} ms ({rates['PG0']:.1f} GFLOP/s),"
+        f" PG-Untie's bmms {kernels['PG-Untie'] * 1e3:.1f} ms ({rates['PG-Untie']:.1f} GFLOP/s); the limit with"
+        f" the bmms' time for the convolutions': {with_bmm:.2f}x PG0, PG-Untie's step {ratio / with_bmm:.2f}x it"
     )
 
 

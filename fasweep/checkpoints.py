@@ -7,15 +7,14 @@ filesystem both files go to a temporary folder beside the others that is then re
 store (no folder rename) each file is one PUT, atomic by itself, the history first and the checkpoint last, so a
 folder counts once its checkpoint exists. After a write the trial keeps its newest `keep` checkpoints and drops any
 past the epoch just written (left by an earlier run of the trial, found unreadable). Torch-free: the caller
-serializes (to bytes: torch.save straight to a full disk fails without saying so), `CheckpointPolicy` says when.
-The driver imports this module too.
+serializes (to bytes: torch.save straight to a full disk fails without saying so), `fasweep.config.CheckpointPolicy`
+says when. The driver imports this module too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 from fasweep.runs.layout import (
@@ -29,23 +28,6 @@ from fasweep.runs.layout import (
 )
 
 _TMP_SUFFIX = ".tmp"  # `.<epoch folder>.<token>.tmp`: a local write in progress (or killed)
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """When a trial writes its checkpoint: once `every_epochs` epochs or `every_seconds` seconds have passed since
-    the last one (whichever comes first), and always after its last epoch or a diverged one; its newest `keep` stay.
-    """
-
-    every_epochs: int = 1
-    every_seconds: float | None = None
-    keep: int = 2
-
-    def due(self, epochs: int, seconds: float, *, final: bool) -> bool:
-        """Whether a checkpoint is due `epochs` epochs and `seconds` seconds after the last (`final`: the trial's
-        last epoch)."""
-        timed = self.every_seconds is not None and seconds >= self.every_seconds
-        return final or epochs >= self.every_epochs or timed
 
 
 class CheckpointFolder:

@@ -7,16 +7,25 @@ Pydantic error into the one-line UserError that both `fasweep train` and the spe
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from fasweep.datasets import DATASET_NAMES
-from fasweep.errors import UserError
-from fasweep.rule_options import OPTIONS, RULE_NAMES, Magnitude, check_option
+from fasweep.datasets import DATASETS, user_dataset
+from fasweep.errors import UserError, suggest
+from fasweep.rule_options import OPTIONS, Magnitude, check_option, rule_info
 
 
 class Strict(BaseModel):
@@ -77,14 +86,10 @@ def _seed_range(seed: int) -> int:
 Seed = Annotated[int, AfterValidator(_seed_range)]  # train.seed and a spec's seeds
 
 
-DatasetName = Literal[DATASET_NAMES]  # the names in fasweep.datasets
-FeedbackMode = Literal[RULE_NAMES]  # the rules in fasweep.rule_options
-
-
 class DataConfig(Strict):
     """Which data set, where a local copy lives, and how it is split and augmented."""
 
-    name: DatasetName = "digits"
+    name: str = Field(default="digits", description="a data set of fasweep.datasets, or a user's (module:function)")
     root: str | None = Field(
         default=None,
         description="local copy (torchvision layout or image folder train/<class>/*); None: default places",
@@ -95,6 +100,16 @@ class DataConfig(Strict):
     normalize: bool = True
     limit_train: int | None = Field(default=None, gt=0, description="use only the first N training samples")
     limit_test: int | None = Field(default=None, gt=0, description="use only the first N test samples")
+
+    @field_validator("name")
+    @classmethod
+    def _known_data(cls, value: str) -> str:
+        if value not in DATASETS:
+            try:
+                user_dataset(value)
+            except UserError as exc:
+                raise ValueError(exc.expected or str(exc)) from None
+        return value
 
     @property
     def validation(self) -> bool:
@@ -124,6 +139,19 @@ class ModelConfig(Strict):
         default="poggio", description="poggio: max after the first conv, average after the others"
     )
     init_from: InitFrom | None = None
+    rules: dict[str, str] = Field(
+        default_factory=dict, description="a user's model (`arch: module:function`): module name -> its layer's rule"
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        for mode in value.values():
+            try:
+                rule_info(mode)
+            except UserError as exc:
+                raise ValueError(exc.expected or str(exc)) from None
+        return value
 
 
 def _option(name: str) -> Any:
@@ -134,19 +162,55 @@ def _option(name: str) -> Any:
 class FeedbackConfig(Strict):
     """The default feedback rule (layers marked (R)/(R*) in the layer string override it) and the rules' options.
 
-    Every option is checked, whatever the mode (a marked layer may use it), by the check the rules use.
+    `mode`: a rule of `fasweep.rule_options` (a seed rule's name, a registered name, or an import path
+    `module:Class`). Every shared option is checked, whatever the mode (a marked layer may use it), by the check
+    the rules use; a key beyond them is an option of the mode's own rule (`feedback.mirror_lr`), checked by it.
     """
 
-    mode: FeedbackMode = "bp"
+    model_config = ConfigDict(extra="allow")
+
+    mode: str = "bp"
     init_scale: float | None = _option("init_scale")
     concordance: float = _option("concordance")
     magnitude: Magnitude = _option("magnitude")
     decay: float = _option("decay")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        try:
+            rule_info(value)
+        except UserError as exc:
+            raise ValueError(exc.expected or str(exc)) from None
+        return value
+
     @field_validator(*OPTIONS)
     @classmethod
     def _rule_check(cls, value: Any, info: ValidationInfo) -> Any:
         return check_option(str(info.field_name), value)
+
+    @model_validator(mode="after")
+    def _own_options(self) -> FeedbackConfig:
+        """Each key beyond the shared options is an option of the mode's rule, with a value it takes; the rule's own
+        options not given are filled in with their defaults (so a trial's params say what ran)."""
+        info = rule_info(self.mode)
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for name, option in info.own.items():
+            extra.setdefault(name, option.default)
+        for name, value in extra.items():
+            if name in info.own:
+                try:
+                    info.check(name, value)
+                    continue
+                except ValueError as exc:
+                    message = f"got {brief(value)}; expected {exc}"
+            else:
+                names = [*type(self).model_fields, *info.own]
+                message = unknown_field(name, names)
+            error = PydanticCustomError("rule_option", "{message}", {"message": message})  # already `got X; expected Y`
+            detail = InitErrorDetails(type=error, loc=(name,), input=value)
+            raise ValidationError.from_exception_data(type(self).__name__, [detail])
+        return self
 
 
 class TrainConfig(Strict):
@@ -186,6 +250,28 @@ class TrialConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class CheckpointPolicy(Strict):
+    """How often a trial writes its checkpoint (a spec's `checkpoint`, `train()`'s `checkpointing`) and how many
+    it keeps.
+
+    A trial writes one after an epoch when `every_epochs` epochs or `every_seconds` seconds have passed since the
+    last (whichever comes first), and always after its last epoch or a diverged one; other epochs write nothing.
+    A retried or resumed trial continues from the newest; `keep` >= 2 leaves one to fall back to when the newest
+    is unreadable."""
+
+    model_config = ConfigDict(frozen=True)
+
+    every_epochs: int = Field(default=1, ge=1)
+    every_seconds: float | None = Field(default=None, gt=0, description="None: by epochs only")
+    keep: int = Field(default=2, ge=1, le=100)
+
+    def due(self, epochs: int, seconds: float, *, final: bool) -> bool:
+        """Whether a checkpoint is due `epochs` epochs and `seconds` seconds after the last (`final`: the trial's
+        last epoch)."""
+        timed = self.every_seconds is not None and seconds >= self.every_seconds
+        return final or epochs >= self.every_epochs or timed
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -243,12 +329,6 @@ def brief(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def suggest(value: str, names: list[str]) -> str:
-    """' (did you mean X?)' for the closest of `names`, or ''."""
-    close = difflib.get_close_matches(value, names, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
 def unknown_field(key: str, names: list[str], shown: str = "") -> str:
     """`unknown field[ SHOWN] (did you mean X?); expected one of NAMES` for a `key` where `names` are the fields."""
     return f"unknown field{' ' * bool(shown)}{shown}{suggest(key, names)}; expected one of {', '.join(names)}"
@@ -297,6 +377,14 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
         return loc, unknown_field(str(loc[-1]), _fields_at(model, loc[:-1]))
     if err["type"] == "missing":
         return loc, "required field is missing; expected a value for it"
+    return loc, describe(err)
+
+
+def describe(err: Any) -> str:
+    """`got X; expected Y` for one Pydantic error (`ValidationError.errors()` item); a misspelt choice ends with
+    `(did you mean X?)`."""
+    if err["type"] == "rule_option":  # FeedbackConfig's own: already `got X; expected Y` or `unknown field ...`
+        return str(err["msg"])
     msg = str(err["msg"])
     for prefix in ("Input should be ", "Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
@@ -304,7 +392,7 @@ def explain(exc: ValidationError, data: Any, model: type[BaseModel]) -> tuple[Lo
     hint = ""
     if err["type"] == "literal_error" and isinstance(value, str):
         hint = suggest(value, re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
-    return loc, f"got {brief(value)}; expected {msg[:1].lower()}{msg[1:]}{hint}"
+    return f"got {brief(value)}; expected {msg[:1].lower()}{msg[1:]}{hint}"
 
 
 def validate_trial(data: dict[str, Any], *, where: str = "") -> TrialConfig:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from fasweep.config import DataConfig
-from fasweep.datasets import DATASETS
+from fasweep.datasets import DATASETS, is_user_data, user_dataset
 from fasweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,8 @@ def load_data(cfg: DataConfig, device: str | torch.device = "cpu", seed: int = 0
         raw = _regression(cfg.name)
     elif cfg.name == "digits":
         raw = _digits()
+    elif is_user_data(cfg.name):
+        raw = _user_data(cfg)
     else:
         raw = _cached(cfg)
     return _assemble(cfg, raw, torch.device(device), seed)
@@ -161,6 +163,9 @@ def locate(cfg: DataConfig) -> str:
     """Where the data set `cfg` names comes from, checked without decoding it: `generated`, `bundled`, or the
     folder of a local copy (downloading one now when none is found and `data.download` allows it). A data set
     that is nowhere and cannot be downloaded is the one-line UserError a trial would raise."""
+    if is_user_data(cfg.name):
+        user_dataset(cfg.name)
+        return "user"
     if DATASETS[cfg.name].source != "files":
         return DATASETS[cfg.name].source
     return str(_find_or_download(cfg).path)
@@ -268,6 +273,42 @@ def _with_stats(raw: _Raw, pixel_max: float = 255.0, chunk: int = 4096) -> _Raw:
     raw.std = (squares / count - raw.mean.square()).clamp_min(1e-12).sqrt()
     raw.pixel_max = pixel_max
     return raw
+
+
+def _user_data(cfg: DataConfig) -> _Raw:
+    """A user's data set (`fasweep.datasets.user_dataset`) read once, in the form of fasweep's own: images
+    (N, C, H, W) (uint8 0-255, or float; (N, H, W) gets a channel) with int64 class labels, or inputs (N, D)
+    with float targets (N, D) for regression."""
+    got = user_dataset(cfg.name)(root=cfg.root)
+    expected = "(x_train, y_train, x_test, y_test) tensors or (train, test) torchvision-style data sets"
+    if isinstance(got, tuple | list) and len(got) == 2:
+        got = (*_from_dataset(got[0]), *_from_dataset(got[1]))
+    if not (isinstance(got, tuple | list) and len(got) == 4 and all(isinstance(t, torch.Tensor) for t in got)):
+        raise UserError.field("data.name", cfg.name, f"a function returning {expected}, not {type(got).__name__}")
+    x_train, y_train, x_test, y_test = got
+    if y_train.is_floating_point():  # regression
+        return _Raw(x_train.float(), y_train.float(), x_test.float(), y_test.float(), classes=None)
+    x_train, x_test = (x.unsqueeze(1) if x.dim() == 3 else x for x in (x_train, x_test))
+    if x_train.dim() != 4 or x_test.shape[1:] != x_train.shape[1:]:
+        shape = f"images (N, C, H, W) for class labels; got {tuple(x_train.shape)} and {tuple(x_test.shape)}"
+        raise UserError.field("data.name", cfg.name, shape)
+    classes = tuple(str(c) for c in range(int(max(y_train.max(), y_test.max())) + 1))
+    pixel_max = 255.0 if x_train.dtype == torch.uint8 else 1.0
+    raw = _Raw(x_train, y_train.long(), x_test.to(x_train.dtype), y_test.long(), classes)
+    return _with_stats(raw, pixel_max=pixel_max)
+
+
+def _from_dataset(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of a torchvision-style data set (`ds[i]` is (PIL image or tensor, label)), read whole."""
+    xs, ys = [], []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        if isinstance(x, Image.Image):
+            array = np.asarray(x, dtype=np.uint8)
+            x = torch.from_numpy(array.copy()).permute(2, 0, 1) if array.ndim == 3 else torch.from_numpy(array.copy())
+        xs.append(torch.as_tensor(x))
+        ys.append(torch.as_tensor(y))
+    return torch.stack(xs), torch.stack(ys)
 
 
 # --- finding a local copy, or downloading one -------------------------------------------------------

@@ -1,13 +1,19 @@
 """The data sets fasweep knows, by name: where each comes from, its classes, torchvision's folder for it.
 
 Torch-free, so `fasweep.config` checks `data.name` against it while `fasweep.data` loads by it. Adding a
-data set is one entry here and its reader in `fasweep.data`.
+data set to fasweep is one entry here and its reader in `fasweep.data`; a user's own is a function in their
+package, named by its import path (`mypkg.data:svhn`) or by the entry point group `fasweep.datasets` (see
+`user_dataset`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from fasweep import plugins
+from fasweep.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -37,3 +43,23 @@ DATASETS: dict[str, Dataset] = {
     "teacher": Dataset("generated", input_shape=(30,), targets=10),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
+
+
+def is_user_data(name: str) -> bool:
+    """Whether `name` names a user's data set (see `user_dataset`), told without importing it."""
+    return name not in DATASETS and plugins.is_plugin("datasets", name)
+
+
+def user_dataset(name: str) -> Callable[..., Any]:
+    """The user's data set function `name` names, checked to be callable. `fasweep.data` calls it as `fn(root=
+    data.root)`; it returns `(x_train, y_train, x_test, y_test)` tensors or `(train, test)` torchvision-style data
+    sets. A UserError for `data.name` when it cannot be found or is not callable."""
+    fn = plugins.find("datasets", name, "data.name", list(DATASETS))
+    if not callable(fn):
+        raise UserError.field("data.name", name, f"a function returning a data set, not a {type(fn).__name__}")
+    return fn
+
+
+def source(name: str) -> str:
+    """Where data set `name` comes from: `generated`, `bundled`, `files` (found or downloaded) or `user` code."""
+    return "user" if is_user_data(name) else DATASETS[name].source

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 
@@ -11,8 +12,18 @@ class UserError(Exception):
     The message is one line that names the field, the value and the fix.
     """
 
+    expected: str | None = None  # EXPECTED of a `field` error (a validator re-raises it for its own field)
+
     @classmethod
     def field(cls, path: str, value: Any, expected: str, *, where: str = "") -> UserError:
         """Build the standard message: ``[where: ]path: got VALUE; expected EXPECTED``."""
         prefix = f"{where}: " if where else ""
-        return cls(f"{prefix}{path}: got {value!r}; expected {expected}")
+        error = cls(f"{prefix}{path}: got {value!r}; expected {expected}")
+        error.expected = expected
+        return error
+
+
+def suggest(value: str, names: list[str]) -> str:
+    """' (did you mean X?)' for the closest of `names`, or ''."""
+    close = difflib.get_close_matches(value, names, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

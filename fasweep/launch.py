@@ -42,7 +42,8 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 from rich.console import Console
 
-from fasweep.checkpoints import CheckpointPolicy, find_checkpoints, newest_checkpoint
+from fasweep.api import callable_module
+from fasweep.checkpoints import find_checkpoints, newest_checkpoint
 from fasweep.config import set_path
 from fasweep.errors import UserError
 from fasweep.faults import describe_fault, describe_fault_text, free_space, human_bytes, unreachable
@@ -74,7 +75,7 @@ from fasweep.worker import (
 )
 
 if TYPE_CHECKING:
-    from fasweep.train import Footprint
+    from fasweep.trial import Footprint
 
 log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint", "__duplicate__"}
@@ -391,13 +392,16 @@ def best_rule(plan: Plan) -> Best:
     return Best(scheduler.asha.metric, scheduler.asha.mode) if scheduler else Best()
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to `address` or start a local Ray; False when Ray was already up in this process."""
+def _init_ray(address: str | None, num_cpus: int | None, code: list[str]) -> bool:
+    """Connect to `address` or start a local Ray, shipping the user's `code` folders to its workers (runtime_env
+    `py_modules`); False when Ray was already up in this process."""
     import ray
 
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if code:
+        options["runtime_env"] = {"py_modules": code}
     if address:
         ray.init(address=address, **options)
     else:
@@ -550,7 +554,7 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
     """Before any trial: every distinct data set found (or downloaded), the storage writable; the trials' configs
     with a relative `data.root` made absolute (against the directory `fasweep launch` runs in)."""
     from fasweep.config import DataConfig
-    from fasweep.datasets import DATASETS
+    from fasweep.datasets import source as data_source
 
     configs: dict[str, dict[str, Any]] = {}
     datasets: dict[str, dict[str, Any]] = {}
@@ -561,7 +565,7 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
         configs[trial.key] = config
         datasets.setdefault(json.dumps(config["data"], sort_keys=True), config["data"])
     for data in datasets.values():
-        source = DATASETS[data["name"]].source  # a generated or bundled set needs no look (nor torch, here)
+        source = data_source(data["name"])  # a generated, bundled or user's set needs no look (nor torch, here)
         if source == "files":
             from fasweep.data import locate
 
@@ -593,7 +597,7 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
 def _footprints(plan: Plan) -> dict[str, Footprint | None]:
     """Each trial's `fasweep.train.footprint` (measured once per distinct net, optimizer and data set)."""
     from fasweep.config import TrialConfig
-    from fasweep.train import footprint
+    from fasweep.trial import footprint
 
     measured: dict[str, Footprint | None] = {}
     out = {}
@@ -695,7 +699,7 @@ def launch(
             if target is not None:  # its driver is gone: what it left running is interrupted until restarted
                 writer.interrupt_runs(running_runs(writer.client, writer.experiment_id, launch_id))
             try:
-                started_ray = _init_ray(address, num_cpus)
+                started_ray = _init_ray(address, num_cpus, spec.code)
             except Exception as exc:
                 raise UserError.field(
                     "--address", address, f"a reachable Ray cluster, e.g. HOST:6379 ({reason_of(exc)})"
@@ -927,7 +931,7 @@ def _run_stage(
         init=init,
         resumed=resumed,
         storage=root,
-        checkpointing=CheckpointPolicy(**spec.checkpoint.model_dump()),
+        checkpointing=spec.checkpoint,
         packs=driver.packs,
     )
     resources = {  # a pack's: its stage's (every member's)
@@ -988,3 +992,6 @@ def _scheduler(plan: Plan, trials: list[PlannedTrial]) -> Any:
         grace_period=min(asha.grace_period, max_t),
         reduction_factor=asha.reduction_factor,
     )
+
+
+callable_module(__name__)  # `fasweep.launch(...)` calls fasweep.api.launch

@@ -18,12 +18,16 @@ from __future__ import annotations
 import difflib
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
-from fasweep.config import FeedbackConfig, FeedbackMode, InitFrom, ModelConfig
+from fasweep import plugins
+from fasweep.config import FeedbackConfig, InitFrom, ModelConfig
 from fasweep.errors import UserError
+from fasweep.rule_options import RULE_OPTIONS, rule_info
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +99,6 @@ _NAMES: dict[LayerKind, str] = {
 }
 _MARKS: dict[str, str] = {"r": "random", "r*": "random_updated", "r^*": "random_updated"}
 _SHORT: dict[str, str] = {"random": "R", "random_updated": "R*"}
-_MODES: tuple[str, ...] = get_args(FeedbackMode)
 _TOKEN = re.compile(r"^(?P<kind>[A-Za-z]+?)(?P<body>\d[^()]*)(?:\((?P<mark>[^()]*)\))?$")
 _KERNEL = r"(\d+)\s*[*x×]\s*(\d+)"
 _BODY = {
@@ -148,10 +151,12 @@ def _parse_token(index: int, token: str, where: str) -> LayerSpec:
         raise UserError.field(path, token, "a square kernel, e.g. 5*5")
     feedback = None
     if match["mark"] is not None:
-        mark = match["mark"].strip().lower().replace(" ", "")
-        feedback = _MARKS.get(mark, mark)
-        if feedback not in _MODES:
-            raise UserError.field(path, token, f"a mark (R), (R*) or one of {', '.join(_MODES)}")
+        mark = match["mark"].strip().replace(" ", "")
+        feedback = _MARKS.get(mark.lower(), mark if plugins.is_import_path(mark) else mark.lower())
+        try:
+            rule_info(feedback)
+        except UserError as exc:
+            raise UserError.field(path, token, f"a mark (R), (R*) or a rule: {exc.expected}") from None
         if kind == "pool":
             raise UserError.field(path, token, "no feedback mark on a Pool layer")
     if kind == "dense":
@@ -172,6 +177,99 @@ def parse_layers(text: str, *, where: str = "model.arch") -> list[LayerSpec]:
     return specs
 
 
+def module_name(spec: LayerSpec, index: int) -> str:
+    """The module name of the layer at token `index`: `<kind><index>` (`dense6`, `conv0`, `untie2`, `pool1`)."""
+    return f"{spec.kind}{index}"
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """The feedback rule one weight layer runs: its module name, the rule, whether a mark in the layer string chose
+    it (else `feedback.mode` did) and the options the rule reads, with their values."""
+
+    layer: str
+    rule: str
+    marked: bool
+    options: tuple[tuple[str, Any], ...]
+
+    def __str__(self) -> str:
+        """`random`, `random_updated(decay=0.0)`, `sign_concordant(concordance=0.5, magnitude=uniform)`: the rule and
+        the options it reads (one left at null, such as init_scale: W's init std, is not written)."""
+        shown = ", ".join(f"{name}={value}" for name, value in self.options if value is not None)
+        return f"{self.rule}({shown})" if shown else self.rule
+
+
+@lru_cache(maxsize=256)
+def _parsed(arch: str) -> tuple[LayerSpec, ...]:
+    return tuple(parse_layers(resolve_arch(arch)))
+
+
+USER_MODEL_OTHERS = "other_layers"  # a user's model: every layer `model.rules` does not name (an MLflow param key)
+
+
+def layer_rules(
+    arch: str | Sequence[LayerSpec], feedback: Mapping[str, Any], named: Mapping[str, str] | None = None
+) -> list[LayerRule]:
+    """The rule each weight layer of `arch` (a preset, a layer string or its parsed specs) runs: its mark, else
+    `feedback['mode']`; and the options that rule reads from `feedback` (a FeedbackConfig as a dict). The one
+    answer: `assemble` builds these rules, `fasweep validate` and the run record report them (torch-free for the
+    seed rules). A user's model (`module:function`) is not built here: its layers are those `named` (`model.rules`,
+    marked) and `other_layers`, every other Linear/Conv2d layer, on `feedback['mode']`."""
+
+    def rule_of(layer: str, rule: str, marked: bool) -> LayerRule:
+        options = tuple((o, feedback[o]) for o in rule_info(rule).options if o in feedback)
+        return LayerRule(layer, rule, marked, options)
+
+    if isinstance(arch, str) and is_user_model(arch):
+        marked = [rule_of(layer, rule, True) for layer, rule in sorted((named or {}).items())]
+        return [*marked, rule_of(USER_MODEL_OTHERS, str(feedback["mode"]), False)]
+    specs = _parsed(arch) if isinstance(arch, str) else arch
+    return [
+        rule_of(module_name(spec, i), spec.feedback or str(feedback["mode"]), spec.feedback is not None)
+        for i, spec in enumerate(specs)
+        if spec.kind != "pool"
+    ]
+
+
+def feedback_read(rules: list[LayerRule]) -> set[str]:
+    """The `feedback.*` fields a net with these layer rules reads: `mode` where a layer is unmarked, and every
+    option of the rules that run."""
+    unmarked = {"mode"} if any(not r.marked for r in rules) else set()
+    return unmarked | {name for r in rules for name, _ in r.options}
+
+
+def rules_text(rules: list[LayerRule]) -> str:
+    """`dense0:bp dense1:bp dense2:random`: the rule each weight layer runs (the run record's `feedback.layers`)."""
+    return " ".join(f"{r.layer}:{r.rule}" for r in rules)
+
+
+def feedback_fields(path: str, value: Any) -> list[str]:
+    """The `feedback.*` fields a setting of trial `path` sets (`feedback.decay` -> decay; `feedback` -> its keys)."""
+    if path == "feedback":
+        return list(value) if isinstance(value, dict) else []
+    head, _, rest = path.partition(".")
+    return [rest] if head == "feedback" and rest else []
+
+
+def unread(field: str, rules: list[LayerRule], where: str = "") -> str:
+    """The `expected ...` part of the error for a `feedback.<field>` set where no layer's rule reads it (`where`:
+    e.g. ` of condition X`)."""
+    return (
+        f"a setting some layer reads: the layers{where} run {rules_text(rules)}, and none reads feedback.{field} (to "
+        f"make it count: {what_reads(field)})"
+    )
+
+
+def what_reads(field: str) -> str:
+    """What would make `feedback.<field>` count, for an error message: the rules that read an option, or an
+    unmarked layer for `mode`."""
+    if field == "mode":
+        return "a weight layer without a mark in model.arch"
+    readers = [rule for rule, names in RULE_OPTIONS.items() if field in names]
+    marks = " or ".join(f"({_SHORT.get(rule, rule)})" for rule in readers)
+    return f"feedback.mode: {' | '.join(readers)}, or a layer marked {marks}"
+
+
 def format_layers(specs: list[LayerSpec]) -> str:
     """The canonical layer string of `specs` (parse_layers(format_layers(s)) == s)."""
     return " ".join(str(spec) for spec in specs)
@@ -188,6 +286,29 @@ def resolve_arch(arch: str) -> str:
         hint = f"did you mean {upper[close[0]]}? " if close else ""
         raise UserError.field("model.arch", arch, f"{hint}a preset ({', '.join(PRESETS)}) or a layer string")
     return arch
+
+
+def is_user_model(arch: str) -> bool:
+    """Whether `arch` names a user's model (see `user_model`), told without importing it."""
+    return arch not in PRESETS and plugins.is_plugin("models", arch)
+
+
+def user_model(arch: str) -> Callable[..., Any] | None:
+    """The user's model function `arch` names (an import path `mypkg.models:lenet`, or a name an installed package
+    registers in the entry point group `fasweep.models`), checked to be callable; None for a preset or a layer
+    string. It is called as `fn(input_shape, num_outputs)` and returns an `nn.Module` (see `build_model`)."""
+    if not is_user_model(arch):
+        return None
+    fn = plugins.find("models", arch, "model.arch", list(PRESETS))
+    if not callable(fn):
+        raise UserError.field("model.arch", arch, f"a function returning an nn.Module, not a {type(fn).__name__}")
+    return fn
+
+
+def layers_of(arch: str) -> list[LayerSpec] | None:
+    """The layers of a preset or a layer string (a UserError naming the bad token); None for a user's model,
+    checked to load (`user_model`)."""
+    return None if user_model(arch) is not None else parse_layers(resolve_arch(arch))
 
 
 def layer_group(name: str) -> str | None:
@@ -220,7 +341,7 @@ def assemble(
 
     seed = torch.initial_seed() if seed is None else seed
 
-    options = feedback_cfg.model_dump(exclude={"mode"})
+    rules = {r.layer: r for r in layer_rules(specs, feedback_cfg.model_dump())}
     last_dense = max(i for i, s in enumerate(specs) if s.kind == "dense")
     shape = tuple(input_shape)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -234,17 +355,18 @@ def assemble(
             pool = (
                 nn.MaxPool2d(spec.kernel, 2, pad) if kind == "max" else nn.AvgPool2d(spec.kernel, 2, pad, False, False)
             )
-            layers[f"pool{i}"] = pool
+            layers[module_name(spec, i)] = pool
             shape = (shape[0], _pool_out(shape[1], spec.kernel), _pool_out(shape[2], spec.kernel))
             pools_seen += 1
             continue
-        rule = make_rule(spec.feedback or feedback_cfg.mode, **options).seed_streams(seed, i)
+        chosen = rules[module_name(spec, i)]
+        rule = make_rule(chosen.rule, **dict(chosen.options)).seed_streams(seed, i)
         if spec.kind == "dense":
             if len(shape) != 1:
                 layers["flatten"] = nn.Flatten()
                 shape = (shape[0] * shape[1] * shape[2],)
             width = num_outputs if i == last_dense else spec.width
-            layers[f"dense{i}"] = FALinear(shape[0], width, feedback=rule)
+            layers[module_name(spec, i)] = FALinear(shape[0], width, feedback=rule)
             shape = (width,)
         else:
             if len(shape) != 3:
@@ -256,7 +378,7 @@ def assemble(
                 )
             else:
                 layer = FAConv2d(shape[0], spec.width, spec.kernel, padding=pad, feedback=rule)
-            layers[f"{spec.kind}{i}"] = layer
+            layers[module_name(spec, i)] = layer
             shape = (spec.width, shape[1] + 2 * pad - spec.kernel + 1, shape[2] + 2 * pad - spec.kernel + 1)
         if i == last_dense:
             break
@@ -322,6 +444,11 @@ def build_model(
     """
     from fasweep.nn import finalize
 
+    fn = user_model(model_cfg.arch)
+    if fn is not None:
+        return finalize(_user_net(fn, model_cfg, feedback_cfg, input_shape, num_outputs, seed))
+    if model_cfg.rules:
+        raise UserError.field("model.rules", model_cfg.rules, "{} with a layer string (mark its layers instead)")
     specs = parse_layers(resolve_arch(model_cfg.arch))
     model = assemble(specs, model_cfg, feedback_cfg, input_shape, num_outputs, seed)
     fixed = [i for i, spec in enumerate(specs) if spec.kind == "fixconv"]
@@ -336,6 +463,46 @@ def build_model(
     for i in fixed:
         model.get_submodule(f"fixconv{i}").requires_grad_(False)
     return finalize(model)
+
+
+def _user_net(
+    fn: Callable[..., Any],
+    model_cfg: ModelConfig,
+    feedback_cfg: FeedbackConfig,
+    input_shape: tuple[int, ...],
+    num_outputs: int,
+    seed: int | None,
+) -> torch.nn.Module:
+    """`fn(input_shape, num_outputs)` with its `nn.Linear`/`nn.Conv2d` layers made FA layers: `model.rules`' rule
+    for a layer it names (by module name), else `feedback.mode`; each rule seeded by (seed, the layer's index)."""
+    import torch
+    from torch import nn
+
+    from fasweep.nn import convert, make_rule
+
+    seed = torch.initial_seed() if seed is None else seed
+    model = fn(tuple(input_shape), num_outputs)
+    if not isinstance(model, nn.Module):
+        raise UserError.field(
+            "model.arch", model_cfg.arch, f"a function returning an nn.Module, not a {type(model).__name__}"
+        )
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    unknown = sorted(set(model_cfg.rules) - set(names))
+    if not names or unknown:
+        found = ", ".join(names) or "none"
+        raise UserError.field(
+            "model.rules" if names else "model.arch",
+            unknown or model_cfg.arch,
+            f"module names of its Linear/Conv2d layers: {found}",
+        )
+
+    rules = {r.layer: r for r in layer_rules(model_cfg.arch, feedback_cfg.model_dump(), model_cfg.rules)}
+
+    def rule_for(name: str) -> Any:
+        chosen = rules.get(name, rules[USER_MODEL_OTHERS])
+        return make_rule(chosen.rule, **dict(chosen.options)).seed_streams(seed, names.index(name))
+
+    return convert(model, rule_for)
 
 
 def parameter_count(arch: str, input_shape: tuple[int, ...] = (3, 32, 32), num_outputs: int = 10) -> int:

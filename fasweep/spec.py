@@ -13,12 +13,15 @@ MAX_TRIALS trials, counted before any is expanded.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import math
 import random
 import re
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,9 @@ from typing import Any, Literal, Self, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from fasweep import plugins
 from fasweep.config import (
+    CheckpointPolicy,
     DataConfig,
     Loc,
     Seed,
@@ -43,7 +48,8 @@ from fasweep.config import (
     unknown_field,
 )
 from fasweep.errors import UserError
-from fasweep.packed.group import packable
+from fasweep.packed.group import not_packable, packable
+from fasweep.report_options import Pairing
 from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, condition_label, on_test_data, selection_metric, trial_key
 
 MAX_SPEC_BYTES = 1 << 20  # a spec's text (the shipped ones are under 5 KB)
@@ -172,21 +178,8 @@ class Stage(Axes):
     compare_to: str | None = Field(default=None, description="the report's baseline in this stage; None: the spec's")
     compare: dict[str, Any] | None = Field(default=None, description="{axis path: value}; None: the spec's")
     contrasts: list[tuple[str, str]] = Field(default_factory=list, description="[X, Y] pairs compared (X − Y)")
-    pairing: Literal["seed", "none"] | None = Field(default=None, description="None: the spec's pairing")
+    pairing: Pairing | None = Field(default=None, description="None: the spec's pairing")
     pack: int | None = Field(default=None, ge=1, description="None: the spec's pack")
-
-
-class Checkpointing(Strict):
-    """How often a trial writes its checkpoint, straight into its folder in the storage, and how many it keeps.
-
-    A trial writes one after an epoch when `every_epochs` epochs or `every_seconds` seconds have passed since the
-    last (whichever comes first), and always after its last epoch or a diverged one; other epochs write nothing.
-    A retried or resumed trial continues from the newest; `keep` >= 2 leaves one to fall back to when the newest
-    is unreadable. The trainer's side of this is `fasweep.checkpoints.CheckpointPolicy`."""
-
-    every_epochs: int = Field(default=1, ge=1)
-    every_seconds: float | None = Field(default=None, gt=0, description="None: by epochs only")
-    keep: int = Field(default=2, ge=1, le=100)
 
 
 class SweepSpec(Axes):
@@ -202,9 +195,14 @@ class SweepSpec(Axes):
     max_concurrent: int | None = Field(default=None, ge=1, description="None: as many trials as resources allow")
     max_retries: int = Field(default=2, ge=0, description="retries of a failed trial, resuming its checkpoint")
     pack: int = Field(default=1, ge=1, description="trials per pack: compatible trials trained as one fused model")
-    checkpoint: Checkpointing = Field(default_factory=Checkpointing)
+    checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     scheduler: Scheduler | None = None
     storage: str = Field(default="./fasweep-runs", description="Ray Tune storage path or URI (s3://...)")
+    code: list[str] = Field(
+        default_factory=list,
+        description="the user's package folders (relative to the spec's folder): imported here, shipped to the "
+        "Ray workers (runtime_env py_modules)",
+    )
     stages: list[Stage] = Field(default_factory=list)
     reference: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="condition (or stage/condition) -> {metric or metric@epoch: value}"
@@ -214,7 +212,7 @@ class SweepSpec(Axes):
         default=None, description="{axis path: value}: each condition against its twin with that value, all else equal"
     )
     contrasts: list[tuple[str, str]] = Field(default_factory=list, description="[X, Y] pairs compared (X − Y)")
-    pairing: Literal["seed", "none"] = Field(default="none", description="seed: compare conditions seed by seed")
+    pairing: Pairing = Field(default="none", description="seed: compare conditions seed by seed")
     equivalence_margin: float | None = Field(
         default=None, gt=0, description="TOST margin: |X − Y| < margin, in the metric's units; None: no TOST"
     )
@@ -286,7 +284,7 @@ class _Source:
         path = format_loc(loc) or "<top>"
         for set_loc, flag in self.sets.items():
             if loc[: len(set_loc)] == set_loc:
-                return f"--set {flag}" + ("" if loc == set_loc else f": {path}")
+                return f"--set {flag}" + ("" if path in (format_loc(set_loc), flag) else f": {path}")
         line = _line_of(self.root, loc)
         return f"{self.name}:{line}: {path}" if line else f"{self.name}: {path}"
 
@@ -486,6 +484,9 @@ def _check_path(path: str, source: _Source, loc: Loc) -> None:
         model = submodel(annotation)
         if model is None and any(get_origin(a) is dict for a in get_args(annotation)):
             break  # a mapping-valued field such as train.l2: its keys are checked with the trial config
+        extra = model is not None and model.model_config.get("extra") == "allow"
+        if extra and i + 1 < len(parts) and parts[i + 1] not in model.model_fields:  # type: ignore[union-attr]
+            break  # a rule's own option (`feedback.mirror_lr`): checked with the trial config
     if path == "train.seed":
         raise source.fail(loc, "the seed is not an axis; expected the spec's `seeds: [...]` list")
 
@@ -597,17 +598,82 @@ def _validate_cell(spec: SweepSpec, stage: Stage, cell: _Cell, source: _Source) 
 
 
 def _check_arch(trial: TrialConfig, cell: _Cell, source: _Source) -> None:
-    """model.arch must be a preset or a valid layer string; FixConv layers need model.init_from."""
-    from fasweep.models import parse_layers, resolve_arch
+    """model.arch must be a preset, a valid layer string or a user's model that loads; FixConv layers need
+    model.init_from."""
+    from fasweep.models import layers_of
 
     loc = cell.origins.get("model.arch", ("base", "model", "arch"))
     try:
-        layers = parse_layers(resolve_arch(trial.model.arch))
+        layers = layers_of(trial.model.arch) or []
     except UserError as exc:
         detail = str(exc).removeprefix("model.arch").lstrip(": ")
         raise source.fail(loc, detail) from None
     if any(layer.kind == "fixconv" for layer in layers) and trial.model.init_from is None:
         raise source.bad(loc, trial.model.arch, "model.init_from (or a stage init_from) for its FixConv layer")
+
+
+def _check_effect(
+    spec: SweepSpec, cells: dict[str, list[_Cell]], configs: dict[str, dict[str, dict[str, Any]]], source: _Source
+) -> None:
+    """Every feedback setting is read by the rule of some layer it reaches, and every axis changes what trains.
+
+    Refused, naming the field and what would make it count: an override of `feedback.X` (a condition, grid, sample
+    or stage override) in a condition none of whose layers runs a rule that reads X (marks applied: `Dense10(R)`
+    runs random whatever `feedback.mode` says); a `feedback.X` set in `base` to other than its default that no trial
+    of the spec reads; two conditions of a stage whose configs differ only in what no layer reads (the same layers,
+    rules and options: e.g. `model.arch` DSR1 and its own layer string)."""
+    from fasweep.models import feedback_fields, feedback_read, layer_rules, rules_text, unread, what_reads
+
+    read_anywhere: set[str] = set()
+    for stage, sloc in _stages(spec):
+        seen: dict[str, _Cell] = {}
+        for cell in cells[stage.name]:
+            config = configs[stage.name][cell.name]
+            rules = layer_rules(config["model"]["arch"], config["feedback"], config["model"].get("rules"))
+            read = feedback_read(rules)
+            read_anywhere |= read
+            for path, value in cell.overrides.items():
+                fields = [f for f in feedback_fields(path, value) if f not in read]
+                if fields:
+                    origin = cell.origins[path]
+                    shown = stage.grid[path] if origin[len(sloc) : len(sloc) + 1] == ("grid",) else value
+                    loc = origin[:-1] if isinstance(origin[-1], int) else origin  # a grid axis, not one value
+                    raise source.bad(loc, shown, unread(fields[0], rules, f" of condition {cell.name}"))
+            model = {**config["model"], "arch": _layer_shapes(config["model"]["arch"])}
+            effective = {**config, "model": model, "feedback": [vars(r) for r in rules]}  # what trains
+            key = json.dumps(effective, sort_keys=True, default=str)
+            twin = seen.setdefault(key, cell)
+            if twin is not cell and configs[stage.name][twin.name] != config:
+                paths = [
+                    p for p in {**twin.overrides, **cell.overrides} if twin.overrides.get(p) != cell.overrides.get(p)
+                ]
+                blamed = cell if paths[0] in cell.overrides else twin
+                raise source.bad(
+                    blamed.origins[paths[0]],
+                    blamed.overrides[paths[0]],
+                    f"a value that changes what trains: conditions {twin.name} and {cell.name} train the same "
+                    f"layers and rules ({rules_text(rules)}) and differ only in {', '.join(paths)}",
+                )
+    for name in sorted(spec.base.feedback.model_fields_set - read_anywhere):
+        value = getattr(spec.base.feedback, name)
+        if value == type(spec.base.feedback).model_fields[name].default:  # a default written out (a dumped spec)
+            continue
+        raise source.bad(
+            ("base", "feedback", name),
+            value,
+            f"a setting some trial reads: no layer of any condition runs a rule that reads feedback.{name} (to make "
+            f"it count: {what_reads(name)})",
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_shapes(arch: str) -> str:
+    """The layer string of `arch` without its marks: the network's shape (its rules are compared separately)."""
+    from fasweep.models import format_layers, is_user_model, parse_layers, resolve_arch
+
+    if is_user_model(arch):  # its layers are not known without building it
+        return arch
+    return format_layers([dataclasses.replace(spec, feedback=None) for spec in parse_layers(resolve_arch(arch))])
 
 
 def _check_spec(spec: SweepSpec, source: _Source) -> dict[str, list[_Cell]]:
@@ -975,6 +1041,7 @@ def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
         stage.name: {cell.name: _validate_cell(spec, stage, cell, source) for cell in cells[stage.name]}
         for stage, _ in _stages(spec)
     }
+    _check_effect(spec, cells, configs, source)
     trials: list[PlannedTrial] = []
     for stage, sloc in _stages(spec):
         seeds = stage.seeds or spec.seeds
@@ -1010,13 +1077,23 @@ def _expand(spec: SweepSpec) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
 # --- entry points ---------------------------------------------------------------------------------------------
 
 
-def parse_spec(text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>") -> Plan:
+def parse_spec(
+    text: str, sets: dict[str, Any] | None = None, *, name: str = "<spec>", folder: Path | None = None
+) -> Plan:
     """Validate a spec from YAML text (plus --set overrides) and plan it; errors are one-line UserErrors with
-    the YAML line or --set flag."""
+    the YAML line or --set flag. The spec's `code` folders (relative to `folder`) are made importable first."""
     source = _Source(name)
     data = _read_yaml(text, source)
     for path, value in (sets or {}).items():
         source.sets[_apply_set(data, _set_loc(path, data), value, path)] = path
+    code = data.get("code") if isinstance(data, dict) else None
+    for i, entry in enumerate(code if isinstance(code, list) else []):
+        found = plugins.code_folder(entry, folder) if isinstance(entry, str) else None
+        if found is None:
+            raise source.bad(("code", i), entry, "a folder of your Python package, relative to the spec's folder")
+        code[i] = str(found)  # type: ignore[index]
+    if isinstance(code, list):
+        plugins.importable(code)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
@@ -1041,7 +1118,7 @@ def load_spec(path: str | Path, sets: dict[str, Any] | None = None) -> Plan:
         raise UserError.field("spec", str(path), "an existing YAML file, e.g. sweeps/quickstart.yaml") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError.field("spec", str(path), f"a readable UTF-8 YAML file ({exc.__class__.__name__})") from None
-    return parse_spec(text, sets, name=str(path))
+    return parse_spec(text, sets, name=str(path), folder=path.parent)
 
 
 def dump_spec(spec: SweepSpec) -> str:
@@ -1152,9 +1229,14 @@ class Plan:
 
     def warnings(self) -> list[str]:
         """What a reader should know before the plan runs, one line each: a stage whose `init_from` chooses its
-        source run on test data (no validation split)."""
+        source run on test data (no validation split); trials of a packing stage that run alone, by reason."""
         out = []
         for stage, _ in _stages(self.spec):
+            size = self.pack_size(stage.name)
+            mine = self.stage_trials(stage.name) if size > 1 else []
+            alone = [r for t in mine if (r := not_packable(TrialConfig.model_validate(t.config)))]
+            for reason, n in Counter(alone).items():
+                out.append(f"stage {stage.name}: {n} of {len(mine)} trials run alone, not in packs of {size}: {reason}")
             init = stage.init_from
             if init is not None and init.select == "best" and on_test_data(init.metric):
                 run = f"stage {stage.name}: the init_from run ({init.stage}/{init.condition}, best {init.metric})"

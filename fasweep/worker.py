@@ -26,8 +26,8 @@ from typing import Any
 
 from ray import tune
 
-from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy
-from fasweep.config import set_path
+from fasweep.checkpoints import CheckpointFolder
+from fasweep.config import CheckpointPolicy, set_path
 from fasweep.errors import UserError
 from fasweep.faults import describe_fault
 from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, trial_checkpoints
@@ -65,7 +65,7 @@ def run_trial(
     import ray
     import torch
 
-    from fasweep.config import TrialConfig
+    from fasweep.config import validate_trial
     from fasweep.train import train
 
     key = config["key"]
@@ -88,7 +88,7 @@ def run_trial(
 
         try:
             result = train(
-                TrialConfig.model_validate(mine[key]),
+                validate_trial(mine[key]),
                 checkpoint_dir=folder,
                 checkpointing=checkpointing,
                 resume_from=resume_from,
@@ -105,7 +105,7 @@ def _run_pack(
     configs: dict[str, dict[str, Any]], *, resumed: bool, storage: str, checkpointing: CheckpointPolicy
 ) -> None:
     """Train a pack's members (`configs`: member key -> TrialConfig dict) with `train_pack`, one result per epoch."""
-    from fasweep.config import TrialConfig
+    from fasweep.config import validate_trial
     from fasweep.packed import train_pack
 
     keys = list(configs)
@@ -138,7 +138,7 @@ def _run_pack(
 
         try:
             results = train_pack(
-                [TrialConfig.model_validate(configs[k]) for k in keys],
+                [validate_trial(configs[k]) for k in keys],
                 checkpoint_dirs=folders,
                 checkpointing=checkpointing,
                 resume_from=resumes,
@@ -166,11 +166,10 @@ def _failure(exc: Exception, storage: str) -> dict[str, str]:
 
 def _nothing_left(checkpoint: Path | None, planned: int) -> bool:
     """Whether the trial a checkpoint file saved has nothing left to run (all epochs, or diverged)."""
+    from fasweep.trial import nothing_left
+
     history = checkpoint.parent / HISTORY_FILE if checkpoint is not None else None
-    if history is None or not history.is_file():
-        return False
-    epochs = json.loads(history.read_text())
-    return bool(epochs) and (len(epochs) >= planned or bool(epochs[-1].get("diverged")))
+    return history is not None and history.is_file() and nothing_left(json.loads(history.read_text()), planned)
 
 
 def _first_readable(location: str, dst: Path) -> tuple[Path | None, int, bool]:

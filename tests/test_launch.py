@@ -20,7 +20,7 @@ from rich.console import Console
 
 from fasweep.checkpoints import find_checkpoints
 from fasweep.cli import main
-from fasweep.config import validate_trial
+from fasweep.config import TrialConfig, set_path, validate_trial
 from fasweep.launch import ERRORS_LOG, _preflight, launch
 from fasweep.runs.layout import CHECKPOINTS_DIR, LaunchStatus, epoch_marker, trial_checkpoints
 from fasweep.runs.store import TrackingError
@@ -96,8 +96,10 @@ def test_small_grid_gives_the_planned_child_runs_and_resume_adds_nothing(ray_add
         *("--set", "seeds=[0, 1]", "--set", "max_concurrent=2"),
     ]
     assert cli("launch", str(SIGN_CONCORDANCE), "--tracking-uri", store, *sets) == 0
-    *_, closing, _, said = capsys.readouterr().out.strip().splitlines()
+    *_, closing, tracked, said, pages = capsys.readouterr().out.strip().splitlines()
     best_key, best_value = closing.split("; best ")[1].split()
+    assert tracked.startswith("MLflow: experiment 'sign_concordance', parent run ")
+    assert pages == f"its pages in the MLflow UI: fasweep ui sign_concordance --tracking-uri {store}"
     parents, children = runs(store, "sign_concordance", "parent"), runs(store, "sign_concordance", "trial")
     assert len(parents) == 1 and parents[0].data.tags["fasweep.status"] == "finished"
     parent = parents[0]
@@ -505,7 +507,8 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
     def tracker(name: str, budget_s: float) -> RunWriter:
         t = RunWriter(uri, name, name, budget_s=budget_s)
         t.open_parent("L1", {"fasweep.plan_hash": "x"}, spec_yaml=f"name: {name}\n")
-        t.trial_started(TrialInfo("main/A/s0", "main", "A", 0, {"train": {"epochs": 3}, "feedback": {"mode": "bp"}}))
+        config = set_path(TrialConfig().model_dump(mode="json"), "train.epochs", 3)
+        t.trial_started(TrialInfo("main/A/s0", "main", "A", 0, config))
         t.trial_epoch("main/A/s0", {"epoch": 1.0, "test_acc": 0.5})
         t.flush()
         return t

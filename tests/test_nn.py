@@ -25,6 +25,7 @@ from fasweep.nn import (
     make_rule,
     optimizer_step,
 )
+from fasweep.nn import untied as untied_module
 
 FA_MODES = [
     ("random", {}),
@@ -149,8 +150,16 @@ def _untied_explicit(x, W, b, B, G, k, stride, pad):
     return out, dxp[:, :, pad : pad + h, pad : pad + w], dW
 
 
+@pytest.fixture(params=["one chunk", "one row per chunk"])
+def untied_chunks(request, monkeypatch):
+    """UntiedConv2d's patches at once (these sizes fit one chunk) or one output row at a time."""
+    if request.param == "one row per chunk":
+        monkeypatch.setattr(untied_module, "CHUNK_BYTES", 1)
+
+
 @pytest.mark.parametrize(("mode", "opts"), [("bp", {}), *FA_MODES[:1], FA_MODES[3]])
 @pytest.mark.parametrize(("stride", "pad"), [(1, 1), (2, 0)])
+@pytest.mark.usefixtures("untied_chunks")
 def test_untied_against_explicit_loop(mode, opts, stride, pad):
     layer = UntiedConv2d(2, 3, (3, 2), (6, 5), stride=stride, padding=pad, feedback=mode, **opts)
     x = torch.randn(2, 2, 6, 5, requires_grad=True)
@@ -188,6 +197,7 @@ def _dense_untied(weight, in_shape, kernel, stride, pad):
 
 
 @pytest.mark.parametrize(("stride", "pad", "channels_last"), [(1, 2, False), (2, 1, True), (1, 0, True)])
+@pytest.mark.usefixtures("untied_chunks")
 def test_untied_float64_equals_tied_conv_and_dense_form(stride, pad, channels_last):
     """float64: from_conv2d equals the conv (forward, dx under bp, summed dW and db); under random B every
     output and gradient equals the dense (C*H*W, O*P) matrix form, computed independently by indexing."""
@@ -268,6 +278,8 @@ def test_untied_autocast_bf16_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x), out, rtol=0, atol=0)  # the no-grad path: the same bf16 products
     out.float().square().mean().backward()
     assert x.grad.dtype == layer.weight.grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)

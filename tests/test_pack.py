@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasweep.checkpoints import CheckpointPolicy, newest_checkpoint
-from fasweep.config import TrialConfig, validate_trial
+from fasweep.checkpoints import newest_checkpoint
+from fasweep.config import CheckpointPolicy, TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
 from fasweep.models import build_model
@@ -30,6 +30,7 @@ from fasweep.packed.net import PackedNet
 from fasweep.packed.optim import StackedOptimizer
 from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, epoch_marker
 from fasweep.train import train
+from fasweep.trial import Checkpoint
 
 DENSE = "Dense32(sign_concordant) Dense16(sign_concordant) Dense10(R*)"
 CONV = "Conv3*3/8 Pool3*3 Conv3*3/8(sign_concordant) Dense16(R*) Dense10(R)"
@@ -263,6 +264,7 @@ def test_a_batched_member_checkpoint_has_the_trials_format_and_resumes_alone(tmp
         return (tree.dtype, tuple(tree.shape)) if isinstance(tree, torch.Tensor) else type(tree)
 
     assert shapes(packed_state) == shapes(solo_state)
+    assert packed_state.keys() == Checkpoint.__required_keys__  # the one schema, as declared
     more = configs[2].model_copy(update={"train": configs[2].train.model_copy(update={"epochs": 3})})
     resumed = train(more, resume_from=_saved(tmp_path / "m2"))
     _close(resumed.history, train(more).history, loss=1e-3, degrees=1.0, acc=0.01)
@@ -277,10 +279,14 @@ def test_a_batched_member_checkpoint_has_the_trials_format_and_resumes_alone(tmp
         lambda ps, lr: torch.optim.Adam(
             [{"params": ps[:2], "weight_decay": 0.01}, {"params": ps[2:], "weight_decay": 0.0}], lr=lr
         ),
+        lambda ps, lr: torch.optim.Adam(
+            [{"params": ps[:2], "weight_decay": 0.01}, {"params": ps[2:], "weight_decay": 0.0}], lr=lr, fused=True
+        ),
+        lambda ps, lr: torch.optim.Adam(ps, lr=lr, fused=lr > 1e-3),  # one member fused, as a resumed pack may mix
         lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-3),
         lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.0),
     ],
-    ids=["adam", "nesterov", "sgd"],
+    ids=["adam", "adam-fused", "adam-fused-and-not", "nesterov", "sgd"],
 )
 def test_a_stacked_optimizer_is_k_torch_optimizers_bitwise(make: Any) -> None:
     torch.manual_seed(0)

@@ -380,6 +380,14 @@ def test_pivot_by_two_axes(layout_store: str, capsys: pytest.CaptureFixture[str]
     assert first_col == ["0.0", "0.5", "1.0"]
 
 
+def test_by_takes_the_short_axis_names_condition_names_use(
+    layout_store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    full = report_json(capsys, layout_store, "grid", "--by", "feedback.concordance", "--by", "feedback.magnitude")
+    short = report_json(capsys, layout_store, "grid", "--by", "concordance", "--by", "magnitude")
+    assert short == full and full["tables"][0]["records"]
+
+
 def test_pivot_pools_other_axes(layout_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     records = report_json(capsys, layout_store, "grid", "--by", "feedback.magnitude")["tables"][0]["records"]
     df = trial_runs(layout_store, "grid", ["launch-B"])

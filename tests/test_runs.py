@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from fasweep.config import TrialConfig, set_path
 from fasweep.errors import UserError
 from fasweep.runs import lease as lease_module
-from fasweep.runs.conditions import ConditionInfo, ParentInfo
+from fasweep.runs.conditions import ConditionInfo, ParentInfo, aggregate
 from fasweep.runs.layout import (
     Best,
     LaunchStatus,
@@ -130,7 +131,8 @@ def test_init_from_chooses_its_source_run_on_validation_data(uri: str) -> None:
 
 def _info(key: str, epochs: int = 3) -> TrialInfo:
     stage, condition, seed = key.split("/")
-    return TrialInfo(key, stage, condition, int(seed[1:]), {"train": {"epochs": epochs}, "feedback": {"mode": "bp"}})
+    config = set_path(TrialConfig().model_dump(mode="json"), "train.epochs", epochs)  # a full config, as planned
+    return TrialInfo(key, stage, condition, int(seed[1:]), config)
 
 
 def test_writer_is_idempotent_and_the_reader_reads_what_it_wrote(uri: str, tmp_path: Path) -> None:
@@ -339,6 +341,15 @@ def _declared(keys: dict[str, list[int]], epochs: int = 4) -> ParentInfo:
 
 def _epoch(epoch: int, acc: float, **extra: float) -> dict[str, float]:
     return {"epoch": float(epoch), "test_acc": acc, "train_loss": 1.0 / epoch, **extra}
+
+
+def test_a_condition_logs_its_test_metrics_first_and_n_last() -> None:
+    """MLflow keeps a run's metrics in the order of its first batch, and its Compare page opens on the first one."""
+    history = {1: {"epoch": 1.0, "angle/dense0": 60.0, "train_loss": 0.5, "test_loss": 0.4, "test_acc": 0.8}}
+    assert list(aggregate([("finished", history), ("finished", history)], 1)) == [
+        "test_acc", "test_acc_sd", "test_loss", "test_loss_sd", "angle/dense0", "angle/dense0_sd", "train_loss",
+        "train_loss_sd", "n",
+    ]  # fmt: skip
 
 
 def test_condition_runs_average_their_trials_through_errors_divergence_and_a_resume(uri: str) -> None:

@@ -11,14 +11,15 @@ import pyarrow.fs
 import pytest
 import torch
 
-from fasweep.checkpoints import CheckpointFolder, CheckpointPolicy, newest_checkpoint
+from fasweep.checkpoints import CheckpointFolder, newest_checkpoint
 from fasweep.cli import main
-from fasweep.config import TrialConfig, validate_trial
+from fasweep.config import CheckpointPolicy, TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
 from fasweep.models import build_model
 from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, epoch_marker
-from fasweep.train import _Trial, make_loss, make_optimizer, train
+from fasweep.train import make_loss, train
+from fasweep.trial import TrialState, make_optimizer
 
 TIMING = {"epoch_time_s"}
 
@@ -147,7 +148,7 @@ def test_divergence_ends_the_trial_with_its_history(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 1e307), ("nesterov", 1e39), ("adam", 1e38)])
 def test_an_update_that_overflows_float32_ends_the_trial_diverged(tmp_path: Path, optimizer: str, lr: float) -> None:
-    """An lr float32 cannot hold (Adam's first step scales it by 10) makes torch's step raise; the trial ends
+    """An lr float32 cannot hold (Adam's first step scales it by 10) cannot be applied as a step; the trial ends
     `diverged` at its first batch, with its initial weights and a finite loss, not with an error."""
     cfg = _config(model={"arch": "Dense16 Dense10(R)"}, train={"epochs": 3, "optimizer": optimizer, "lr": lr})
     result = train(cfg, checkpoint_dir=tmp_path)
@@ -256,7 +257,7 @@ def test_bf16_autocast_and_channels_last_run_on_the_cpu() -> None:
     assert bf16.status == "finished" and bf16.final["test_acc"] > 0.7
     assert bf16.final["test_acc"] == pytest.approx(fp32.final["test_acc"], abs=0.05)
     assert bf16.final["test_loss"] != fp32.final["test_loss"]  # bf16 did run
-    trial = _Trial(cfg, channels_last=True)
+    trial = TrialState(cfg, load_data(cfg.data), torch.device("cpu"), None, alone=True, channels_last=True)
     assert trial.model.get_submodule("conv1").weight.stride() == (72, 1, 24, 8)  # (O, C, kh, kw) as channels_last
     # the same fp32 maths in another memory layout: only the kernels' summation order differs
     _close(train(cfg, channels_last=True).history, fp32.history, rel=1e-3)

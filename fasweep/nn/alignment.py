@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -13,17 +14,23 @@ from fasweep.nn.layers import FALayer
 
 
 @contextmanager
-def exact_backprop(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside this block every FA layer of `model` behaves as `bp` (its B is W); restored on exit."""
-    rules = [m.rule for m in model.modules() if isinstance(m, FALayer)]
+def exact(rules: Sequence[Any]) -> Iterator[None]:
+    """Inside this block `rules` (`FeedbackRule`s, or a pack's `RuleStack`s) behave as bp; restored on exit."""
     saved = [r.exact for r in rules]
     for r in rules:
         r.exact = True
     try:
-        yield model
+        yield
     finally:
         for r, old in zip(rules, saved, strict=True):
             r.exact = old
+
+
+@contextmanager
+def exact_backprop(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block every FA layer of `model` behaves as `bp` (its B is W); restored on exit."""
+    with exact([m.rule for m in model.modules() if isinstance(m, FALayer)]):
+        yield model
 
 
 def angle(a: Tensor, b: Tensor) -> float:
@@ -72,12 +79,26 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor,
     k = len(names)
     metrics: dict[str, float] = {}
     for i, name in enumerate(names):
-        if fa[i] is None or bp[i] is None:
-            continue
-        metrics[f"angle/{name}"] = angle(fa[i], bp[i])
-        metrics[f"delta_angle/{name}"] = angle(fa[k + i], bp[k + i])
-        B, W = feedback[name], layers[name].weight
-        if B.shape == W.shape:
-            metrics[f"bw_angle/{name}"] = angle(B, W)
-            metrics[f"bw_norm_ratio/{name}"] = float(B.norm() / W.detach().norm())
+        metrics |= layer_alignment(name, fa[i], bp[i], fa[k + i], bp[k + i], feedback[name], layers[name].weight)
+    return metrics
+
+
+def layer_alignment(
+    name: str,
+    fa_grad: Tensor | None,
+    bp_grad: Tensor | None,
+    fa_signal: Tensor | None,
+    bp_signal: Tensor | None,
+    feedback: Tensor,
+    weight: Tensor,
+) -> dict[str, float]:
+    """The alignment metrics of layer `name` of one net (alone, or a pack's member) from its weight gradient and
+    output signal under its rule (`fa_*`) and under backprop (`bp_*`), its B and W (see `alignment`); nothing
+    where a gradient did not reach the layer."""
+    if fa_grad is None or bp_grad is None or fa_signal is None or bp_signal is None:
+        return {}
+    metrics = {f"angle/{name}": angle(fa_grad, bp_grad), f"delta_angle/{name}": angle(fa_signal, bp_signal)}
+    if feedback.shape == weight.shape:
+        metrics[f"bw_angle/{name}"] = angle(feedback, weight)
+        metrics[f"bw_norm_ratio/{name}"] = float(feedback.norm() / weight.detach().norm())
     return metrics

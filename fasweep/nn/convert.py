@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,10 +12,10 @@ from fasweep.nn.dfa import finalize
 from fasweep.nn.layers import FAConv2d, FALayer, FALinear
 from fasweep.nn.rules import FeedbackRule
 
+FeedbackFor = Callable[[str], str | FeedbackRule]  # a layer's module name -> its rule (a mode or a rule object)
 
-def _fa_twin(module: nn.Module, feedback: str | FeedbackRule, options: dict[str, Any]) -> FALayer | None:
-    if not isinstance(module, nn.Linear | nn.Conv2d):
-        return None
+
+def _fa_twin(module: nn.Linear | nn.Conv2d, feedback: str | FeedbackRule, options: dict[str, Any]) -> FALayer:
     w = module.weight
     factory = {"device": w.device, "dtype": w.dtype}
     new: FALayer
@@ -44,26 +45,28 @@ def _fa_twin(module: nn.Module, feedback: str | FeedbackRule, options: dict[str,
     return new
 
 
-def _swap_children(module: nn.Module, feedback: str | FeedbackRule, options: dict[str, Any]) -> None:
+def _swap_children(module: nn.Module, feedback_for: FeedbackFor, options: dict[str, Any], prefix: str) -> None:
     for name, child in list(module.named_children()):
-        if isinstance(child, FALayer):
-            continue
-        twin = _fa_twin(child, feedback, options)
-        if twin is None:
-            _swap_children(child, feedback, options)
-        else:
-            setattr(module, name, twin)
+        if isinstance(child, nn.Linear | nn.Conv2d) and not isinstance(child, FALayer):
+            setattr(module, name, _fa_twin(child, feedback_for(prefix + name), options))
+        elif not isinstance(child, FALayer):
+            _swap_children(child, feedback_for, options, f"{prefix}{name}.")
 
 
-def convert(model: nn.Module, feedback: str | FeedbackRule, **rule_options: Any) -> nn.Module:
+def _same(feedback: str | FeedbackRule) -> FeedbackFor:
+    return lambda _name: feedback
+
+
+def convert(model: nn.Module, feedback: str | FeedbackRule | FeedbackFor, **rule_options: Any) -> nn.Module:
     """Replace every plain `nn.Linear`/`nn.Conv2d` (in place) by an FA layer using `feedback`; returns model.
 
+    `feedback`: a rule's mode (with `rule_options`), a rule object (copied per layer), or a function of the
+    layer's module name (as `named_modules` spells it; '' for a bare layer) returning either, for a rule per layer.
     Layers that already are FA layers are kept; each new layer gets its own rule; dfa is wired (finalize).
     A bare `nn.Linear`/`nn.Conv2d` passed as `model` is returned as its FA twin.
     """
-    if not isinstance(model, FALayer):
-        twin = _fa_twin(model, feedback, rule_options)
-        if twin is not None:
-            return finalize(twin)
-    _swap_children(model, feedback, rule_options)
+    feedback_for = feedback if not isinstance(feedback, str | FeedbackRule) else _same(feedback)
+    if isinstance(model, nn.Linear | nn.Conv2d) and not isinstance(model, FALayer):
+        return finalize(_fa_twin(model, feedback_for(""), rule_options))
+    _swap_children(model, feedback_for, rule_options, "")
     return finalize(model)

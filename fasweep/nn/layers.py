@@ -16,7 +16,7 @@ from fasweep.nn.rules import FeedbackRule, LayerOp, resolve_rule
 
 
 class InputGradRule(Protocol):
-    """What the Function's backward asks for dL/dx: a `FeedbackRule` (or a pack's stand-in for its members')."""
+    """What the Function's backward asks for dL/dx: a `FeedbackRule`, or a pack's `RuleStack` of its members'."""
 
     def input_grad(self, op: LayerOp, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor: ...
 
@@ -86,6 +86,7 @@ class FALayer(nn.Module):
     def _attach_rule(self, feedback: str | FeedbackRule, options: dict[str, Any], fan_in: int) -> None:
         self.rule = resolve_rule(feedback, options)
         self.rule.bind(self.weight, fan_in)
+        self.rule.track(self.weight)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

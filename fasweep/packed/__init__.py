@@ -1,7 +1,7 @@
 """Packed trials: K compatible trials trained as one fused model per process (`train_pack`, `packable`).
 
 `group` (torch-free) says which trials can share a pack; `net` is the fused model; `optim` the members'
-optimizers as one stacked update; `train` the trainer, a member-by-member mirror of `fasweep.train.train`.
+optimizers as one stacked update; `train` `train_pack`: the members through `fasweep.train`'s one loop.
 """
 
 from fasweep.packed.group import PER_MEMBER, not_packable, pack_differences, packable

@@ -1,13 +1,14 @@
 """Which trials can share a pack (torch-free, for the spec and the launcher): `packable(configs)` groups them.
 
 A pack is one data set, one architecture and one batched pass, so its members' configs agree in every field
-except those in `PER_MEMBER`, each of which the fused model keeps per member (`tests/test_pack.py` shows a
-member equals the same trial alone). `feedback.mode` is compared through its effect: each layer's rule
-after the layer string's marks. Everything else is shared: `data.*` (one data set on the device), the
-layers and `model.*` (one pass), `train.optimizer`/`momentum`/`l2` (one update rule: a per-member momentum or
-L2 would change torch's fused multiply-adds), `batch_size`, `loss`, `epochs`, `schedule`, `device`, `bf16`,
-`compile`; with `data.val_fraction` > 0 also `train.seed` (the validation split follows it). A trial with a
-reason in `not_packable` always runs alone.
+except those in `PER_MEMBER` and the rules' options (`feedback.*` but `mode`: each member's rule keeps its own,
+see `fasweep.nn.rules.RuleStack`), each of which the fused model keeps per member (`tests/test_pack.py` shows a
+member equals the same trial alone). `feedback.mode` is compared through its effect: each layer's rule after the
+layer string's marks. Everything else is shared: `data.*` (one data set on the device), the layers and
+`model.*` (one pass), `train.optimizer`/`momentum`/`l2` (one update rule: a per-member momentum or L2 would
+change torch's fused multiply-adds), `batch_size`, `loss`, `epochs`, `schedule`, `device`, `bf16`, `compile`;
+with `data.val_fraction` > 0 also `train.seed` (the validation split follows it). A trial with a reason in
+`not_packable` (dropout, or a rule whose declaration says it cannot pack) always runs alone.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 from fasweep.config import TrialConfig, flatten
 from fasweep.errors import UserError
-from fasweep.models import format_layers, parse_layers, resolve_arch
+from fasweep.models import format_layers, is_user_model, parse_layers, resolve_arch
+from fasweep.rule_options import rule_info
 
 PER_MEMBER: dict[str, str] = {
     "train.seed": "initial W and B, data order, augmentation: drawn from the member's own seed",
@@ -29,10 +31,6 @@ PER_MEMBER: dict[str, str] = {
     "train.weight_clip": "clipping bounds per member",
     "train.batch_manhattan": "sign(grad) per member",
     "train.alignment_every": "the probe is measured for the members it is due for",
-    "feedback.init_scale": "only draws B at the start",
-    "feedback.concordance": "only draws the sign mask at the start",
-    "feedback.magnitude": "drawn at the start, or per batch from the member's own generator",
-    "feedback.decay": "KP decay factor per member",
 }
 
 
@@ -40,8 +38,12 @@ def not_packable(config: TrialConfig) -> str | None:
     """Why `config` cannot share a pack with any other trial, or None."""
     if config.model.dropout > 0:
         return "model.dropout > 0: each trial's masks come from its own global RNG stream"
-    if "dfa" in _rules(config):
-        return "dfa feedback: its B is drawn lazily at the first backward, wired to one net's output"
+    if is_user_model(config.model.arch):
+        return f"model.arch {config.model.arch}: a model of your own (a pack fuses layer strings only)"
+    for mode in dict.fromkeys(_rules(config)):
+        why = rule_info(mode).packable
+        if why is not True:
+            return f"feedback {mode}: {why}"
     return None
 
 
@@ -56,8 +58,12 @@ def pack_fields(config: TrialConfig) -> dict[str, Any]:
     for path in PER_MEMBER:
         if not (path == "train.seed" and config.data.val_fraction > 0):  # the validation split follows the seed
             fields.pop(path)
-    specs = parse_layers(resolve_arch(config.model.arch))
+    for path in [p for p in fields if p.startswith("feedback.") and p != "feedback.mode"]:
+        fields.pop(path)  # a rule option: each member's rule keeps its own
+    if is_user_model(config.model.arch):
+        return fields  # never packed (`not_packable`); its fields only say how two trials differ
     mode = fields.pop("feedback.mode")
+    specs = parse_layers(resolve_arch(config.model.arch))
     fields["model.arch"] = format_layers(
         [spec if spec.kind == "pool" else dataclasses.replace(spec, feedback=spec.feedback or mode) for spec in specs]
     )

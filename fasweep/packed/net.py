@@ -4,11 +4,11 @@
 (K, N, features). Images are (N, K*C, H, W), member k on channels [kC, (k+1)C): conv and untied layers run
 batched (one grouped convolution, one batched matmul over (K, positions); CUDA's default) or as each member's
 own op on its channels (the CPU's: faster there, and bitwise the trial alone, as bmm is for dense layers).
-Pooling, activations and batch norm act per channel, so one call serves every member. Each member's input
-gradient goes back through its own B as its rule (`fasweep.nn.rules`) defines it: bp W, random and
-random_updated the buffer B, sign_concordant sign(W) * s * M (batch_random M drawn from the member's own
-generator); `optimizer_step` is `fasweep.nn.optimizer_step` (batch manhattan, clipping, R* B following W, KP
-decay) for every member at once.
+Pooling, activations and batch norm act per channel, so one call serves every member. Each layer's rules are a
+`fasweep.nn.rules.RuleStack`: every member's own rule, its buffers slices of the stacked tensors, asked for B,
+for dL/dx and around the optimizer step as the rule's class says (by default each member's own maths on its
+slice); nothing here knows a rule by name. `optimizer_step` is `fasweep.nn.optimizer_step` (batch manhattan,
+clipping, the rules' step hooks) for every member at once.
 """
 
 from __future__ import annotations
@@ -21,18 +21,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fasweep.errors import UserError
-from fasweep.nn import FAConv2d, FALayer, FALinear, UntiedConv2d, angle
-from fasweep.nn.layers import Conv2dOp, apply_feedback
+from fasweep.nn import FAConv2d, FALayer, FALinear, UntiedConv2d
+from fasweep.nn.alignment import exact, layer_alignment
+from fasweep.nn.layers import Conv2dOp, LinearOp, apply_feedback
+from fasweep.nn.rules import RuleStack
 from fasweep.nn.untied import UntiedOp
 from fasweep.packed.optim import StackedOptimizer
 
-PACKABLE_RULES = ("bp", "random", "random_updated", "sign_concordant")
 Capture = dict[str, tuple[Tensor, Tensor | None]]  # FA layer name -> (its output, B used in the forward)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class _DenseOp:
     """Dense maths per member: x (K, N, in), W (K, out, in), b (K, out)."""
+
+    member = LinearOp
+
+    @staticmethod
+    def split(grad_out: Tensor, x: Tensor, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return list(zip(grad_out.unbind(0), x.unbind(0), strict=True))
+
+    @staticmethod
+    def join(grads: list[Tensor]) -> Tensor:
+        return torch.stack(grads)
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -51,7 +62,35 @@ class _DenseOp:
         return grad_w, (grad_out.sum(1) if need_bias else None)
 
 
-class _ConvOp:
+class _Channels:
+    """Image layers: member k on channels [kC, (k+1)C) of (N, K*C, H, W); `base` (`member`) is its op alone.
+    `split` hands each member its G and x in the memory layout they have alone, `join` stacks its dL/dx back."""
+
+    base: Any
+
+    @property
+    def member(self) -> Any:
+        return self.base
+
+    @staticmethod
+    def _split(t: Tensor, members: int) -> list[Tensor]:
+        return [c.contiguous() for c in t.chunk(members, 1)]
+
+    def _split_grad(self, grad_out: Tensor, x: Tensor, weight: Tensor) -> list[Tensor]:
+        """grad_out per member, strided as the layer's own output (autograd hands it so to the layer alone)."""
+        k = len(weight)
+        alone = self.base.forward(x.chunk(k, 1)[0].to("meta"), weight[0].to("meta"), None)
+        return [torch.empty_strided(alone.shape, alone.stride(), dtype=g.dtype).copy_(g) for g in grad_out.chunk(k, 1)]
+
+    def split(self, grad_out: Tensor, x: Tensor, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return list(zip(self._split_grad(grad_out, x, weight), self._split(x, len(weight)), strict=True))
+
+    @staticmethod
+    def join(grads: list[Tensor]) -> Tensor:
+        return torch.cat(grads, 1)
+
+
+class _ConvOp(_Channels):
     """Conv maths of all members as one convolution with K times the groups; W (K, O, C, kh, kw)."""
 
     def __init__(self, base: Conv2dOp) -> None:
@@ -78,7 +117,7 @@ class _ConvOp:
         )
 
 
-class _UntiedOp:
+class _UntiedOp(_Channels):
     """Untied maths per member (`fasweep.nn.untied.UntiedOp` with a leading K): W (K, P, C*kh*kw, O)."""
 
     def __init__(self, base: UntiedOp) -> None:
@@ -118,23 +157,13 @@ class _UntiedOp:
         return grad_w, grad_b
 
 
-class _PerMember:
+class _PerMember(_Channels):
     """A conv or untied layer's own op (`layer.op`) called once per member on its channels, in the memory
     layout it has alone: each member gets bitwise what it gets alone. The CPU's choice: there oneDNN's grouped
     convolution is 1.2-1.7x slower than K convolutions at PG0's sizes, and these layers are compute-bound."""
 
     def __init__(self, base: Any) -> None:
         self.base = base
-
-    @staticmethod
-    def _split(t: Tensor, members: int) -> list[Tensor]:
-        return [c.contiguous() for c in t.chunk(members, 1)]
-
-    def _split_grad(self, grad_out: Tensor, x: Tensor, weight: Tensor) -> list[Tensor]:
-        """grad_out per member, strided as the layer's own output (autograd hands it so to the layer alone)."""
-        k = len(weight)
-        alone = self.base.forward(x.chunk(k, 1)[0].to("meta"), weight[0].to("meta"), None)
-        return [torch.empty_strided(alone.shape, alone.stride(), dtype=g.dtype).copy_(g) for g in grad_out.chunk(k, 1)]
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         xs = self._split(x, len(weight))
@@ -156,25 +185,18 @@ class _PerMember:
         return (torch.stack(grad_w) if need_weight else None), (torch.stack(grad_b) if need_bias else None)
 
 
-class _Backward:
-    """The rule every backward of a `PackedNet` asks for dx (`FeedbackRule.input_grad`): through the members'
-    stacked B, or through W while `exact` (as `fasweep.nn.exact_backprop`)."""
-
-    exact = False
-
-    def input_grad(self, op: Any, grad_out: Tensor, weight: Tensor, feedback: Tensor, x: Tensor) -> Tensor:
-        return op.input_grad(grad_out, weight if self.exact else feedback, x)
-
-
 class _FALayer:
-    """One FA layer of every member: stacked W and b, each member's rule (one mode; own buffers and options)."""
+    """One FA layer of every member: stacked W and b, and the members' rules as a `RuleStack`."""
 
-    def __init__(self, name: str, layers: Sequence[FALayer], batched: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[FALayer],
+        batched: bool,
+        tensors: dict[str, Tensor],
+        generators: Sequence[torch.Generator],
+    ) -> None:
         self.name = name
-        self.mode = layers[0].rule.mode
-        if self.mode not in PACKABLE_RULES or any(layer.rule.mode != self.mode for layer in layers):
-            modes = sorted({layer.rule.mode for layer in layers})
-            raise UserError.field(f"{name} feedback", modes, f"one rule of {', '.join(PACKABLE_RULES)} in a pack")
         first = layers[0]
         self.image = not isinstance(first, FALinear)
         if isinstance(first, FALinear):
@@ -185,31 +207,15 @@ class _FALayer:
             self.op = _ConvOp(first.op)
         else:
             self.op = _UntiedOp(first.op)
-        rules = [layer.rule for layer in layers]
-        self.decay = [float(getattr(r, "decay", 0.0)) for r in rules]
-        self.draws = [getattr(r, "magnitude", None) == "batch_random" for r in rules]
-        self.sigma = [float(getattr(r, "sigma", 0.0)) for r in rules]
+        self.rules = RuleStack([layer.rule for layer in layers], self._buffers(tensors), generators)
 
-    def select(self, keep: list[int]) -> None:
-        self.decay, self.draws, self.sigma = ([v[i] for i in keep] for v in (self.decay, self.draws, self.sigma))
+    def _buffers(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The stacked buffers of this layer's rules, by their names in the rule."""
+        prefix = f"{self.name}.rule."
+        return {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
 
-    @torch.no_grad()
-    def feedback(self, net: PackedNet, weight: Tensor) -> Tensor:
-        """Every member's B for this forward (`FeedbackRule.matrix` of its rule, stacked)."""
-        w = weight.detach()
-        if self.mode == "bp":
-            return w
-        if self.mode != "sign_concordant":
-            return net.tensors[f"{self.name}.rule.B"]
-        b = torch.sign(w).mul_(net.tensors[f"{self.name}.rule.signed_magnitude"])
-        if any(self.draws):
-            ones = torch.ones(w.shape[1:], dtype=w.dtype, device=w.device)
-            magnitudes = [
-                torch.randn(w.shape[1:], generator=g, dtype=w.dtype, device=w.device).abs_().mul_(s) if d else ones
-                for g, d, s in zip(net.generators, self.draws, self.sigma, strict=True)
-            ]
-            b.mul_(torch.stack(magnitudes))
-        return b
+    def select(self, keep: list[int], tensors: dict[str, Tensor]) -> None:
+        self.rules = self.rules.select(keep, self._buffers(tensors))
 
     def forward(self, net: PackedNet, x: Tensor, capture: Capture | None) -> Tensor:
         weight, bias = net.tensors[f"{self.name}.weight"], net.tensors.get(f"{self.name}.bias")
@@ -217,10 +223,10 @@ class _FALayer:
             out, matrix = self.op.forward(x, weight, bias), None
         else:
             # B only matters when dL/dx is wanted (not for a first layer fed with data)
-            matrix = self.feedback(net, weight) if x.requires_grad else None
+            matrix = self.rules.matrix(weight) if x.requires_grad else None
             feedback = weight.detach() if matrix is None else matrix
             # G made contiguous (e.g. after a batch norm's layout change): sums in the order of a member alone
-            out = apply_feedback(x, weight, bias, feedback, self.op, net.backward, contiguous_grad=True)
+            out = apply_feedback(x, weight, bias, feedback, self.op, self.rules, contiguous_grad=True)
         if capture is not None:
             capture[self.name] = (out, matrix)
         return out
@@ -280,10 +286,16 @@ _PER_CHANNEL = (nn.MaxPool2d, nn.AvgPool2d, nn.ReLU, nn.Tanh)
 _Layer = _FALayer | _BatchNorm | _Flatten | _PerChannel
 
 
-def _packed_layer(name: str, modules: Sequence[nn.Module], batched: bool) -> _Layer:
+def _packed_layer(
+    name: str,
+    modules: Sequence[nn.Module],
+    batched: bool,
+    tensors: dict[str, Tensor],
+    generators: Sequence[torch.Generator],
+) -> _Layer:
     module = modules[0]
     if isinstance(module, FALinear | FAConv2d | UntiedConv2d):
-        return _FALayer(name, [cast(FALayer, m) for m in modules], batched)
+        return _FALayer(name, [cast(FALayer, m) for m in modules], batched, tensors, generators)
     if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
         return _BatchNorm(name, module)
     if isinstance(module, nn.Flatten):
@@ -296,7 +308,7 @@ def _packed_layer(name: str, modules: Sequence[nn.Module], batched: bool) -> _La
 class PackedNet:
     """K `nn.Sequential` nets of one architecture (as `fasweep.models.build_model` makes them) as one fused model.
 
-    `generators[k]` draws member k's batch_random magnitudes (its global RNG in a trial of its own);
+    `generators[k]` draws member k's rules' per-step draws (its global RNG in a trial of its own);
     `batched`: conv and untied layers as one call for all members (grouped convolution, batched matmul) rather
     than one per member (`_PerMember`); None: on CUDA.
     """
@@ -313,16 +325,18 @@ class PackedNet:
         if any([n for n, _ in m.named_children()] != names for m in models):
             raise UserError("a pack needs members of one architecture")
         batched = device.type == "cuda" if batched is None else batched
-        self.layers = [_packed_layer(n, [m.get_submodule(n) for m in models], batched) for n in names]
         states = [m.state_dict() for m in models]
         self.tensors: dict[str, Tensor] = {n: torch.stack([s[n] for s in states]).to(device) for n in states[0]}
         self.trainable = [n for n, p in template.named_parameters() if p.requires_grad]
         for n in self.trainable:
             self.tensors[n].requires_grad_(True)
         self.generators = list(generators or [torch.Generator(device) for _ in models])
+        self.layers = [
+            _packed_layer(n, [m.get_submodule(n) for m in models], batched, self.tensors, self.generators)
+            for n in names
+        ]
         self.flat_input = isinstance(self.layers[0], _FALayer) and not self.layers[0].image
         self.training = True
-        self.backward = _Backward()
 
     @property
     def members(self) -> int:
@@ -359,7 +373,7 @@ class PackedNet:
                 new.grad = t.grad.index_select(0, index)
             self.tensors[name] = new
         for layer in self.fa_layers():
-            layer.select(keep)
+            layer.select(keep, self.tensors)
         self.generators = [self.generators[i] for i in keep]
 
     @torch.no_grad()
@@ -367,6 +381,13 @@ class PackedNet:
         """Copy member k's tensors into `model` (a net of the same architecture, on any device)."""
         for name, t in model.state_dict().items():
             t.copy_(self.tensors[name][k])
+
+    def _stepped(self, optimizer: StackedOptimizer) -> list[tuple[_FALayer, Tensor]]:
+        """The FA layers whose W the optimizer moves, with W, in the members' optimizer order (their rules' step
+        hooks then run, and draw, in the order they do alone)."""
+        layers = {f"{layer.name}.weight": layer for layer in self.fa_layers()}
+        order = [name for group in optimizer.groups for name in group if name in layers]
+        return [(layers[name], self.tensors[name]) for name in order]
 
     @torch.no_grad()
     def optimizer_step(
@@ -376,28 +397,22 @@ class PackedNet:
         batch_manhattan: Sequence[bool],
         weight_clip: Sequence[float | None],
     ) -> None:
-        """`fasweep.nn.optimizer_step` for every member: sign(grads) where asked, the step, clipping to each
-        member's (-c, c), then each random_updated weight's change added to its B and the KP decay."""
+        """`fasweep.nn.optimizer_step` for every member: sign(grads) where asked, the rules' `before_step`, the
+        step, clipping to each member's (-c, c), the rules' `after_step`."""
         trainable = [self.tensors[n] for n in self.trainable]
         if any(batch_manhattan):
             mask = torch.tensor(batch_manhattan, device=trainable[0].device)
             for p in trainable:
                 if p.grad is not None:
                     p.grad.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), p.grad.sign(), p.grad))
-        followed = [layer for layer in self.fa_layers() if layer.mode == "random_updated"]
-        followed = [layer for layer in followed if f"{layer.name}.weight" in self.trainable]
-        before = [self.tensors[f"{layer.name}.weight"].detach().clone() for layer in followed]
+        stepped = self._stepped(optimizer)
+        for layer, w in stepped:
+            layer.rules.before_step(w)
         optimizer.step(self.tensors)
         if any(c is not None for c in weight_clip):
             self._clip(weight_clip)
-        for layer, w0 in zip(followed, before, strict=True):
-            b, w = self.tensors[f"{layer.name}.rule.B"], self.tensors[f"{layer.name}.weight"]
-            b.sub_(w0).add_(w)
-            if any(layer.decay):
-                keep = torch.tensor([1.0 - d for d in layer.decay], dtype=w.dtype, device=w.device)
-                keep = keep.view(-1, *[1] * (w.dim() - 1))
-                b.mul_(keep)
-                w.mul_(keep)
+        for layer, w in stepped:
+            layer.rules.after_step(w)
 
     def _clip(self, weight_clip: Sequence[float | None]) -> None:
         """`fasweep.nn.clip_weights`: every dense/conv/untied weight (frozen ones too) into member k's [-c, c]."""
@@ -413,44 +428,49 @@ class PackedNet:
     def alignment(self, x: Tensor, y: Tensor, loss_fn: LossFn, members: Sequence[int]) -> list[dict[str, float]]:
         """`fasweep.nn.alignment` for the members `members` (stack indices) on the probe batch (x, y), one pass.
 
-        Eval mode; batch_random draws come from copies of the members' generators (theirs are left as they are).
+        Eval mode; the rules' per-step draws come from copies of the members' generators (theirs are left as
+        they are).
         """
         layers = [layer for layer in self.fa_layers() if f"{layer.name}.weight" in self.trainable]
         if not layers:
             return [{} for _ in members]
-        saved = self.generators
         training, self.training = self.training, False
         weights = [self.tensors[f"{layer.name}.weight"] for layer in layers]
+        stacks = [layer.rules for layer in self.fa_layers()]
+        forked = [g.clone_state() for g in self.generators]  # as alignment's fork_rng
         try:
-            self.generators = [g.clone_state() for g in saved]  # forked, as alignment's fork_rng
+            for stack in stacks:
+                stack.use_generators(forked)
             with torch.enable_grad():
                 capture: Capture = {}
                 loss = torch.stack([loss_fn(o, y) for o in self.forward(self.shared_input(x), capture)]).sum()
                 targets = weights + [capture[layer.name][0] for layer in layers]
                 fa = torch.autograd.grad(loss, targets, retain_graph=True, allow_unused=True)
-                self.backward.exact = True
-                bp = torch.autograd.grad(loss, targets, allow_unused=True)
-                self.backward.exact = False
-            feedback: dict[str, Tensor] = {}
+                with exact(stacks):
+                    bp = torch.autograd.grad(loss, targets, allow_unused=True)
             # a layer whose forward drew no B (a first layer) draws it now, from the forked generators too
-            for layer, w in zip(layers, weights, strict=True):
-                used = capture[layer.name][1]
-                feedback[layer.name] = layer.feedback(self, w) if used is None else used
+            feedback = {
+                layer.name: layer.rules.matrix(w) if capture[layer.name][1] is None else capture[layer.name][1]
+                for layer, w in zip(layers, weights, strict=True)
+            }
         finally:
-            self.backward.exact, self.training, self.generators = False, training, saved
+            self.training = training
+            for stack in stacks:
+                stack.use_generators(self.generators)
         n, K = len(layers), self.members
         results = []
         for k in members:
             metrics: dict[str, float] = {}
             for i, layer in enumerate(layers):
-                fa_w, bp_w, fa_out, bp_out = fa[i], bp[i], fa[n + i], bp[n + i]
-                if fa_w is None or bp_w is None or fa_out is None or bp_out is None:
-                    continue
-                name, w = layer.name, self.tensors[f"{layer.name}.weight"][k].detach()
-                b = feedback[name][k]
-                metrics[f"angle/{name}"] = angle(fa_w[k], bp_w[k])
-                metrics[f"delta_angle/{name}"] = angle(layer.member(fa_out, k, K), layer.member(bp_out, k, K))
-                metrics[f"bw_angle/{name}"] = angle(b, w)
-                metrics[f"bw_norm_ratio/{name}"] = float(b.norm() / w.norm())
+                fa_out, bp_out = fa[n + i], bp[n + i]
+                metrics |= layer_alignment(
+                    layer.name,
+                    None if fa[i] is None else fa[i][k],
+                    None if bp[i] is None else bp[i][k],
+                    None if fa_out is None else layer.member(fa_out, k, K),
+                    None if bp_out is None else layer.member(bp_out, k, K),
+                    feedback[layer.name][k],
+                    weights[i][k],
+                )
             results.append(metrics)
         return results

@@ -1,9 +1,10 @@
-"""`StackedOptimizer`: the members' optimizers (Adam or SGD, as `fasweep.train.make_optimizer` makes them) as one
+"""`StackedOptimizer`: the members' optimizers (Adam or SGD, as `fasweep.trial.make_optimizer` makes them) as one
 elementwise update of the stacked tensors.
 
 Adam and SGD are elementwise, so K of them over K slices are one update over the stack: member k's slice gets
 the ops of torch's own single-tensor Adam/SGD in the same order, with its own lr and step count (members that
-agree in them share each op), which gives it bitwise what its own optimizer would (`tests/test_pack.py` checks
+agree in them share each op), or for a fused Adam (`make_optimizer`'s) torch's fused kernel on each member's
+slice as a tensor of its own, which gives it bitwise what its own optimizer would (`tests/test_pack.py` checks
 against K `torch.optim` instances). The members' torch optimizers stay the holders of their hyperparameters and
 lr (their schedulers move it) and of the `state_dict` format; their own state is moved into the stack.
 """
@@ -35,8 +36,9 @@ def _runs(values: Sequence[Any]) -> list[tuple[slice, Any]]:
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's settings but its params and lr."""
-    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in optimizer.param_groups]
+    """Each param group's settings but its params, lr and kernel choice (`fused`: each member keeps its own)."""
+    skip = ("params", "lr", "initial_lr", "fused")
+    return [{k: v for k, v in g.items() if k not in skip} for g in optimizer.param_groups]
 
 
 class StackedOptimizer:
@@ -46,6 +48,9 @@ class StackedOptimizer:
         self.optimizers = list(optimizers)
         first = self.optimizers[0]
         self.adam = isinstance(first, torch.optim.Adam)
+        # torch's fused Adam kernel or its single-tensor ops, per member: a checkpoint written before
+        # `make_optimizer` chose the fused kernel resumes with the optimizer it was saved with
+        self.fused = [self.adam and bool(o.param_groups[0].get("fused")) for o in self.optimizers]
         fixed = _ADAM if self.adam else _SGD
         if not isinstance(first, torch.optim.Adam | torch.optim.SGD) or any(
             g.get(key, value) != value for g in first.param_groups for key, value in fixed.items()
@@ -102,6 +107,7 @@ class StackedOptimizer:
         """Keep only the members `keep` (in that order)."""
         self.optimizers = [self.optimizers[i] for i in keep]
         self.steps = [self.steps[i] for i in keep]
+        self.fused = [self.fused[i] for i in keep]
         for state in self.state.values():
             for key, t in state.items():
                 state[key] = t.index_select(0, torch.tensor(keep, device=t.device))
@@ -124,12 +130,17 @@ class StackedOptimizer:
                 p = tensors[name]
                 if p.grad is None:
                     continue
-                if self.adam:
-                    self._adam(p, p.grad, self.state[name], lrs, hyper)
-                else:
+                if not self.adam:
                     self._sgd(p, p.grad, self.state[name], lrs, hyper)
+                    continue
+                for rows, fused in _runs(self.fused):
+                    state = {key: t[rows] for key, t in self.state[name].items()}
+                    adam = self._fused_adam if fused else self._adam
+                    adam(p[rows], p.grad[rows], state, lrs[rows], self.steps[rows], hyper)
 
-    def _adam(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]) -> None:
+    def _adam(
+        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], steps: list[int], h: dict[str, Any]
+    ) -> None:
         # torch.optim.adam._single_tensor_adam op for op, its temporaries in scratch space
         beta1, beta2 = h["betas"]
         if h["weight_decay"] != 0:
@@ -138,10 +149,35 @@ class StackedOptimizer:
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = torch.sqrt(exp_avg_sq, out=self._scratch(p, 0))
-        scalars = [(lr / (1 - beta1**s), (1 - beta2**s) ** 0.5) for lr, s in zip(lrs, self.steps, strict=True)]
+        scalars = [(lr / (1 - beta1**s), (1 - beta2**s) ** 0.5) for lr, s in zip(lrs, steps, strict=True)]
         for rows, (step_size, bias_correction2_sqrt) in _runs(scalars):
             denom[rows].div_(bias_correction2_sqrt).add_(h["eps"])
             p[rows].addcdiv_(exp_avg[rows], denom[rows], value=-step_size)
+
+    @staticmethod
+    def _fused_adam(
+        p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], steps: list[int], h: dict[str, Any]
+    ) -> None:
+        # torch.optim.adam._fused_adam: one kernel call per run of members with one lr, each member's slice a
+        # tensor of its own (the kernel's vector loop and scalar tail then split it as they do the trial's)
+        beta1, beta2 = h["betas"]
+        for rows, lr in _runs(lrs):
+            members = range(rows.start, rows.stop)
+            torch._fused_adam_(
+                [p[k] for k in members],
+                [grad[k] for k in members],
+                [state["exp_avg"][k] for k in members],
+                [state["exp_avg_sq"][k] for k in members],
+                [],
+                [torch.tensor(float(steps[k]), device=p.device) for k in members],
+                amsgrad=False,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=h["weight_decay"],
+                eps=h["eps"],
+                maximize=False,
+            )
 
     def _sgd(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], lrs: list[float], h: dict[str, Any]) -> None:
         # torch.optim.sgd._single_tensor_sgd; a fresh momentum buffer is zeros, so 0 * m + grad = torch's clone

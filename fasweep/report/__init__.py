@@ -16,13 +16,13 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from fasweep.api import callable_module
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, Trial, fetch_histories, label, load_sweep
 from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
-from fasweep.report.stats import BOOTSTRAP_MIN_N, CI_METHODS, PAIRINGS
+from fasweep.report.stats import BOOTSTRAP_MIN_N
 from fasweep.report.tables import (
     Table,
-    check_axes,
     condition_table,
     contrast_table,
     group_by,
@@ -34,14 +34,15 @@ from fasweep.report.tables import (
     render_html,
     render_json,
     render_md,
+    resolve_axes,
     summarize,
 )
+from fasweep.report_options import AT, CI_METHODS, FORMATS, PAIRINGS
 from fasweep.runs.layout import REPORT_ARTIFACT_DIR, LaunchStatus, selection_metric
 from fasweep.spec import Plan, load_spec
 
-__all__ = ["FORMATS", "Report", "Sweep", "Table", "make_report", "render"]
+__all__ = ["Report", "Sweep", "Table", "make_report", "render"]
 
-FORMATS = ("md", "csv", "html", "json")
 CSS = (
     "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
     "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
@@ -158,8 +159,8 @@ def make_report(
     `equivalence_margin` (TOST). `figures=False` writes and logs the tables alone (a launch's own report: the
     plots of hundreds of conditions take minutes).
     """
-    if at not in ("final", "best"):
-        raise UserError.field("--at", at, "final or best")
+    if at not in AT:
+        raise UserError.field("--at", at, " or ".join(AT))
     if ci not in CI_METHODS:
         raise UserError.field("--ci", ci, " or ".join(CI_METHODS))
     if pairing is not None and pairing not in PAIRINGS:
@@ -175,7 +176,7 @@ def make_report(
         raise UserError(f"sweep {name!r} launch {', '.join(sweep.launches)}: no trial runs logged yet")
     if metric not in sweep.metrics:
         raise UserError.field("--metric", metric, f"a logged metric: {', '.join(sweep.metrics)}")
-    check_axes(sweep, by)
+    by = resolve_axes(sweep, by)
     options = _table_options(metric, at, by, launch, ci, baseline, pairing, margin)
     adhoc = [(k, v) for k, v, default in options if v != default]
     log = not adhoc and not sweep.running if log is None else log
@@ -285,3 +286,6 @@ def _write(report: Report, folder: Path, by: list[str], figures: bool = True) ->
         path = folder / f"report.{fmt}"
         path.write_text(render(report, fmt))
         report.files.append(path)
+
+
+callable_module(__name__)  # `fasweep.report(...)` calls fasweep.api.report

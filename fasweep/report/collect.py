@@ -15,7 +15,7 @@ from fasweep.errors import UserError
 from fasweep.runs.layout import SPEC_ARTIFACT, LaunchStatus
 from fasweep.runs.layout import condition_label as label
 from fasweep.runs.lease import live_holder
-from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials
+from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials, unknown_sweep
 from fasweep.runs.store import check_reachable
 from fasweep.spec import Contrast, Plan, SweepSpec, parse_spec
 
@@ -119,8 +119,7 @@ def load_sweep(tracking_uri: str, sweep: str, *, launch: str = "latest", plan: P
         raise UserError(f"{tracking_uri}: no fasweep sweeps in this MLflow store; run `fasweep launch SPEC` first")
     mine = [p for p in every if p.sweep == sweep]
     if not mine:
-        known = ", ".join(sorted({p.sweep for p in every}))
-        raise UserError.field("sweep", sweep, f"a sweep in {tracking_uri}: {known}")
+        raise unknown_sweep(tracking_uri, sweep, every)
     chosen, notes = select_launches(mine, launch)
     records = (r for p in chosen for r in launch_trials(client, p))
     trials = sorted((Trial(**vars(r)) for r in records), key=lambda t: t.start_time)

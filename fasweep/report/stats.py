@@ -17,8 +17,6 @@ import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
-CI_METHODS = ("t", "bootstrap")
-PAIRINGS = ("none", "seed")
 ALPHA = 1 - CONFIDENCE  # a (Holm-adjusted) p below it decides
 # A percentile interval lies within the seeds' range, which misses a symmetric distribution's mean with probability
 # 2·(1/2)^n: at n = 3 it covers at most 75%. Below this n the report refuses `--ci bootstrap`.

@@ -656,13 +656,22 @@ def plan_sorted(sweep: Sweep) -> list[Trial]:
     return sorted(sweep.trials, key=lambda t: rank[t.label])
 
 
-def check_axes(sweep: Sweep, by: list[str]) -> None:
-    """Every `--by` axis must be a param of the sweep's trials."""
-    params = {k for t in sweep.trials for k in t.params}
+def resolve_axes(sweep: Sweep, by: list[str]) -> list[str]:
+    """Each `--by` axis as the param of the trials it names: the param itself, or its short name as condition names
+    write it (`concordance` for `feedback.concordance`, `dense2` for `feedback.layers.dense2`): the one param ending
+    in `.<axis>`, a sweep axis first. Anything else is refused, naming the sweep's axes."""
+    params = sorted({k for t in sweep.trials for k in t.params})
+    out = []
     for axis in by:
-        if axis not in params:
+        matches = [p for p in params if p == axis] or [p for p in params if p.endswith(f".{axis}")]
+        if len(matches) > 1:
+            matches = [p for p in matches if p in sweep.axes] or matches
+        if len(matches) != 1:
             axes = ", ".join(sweep.axes) or "none"
-            raise UserError.field("--by", axis, f"a param of the trials, e.g. one of the sweep's axes: {axes}")
+            which = f"one of {', '.join(matches)}" if matches else "a param of the trials"
+            raise UserError.field("--by", axis, f"{which}, e.g. one of the sweep's axes: {axes}")
+        out.append(matches[0])
+    return out
 
 
 def pivot_table(sweep: Sweep, metric: str, at: str, by: list[str], ci: str = "t") -> Table:
@@ -670,7 +679,7 @@ def pivot_table(sweep: Sweep, metric: str, at: str, by: list[str], ci: str = "t"
 
     Each cell is `mean ± sd (n)` over every trial with those param values (seeds and unlisted axes pooled).
     """
-    check_axes(sweep, by)
+    by = resolve_axes(sweep, by)
     trials = plan_sorted(sweep)
     stages = list(dict.fromkeys(t.stage for t in trials))
     staged = len(stages) > 1

@@ -18,7 +18,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fasweep.config import flatten
-from fasweep.runs.layout import COMPLETE, REPORT_ARTIFACT_DIR, Best, Role, Tag, TrialStatus, condition_run_names
+from fasweep.models import layer_rules, rules_text
+from fasweep.runs.layout import (
+    COMPLETE,
+    LAYERS_PARAM,
+    REPORT_ARTIFACT_DIR,
+    TEST_PREFIX,
+    Best,
+    Role,
+    Tag,
+    TrialStatus,
+    condition_run_names,
+    layer_param,
+)
 
 if TYPE_CHECKING:
     from fasweep.spec import Plan
@@ -57,11 +69,20 @@ def param_value(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
+def rule_params(config: dict[str, Any]) -> dict[str, str]:
+    """What a trial's layers ran, as params: `feedback.layers` (`dense0:bp dense1:bp dense2:random`) and per weight
+    layer its rule with the options the rule read (`feedback.layers.dense2` = `random`): a preset's marked layers
+    run their mark's rule, which `feedback.mode` alone does not show."""
+    rules = layer_rules(config["model"]["arch"], config["feedback"], config["model"].get("rules"))
+    return {LAYERS_PARAM: rules_text(rules)} | {layer_param(r.layer): str(r) for r in rules}
+
+
 def merged_params(configs: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """The flattened configs as params: a key's one value, or `[a, b, ...]` (first-seen order) where they differ."""
+    """The flattened configs and their `rule_params` as params: a key's one value, or `[a, b, ...]` (first-seen
+    order) where they differ."""
     values: dict[str, dict[str, None]] = {}
     for config in configs:
-        for key, value in flatten(config).items():
+        for key, value in (flatten(config) | rule_params(config)).items():
             values.setdefault(key, {})[param_value(value)] = None
     out = {k: next(iter(v)) if len(v) == 1 else f"[{', '.join(v)}]" for k, v in values.items()}
     return {k: v if len(v) <= PARAM_MAX else v[: PARAM_MAX - 1] + "…" for k, v in out.items()}
@@ -133,17 +154,20 @@ def settled_through(trials: Iterable[tuple[str | None, History]], epochs: int) -
 
 def aggregate(trials: Sequence[tuple[str | None, History]], epoch: int) -> dict[str, float]:
     """A condition's metrics at `epoch`: each metric's mean (and `_sd`) over the trials counted there, and `n`;
-    empty when none counts."""
+    empty when none counts. The test metrics come first (`test_acc`, `test_acc_sd`, `test_loss`, ...), `n` last: a
+    run's metrics keep the order of its first epoch, and MLflow's Compare page opens on the first one."""
     rows = [row for status, history in trials if (row := trial_counts_at(status, history, epoch)) is not None]
     if not rows:
         return {}
-    out = {N_METRIC: float(len(rows))}
-    for key in sorted({k for row in rows for k in row} - _NOT_AVERAGED):
+    out = {}
+    keys = {k for row in rows for k in row} - _NOT_AVERAGED
+    for key in sorted(keys, key=lambda k: (not k.startswith(TEST_PREFIX), k)):
         values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
         if values:
             mean = out[key] = math.fsum(values) / len(values)
             if len(values) > 1:
                 out[key + SD_SUFFIX] = _sd(values, mean)
+    out[N_METRIC] = float(len(rows))
     return out
 
 

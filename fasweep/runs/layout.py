@@ -46,8 +46,21 @@ class Tag(StrEnum):
     NOTE = "mlflow.note.content"  # a run's description (markdown) in the MLflow UI
 
 
+# Params beside the flattened TrialConfig on trial, condition and parent runs: the rule each weight layer ran (its
+# mark in the layer string, else feedback.mode) and the options that rule read (`fasweep.runs.conditions.rule_params`)
+LAYERS_PARAM = "feedback.layers"  # `dense0:bp dense1:bp dense2:random`
+
+
+def layer_param(layer: str) -> str:
+    """The param holding one weight layer's rule and options: `feedback.layers.<module>` (`feedback.layers.dense2` =
+    `random_updated(decay=0.0)`)."""
+    return f"{LAYERS_PARAM}.{layer}"
+
+
 LEASE_TAG_PREFIX = "fasweep.lease."  # experiment tag `fasweep.lease.<sweep>`: the running launch's lease
 LEASE_RELEASED_SUFFIX = ".released"  # `fasweep.lease.<sweep>.released`: the driver that last let a taken lease go
+# experiment tag `<prefix><id>`: a saved view of the runs page (MLflow's name; one per launch, `fasweep.runs.links`)
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 
 
 class Role(StrEnum):

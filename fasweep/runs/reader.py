@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from fasweep.errors import UserError
 from fasweep.runs.layout import Best, LaunchStatus, Role, Tag, TrialStatus
 from fasweep.runs.store import all_experiment_ids, client, quote, search_all
 
@@ -103,6 +104,12 @@ def find_launches(mlflow: Any, sweep: str | None = None, experiment_ids: list[st
         where += f" AND tags.`{Tag.SWEEP}` = {quote(sweep)}"
     runs = [run for i in range(0, len(ids), 100) for run in search_all(mlflow, ids[i : i + 100], where)]
     return sorted((_launch(r) for r in runs), key=lambda p: (p.start_time, p.launch_id), reverse=True)
+
+
+def unknown_sweep(uri: str, sweep: str, launches: list[LaunchRecord]) -> UserError:
+    """The one error for a sweep name the store does not hold, naming the sweeps of `launches` (every launch there)."""
+    known = ", ".join(sorted({launch.sweep for launch in launches})) or "none yet (fasweep launch SPEC)"
+    return UserError.field("sweep", sweep, f"a sweep in {uri}: {known}")
 
 
 def trials_of(mlflow: Any, experiment_id: str, launch_id: str, parent_run_id: str = "") -> list[TrialRecord]:
