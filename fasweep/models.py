@@ -518,14 +518,18 @@ def model_bytes(
     model_cfg: ModelConfig, feedback_cfg: FeedbackConfig, input_shape: tuple[int, ...], num_outputs: int
 ) -> tuple[int, int]:
     """Bytes of the net's state (weights, biases, feedback matrices, buffers) and of its trainable parameters, built
-    on the meta device: nothing is allocated, so a net larger than memory is measured too."""
+    on the meta device (a user's net too): nothing is allocated, so a net larger than memory is measured too."""
     import torch
 
     from fasweep.nn import finalize
 
-    specs = parse_layers(resolve_arch(model_cfg.arch))
+    fn = user_model(model_cfg.arch)
+    specs = [] if fn is not None else parse_layers(resolve_arch(model_cfg.arch))
     with torch.device("meta"):
-        model = finalize(assemble(specs, model_cfg, feedback_cfg, input_shape, num_outputs))
+        if fn is not None:
+            model = finalize(_user_net(fn, model_cfg, feedback_cfg, input_shape, num_outputs, None))
+        else:
+            model = finalize(assemble(specs, model_cfg, feedback_cfg, input_shape, num_outputs))
     frozen = tuple(f"fixconv{i}." for i, spec in enumerate(specs) if spec.kind == "fixconv")
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(frozen))

@@ -104,11 +104,15 @@ class Footprint:
 
 def footprint(config: TrialConfig) -> Footprint | None:
     """A trial's `Footprint`, measured on the meta device (nothing is allocated, nothing is loaded); None for a data
-    set whose shape is known only once decoded (an image folder)."""
-    dataset = DATASETS[config.data.name]
-    if dataset.input_shape is None or dataset.outputs is None:
+    set whose shape is known only once decoded (an image folder, a user's data set) or a user's net that cannot be
+    built on the meta device."""
+    dataset = DATASETS.get(config.data.name)
+    if dataset is None or dataset.input_shape is None or dataset.outputs is None:
         return None
-    state, trainable = model_bytes(config.model, config.feedback, dataset.input_shape, dataset.outputs)
+    try:
+        state, trainable = model_bytes(config.model, config.feedback, dataset.input_shape, dataset.outputs)
+    except Exception:  # user code that needs real tensors: no estimate (the trial reports its own errors)
+        return None
     return Footprint(state, trainable, trainable * optimizer_moments(config.train))
 
 
