@@ -349,9 +349,10 @@ FAST_LEASE = {"FASWEEP_LEASE_HEARTBEAT_S": "1"}  # a driver notices a takeover w
 
 
 def test_a_forced_takeover_stops_the_live_driver_and_every_step_is_logged_once(ray_address, uri, tmp_path):
-    old = Driver(tmp_path, uri, ray_address, *SLOWER, env=FAST_LEASE)
+    one_by_one = ("--set", "base.train.batch_size=2", "--set", "max_concurrent=1")  # lasts past the new one's start
+    old = Driver(tmp_path, uri, ray_address, *one_by_one, env=FAST_LEASE)
     wait_for(old, mid_way(uri, 1), "a trial was mid-way")
-    new = Driver(tmp_path, uri, ray_address, *SLOWER, "--resume", "--force", env=FAST_LEASE)
+    new = Driver(tmp_path, uri, ray_address, *one_by_one, "--resume", "--force", env=FAST_LEASE)
     code, seconds = old.wait(120)
     lines = old.lines()
     (launch_id,) = {r.data.tags["fasweep.launch"] for r in parent_runs(uri)}
