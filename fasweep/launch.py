@@ -17,6 +17,11 @@ filesystem).
 folder, as a retried one does. Tune's `Tuner.restore` is not used: restarting a SIGKILLed driver's trials from its
 experiment snapshot stalls its grid generator under max_concurrent.
 
+One driver per sweep: the lease (`fasweep.runs.lease`) is taken before any compute and, taken over by another
+driver, stops this one's trials and its writes (`LeaseLost`, exit 3); whatever a taken launch left running is
+marked interrupted. A signal stops the trials and spends the grace period writing first (`_Signals`,
+`RunWriter.hurry`); every address is probed before (`_check_address`, `check_reachable`).
+
 Tune pickles its callbacks with the experiment, so the callback here is stateless: it forwards every hook to the
 driver of the launch running in this process (`_ACTIVE`).
 """
