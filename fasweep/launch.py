@@ -600,14 +600,16 @@ def _preflight(plan: Plan, console: Console) -> dict[str, dict[str, Any]]:
 
 
 def _footprints(plan: Plan) -> dict[str, Footprint | None]:
-    """Each trial's `fasweep.train.footprint` (measured once per distinct net, optimizer and data set)."""
+    """Each trial's `fasweep.trial.footprint` (measured once per distinct net, optimizer and data set)."""
     from fasweep.config import TrialConfig
     from fasweep.trial import footprint
 
     measured: dict[str, Footprint | None] = {}
     out = {}
     for t in plan.trials:
-        what = json.dumps({k: t.config[k] for k in ("model", "feedback", "train")} | {"data": t.config["data"]["name"]})
+        train, data = t.config["train"], t.config["data"]["name"]
+        sized = {"optimizer": train["optimizer"], "momentum": train["momentum"], "data": data}
+        what = json.dumps({"model": t.config["model"], "feedback": t.config["feedback"], **sized}, sort_keys=True)
         if what not in measured:
             measured[what] = footprint(TrialConfig.model_validate(t.config))
         out[t.key] = measured[what]
