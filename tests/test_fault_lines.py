@@ -71,10 +71,11 @@ def test_every_bad_tracking_store_fails_in_seconds_with_one_line(tmp_path: Path)
         f"postgresql://user@127.0.0.1:{port}/db": f"connection refused: nothing listens on 127.0.0.1:{port}); {fix}",
     }
     for uri, reason in cases.items():
-        code, seconds, lines = _run("status", "--tracking-uri", uri, cwd=tmp_path)
-        assert code == 2 and seconds < 15 and len(lines) == 1, (uri, seconds, lines)
-        assert lines[0].startswith(f"error: tracking URI: got '{uri}'; expected a reachable MLflow store ("), lines
-        assert reason in lines[0], lines
+        for command in ("status", "report x") if uri.startswith("sqlite") else ("status",):
+            code, seconds, lines = _run(*command.split(), "--tracking-uri", uri, cwd=tmp_path)
+            assert code == 2 and seconds < 15 and len(lines) == 1, (command, uri, seconds, lines)
+            assert lines[0].startswith(f"error: tracking URI: got '{uri}'; expected a reachable MLflow store ("), lines
+            assert reason in lines[0], lines
     assert junk.read_text() == "not a database\n" and list(folder.iterdir()) == []  # nothing written to either
 
 

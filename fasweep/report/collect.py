@@ -58,7 +58,7 @@ class Sweep:
 def _check_store(uri: str) -> None:
     """One-line error when the store is missing or unreachable; a report never creates an empty SQLite store."""
     path = Path(uri.removeprefix("sqlite:///"))
-    if urlparse(uri).scheme == "sqlite" and not path.is_file():
+    if urlparse(uri).scheme == "sqlite" and not path.exists():  # a folder or junk there: check_reachable says so
         raise UserError.field("--tracking-uri", uri, f"an existing MLflow store; {path} does not exist")
     check_reachable(uri)
 
