@@ -127,7 +127,7 @@ SpecArg = Annotated[Path, typer.Argument(metavar="SPEC", help="a sweep spec YAML
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
     """Turn ['a.b=1', 'seeds=[0,1]'] into {'a.b': 1, 'seeds': [0, 1]} (values read as YAML, as safely as a spec)."""
-    from fasweep.spec import read_value
+    from fasweep.spec.reading import read_value
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -261,7 +261,7 @@ def validate(
     code: CodeOpt = None,
 ) -> None:
     """Validate sweep specs; print one line per spec (exit code 2 when any is bad)."""
-    from fasweep.spec import load_spec
+    from fasweep.spec.plan import load_spec
 
     sets = spec_sets(set_, code)
     bad = 0
@@ -284,7 +284,8 @@ def plan(spec: SpecArg, set_: SetOpt = None, code: CodeOpt = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fasweep.spec import format_value, load_spec
+    from fasweep.spec.checks import format_value
+    from fasweep.spec.plan import load_spec
 
     planned = load_spec(spec, spec_sets(set_, code))
     sweep, trials = planned.spec, planned.trials

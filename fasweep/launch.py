@@ -64,7 +64,7 @@ from fasweep.runs.lease import Lease
 from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_launches, running_runs, trials_of
 from fasweep.runs.store import TrackingError, check_reachable, resolve_tracking_uri
 from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
+from fasweep.spec.plan import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
 from fasweep.worker import (
     ERROR_KEY,
     FAULT_KEY,

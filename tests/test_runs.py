@@ -38,7 +38,7 @@ from fasweep.runs.layout import (
 from fasweep.runs.lease import Holder, Lease
 from fasweep.runs.reader import best_trial, find_launches, launch_trials, running_runs, sweep_summaries
 from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.spec import parse_spec
+from fasweep.spec.plan import parse_spec
 
 
 @pytest.fixture(scope="module")

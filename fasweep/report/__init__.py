@@ -39,7 +39,7 @@ from fasweep.report.tables import (
 )
 from fasweep.report_options import AT, CI_METHODS, FORMATS, PAIRINGS
 from fasweep.runs.layout import REPORT_ARTIFACT_DIR, selection_metric
-from fasweep.spec import Plan, load_spec
+from fasweep.spec.plan import Plan, load_spec
 
 __all__ = ["Report", "Sweep", "Table", "make_report", "render"]
 

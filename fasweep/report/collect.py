@@ -16,7 +16,9 @@ from fasweep.runs.layout import SPEC_ARTIFACT
 from fasweep.runs.layout import condition_label as label
 from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials, unknown_sweep
 from fasweep.runs.store import check_reachable
-from fasweep.spec import Contrast, Plan, SweepSpec, parse_spec
+from fasweep.spec.contrasts import Contrast
+from fasweep.spec.model import SweepSpec
+from fasweep.spec.plan import Plan, parse_spec
 
 
 @dataclass(frozen=True)
