@@ -373,7 +373,8 @@ def status(sweep: SweepArg = None, tracking_uri: TrackingOpt = None) -> None:
     from rich.table import Table
 
     from fasweep.runs.layout import Tag
-    from fasweep.runs.reader import find_launches, sweep_summaries, unknown_sweep
+    from fasweep.runs.reader import find_launches, unknown_sweep
+    from fasweep.runs.status import sweep_summaries
     from fasweep.runs.store import check_reachable, client, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)

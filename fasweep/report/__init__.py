@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from fasweep.api import callable_module
 from fasweep.errors import UserError
-from fasweep.report.collect import Sweep, Trial, fetch_histories, label, load_sweep
+from fasweep.report.collect import Sweep, Trial, fetch_histories, load_sweep
 from fasweep.report.comparisons import contrast_table
 from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
 from fasweep.report.render import Table, render_csv, render_html, render_json, render_md
@@ -28,7 +28,7 @@ from fasweep.report.stats import BOOTSTRAP_MIN_N
 from fasweep.report.summary import group_by, is_number, reference_epochs, summarize, summarize_conditions
 from fasweep.report.tables import condition_table, loss_table, pivot_table, resolve_axes
 from fasweep.report_options import AT, CI_METHODS, FORMATS, PAIRINGS
-from fasweep.runs.layout import REPORT_ARTIFACT_DIR, selection_metric
+from fasweep.runs.layout import REPORT_ARTIFACT_DIR, condition_label, selection_metric
 from fasweep.spec.plan import Plan, load_spec
 
 __all__ = ["Report", "Sweep", "Table", "make_report", "render"]
@@ -203,7 +203,7 @@ def _check_bootstrap(sweep: Sweep, metric: str, at: str, by: list[str]) -> None:
     `at` and at every epoch a reference is given for."""
 
     def key(t: Trial) -> str:
-        return label(t.stage, ",".join(f"{a}={t.params.get(a)}" for a in by)) if by else t.label
+        return condition_label(t.stage, ",".join(f"{a}={t.params.get(a)}" for a in by)) if by else t.label
 
     epochs: list[str | int] = [at, *([] if by else reference_epochs(sweep, metric))]
     for name, group in group_by(sweep.trials, key).items():

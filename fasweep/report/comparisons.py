@@ -8,21 +8,21 @@ import statistics
 from typing import Any
 
 from fasweep.errors import UserError, listed, suggest
-from fasweep.report.collect import Sweep, Trial, label
+from fasweep.report.collect import Sweep, Trial
 from fasweep.report.render import Table, fmt, fmt_p, json_number, seeded_values
 from fasweep.report.stats import ALPHA, compare, conclusion, holm, pair_by_seed
 from fasweep.report.summary import Conditions, Stats
-from fasweep.runs.layout import lower_is_better
+from fasweep.runs.layout import condition_label, lower_is_better
 
 
 def _find(name: str, stage: str, groups: dict[str, list[Trial]]) -> str | None:
     """The label a baseline name means in a stage: `stage/cond` exactly; `cond` in this stage, else in the one
     stage that has it."""
     if "/" in name:
-        exact = label(*name.split("/", 1))
+        exact = condition_label(*name.split("/", 1))
         return exact if exact in groups else None
-    if label(stage, name) in groups:
-        return label(stage, name)
+    if condition_label(stage, name) in groups:
+        return condition_label(stage, name)
     matches = [key for key, group in groups.items() if group[0].condition == name]
     return matches[0] if len(matches) == 1 else None
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fasweep.errors import UserError
-from fasweep.report.collect import Sweep, Trial, label
+from fasweep.report.collect import Sweep, Trial
 from fasweep.report.comparisons import Planned, adhoc_comparisons, comparison_cells, run_comparisons
 from fasweep.report.render import PARTIAL_MARK, Table, fmt, fmt_ci, fmt_stats, stats_record
 from fasweep.report.stats import BOOTSTRAP_RESAMPLES, verdict
@@ -25,7 +25,7 @@ from fasweep.report.summary import (
     sort_values,
     summarize,
 )
-from fasweep.runs.layout import TEST_SELECTION_NOTE, TrialStatus, lower_is_better, on_test_data
+from fasweep.runs.layout import TEST_SELECTION_NOTE, TrialStatus, condition_label, lower_is_better, on_test_data
 
 
 def _reference(sweep: Sweep, group: list[Trial], metric: str, at: str | int, s: Stats) -> tuple[dict[str, Any], str]:
@@ -206,7 +206,7 @@ def loss_table(sweep: Sweep, metric: str, at: str, ci: str = "t") -> Table | Non
     header = ["condition"] + [h for per_loss in names for name in per_loss for h in _triple(name)]
     rows, records = [], []
     for stage, name in dict.fromkeys(row_of[t.run_id] for t in trials):
-        row = [label(stage, name)]
+        row = [condition_label(stage, name)]
         for loss in losses:
             group = cells.get(((stage, name), loss))
             if not group:

@@ -24,7 +24,7 @@ from fasweep import plugins
 from fasweep.config import DataConfig, Loc, TrialConfig, explain, set_path
 from fasweep.errors import UserError
 from fasweep.packing import not_packable, packable
-from fasweep.runs.layout import VAL_PREFIX, chosen_on_test, on_test_data, selection_metric, trial_key
+from fasweep.runs.layout import VAL_PREFIX, TrialId, chosen_on_test, on_test_data, selection_metric, trial_key
 from fasweep.spec.checks import check_effect, check_spec, validate_cell
 from fasweep.spec.contrasts import Contrast, declared_contrasts
 from fasweep.spec.model import Stage, SweepSpec, stage_locs
@@ -32,13 +32,10 @@ from fasweep.spec.reading import Source, apply_sets, read_spec_file, read_yaml
 
 
 @dataclass(frozen=True)
-class PlannedTrial:
-    """One trial of the plan. `key` (`<stage>/<condition>/s<seed>`) is unique and stable across runs."""
+class PlannedTrial(TrialId):
+    """One trial of the plan: its identity (`key`, `<stage>/<condition>/s<seed>`, is unique and stable across runs),
+    the overrides of its condition, its validated config, resources and a stage's init_from."""
 
-    key: str
-    stage: str
-    condition: str
-    seed: int
     overrides: dict[str, Any]
     config: dict[str, Any]
     resources: dict[str, float]
