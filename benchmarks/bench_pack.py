@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from fasweep.config import TrialConfig, validate_trial
-from fasweep.packed import packable, train_pack
+from fasweep.packed import train_pack
+from fasweep.packing import packable
 from fasweep.train import pick_device, train
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"

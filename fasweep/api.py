@@ -71,7 +71,7 @@ def runs(sweep: str, *, tracking_uri: str | None = None, launch: str = "latest")
     from fasweep.report.collect import fetch_histories, load_sweep
     from fasweep.runs.layout import Tag
     from fasweep.runs.store import resolve_tracking_uri
-    from fasweep.spec import read_value
+    from fasweep.spec.reading import read_value
 
     uri = resolve_tracking_uri(tracking_uri)
     found = load_sweep(uri, sweep, launch=launch)

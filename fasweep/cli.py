@@ -131,7 +131,7 @@ SpecArg = Annotated[Path, typer.Argument(metavar="SPEC", help="a sweep spec YAML
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
     """Turn ['a.b=1', 'seeds=[0,1]'] into {'a.b': 1, 'seeds': [0, 1]} (values read as YAML, as safely as a spec)."""
-    from fasweep.spec import read_value
+    from fasweep.spec.reading import read_value
 
     out: dict[str, Any] = {}
     for item in items or []:
@@ -265,7 +265,7 @@ def validate(
     code: CodeOpt = None,
 ) -> None:
     """Validate sweep specs; print one line per spec (exit code 2 when any is bad)."""
-    from fasweep.spec import load_spec
+    from fasweep.spec.plan import load_spec
 
     sets = spec_sets(set_, code)
     bad = 0
@@ -288,7 +288,8 @@ def plan(spec: SpecArg, set_: SetOpt = None, code: CodeOpt = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from fasweep.spec import format_value, load_spec
+    from fasweep.spec.checks import format_value
+    from fasweep.spec.plan import load_spec
 
     planned = load_spec(spec, spec_sets(set_, code))
     sweep, trials = planned.spec, planned.trials
@@ -379,7 +380,8 @@ def status(sweep: SweepArg = None, tracking_uri: TrackingOpt = None) -> None:
     from rich.table import Table
 
     from fasweep.runs.layout import Tag
-    from fasweep.runs.reader import find_launches, sweep_summaries, unknown_sweep
+    from fasweep.runs.reader import find_launches, unknown_sweep
+    from fasweep.runs.status import sweep_summaries
     from fasweep.runs.store import check_reachable, client, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fasweep.data import locate
 from fasweep.errors import UserError
-from fasweep.spec import load_spec
+from fasweep.spec.plan import load_spec
 
 FALLBACK = "digits"  # scikit-learn's 8x8 digits: shipped inside a dependency
 

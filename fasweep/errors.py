@@ -1,4 +1,5 @@
-"""The one exception type for user mistakes; the CLI prints it as a single line (exit code 2)."""
+"""The one exception type for user mistakes (the CLI prints it as a single line, exit code 2) and the helpers its
+messages share: `suggest` a close name, `listed` a long list cut short."""
 
 from __future__ import annotations
 
@@ -27,3 +28,8 @@ def suggest(value: str, names: list[str]) -> str:
     """' (did you mean X?)' for the closest of `names`, or ''."""
     close = difflib.get_close_matches(value, names, n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def listed(names: list[str], most: int = 12) -> str:
+    """The first `most` names, comma-separated, and how many more: `a, b, c and 9 more`."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

@@ -69,7 +69,7 @@ from fasweep.runs.lease import Lease, LeaseLost
 from fasweep.runs.reader import LaunchRecord, TrialRecord, best_trial, find_launches, running_runs, trials_of
 from fasweep.runs.store import TrackingError, check_reachable, client, reason_of, resolve_tracking_uri
 from fasweep.runs.writer import RunWriter, TrialInfo, interrupt_launch, mark_interrupted
-from fasweep.spec import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
+from fasweep.spec.plan import Plan, PlannedTrial, dump_spec, load_spec, plan_difference
 from fasweep.worker import (
     ERROR_KEY,
     FAULT_KEY,

@@ -1,6 +1,6 @@
 """The feedback rules by name: each rule's torch-free declaration (`RuleInfo`), its options and their one check.
 
-Torch-free, so `fasweep.config` validates a spec, and `fasweep.packed.group` plans packs, with the very
+Torch-free, so `fasweep.config` validates a spec, and `fasweep.packing` plans packs, with the very
 declarations `fasweep.nn.rules` builds rules from: an option value refused here is refused by `fasweep validate`
 and by a rule made in a Ray worker alike, and a rule that cannot pack runs alone by plan, never in a pack.
 

@@ -152,7 +152,7 @@ class Alone:
 
 
 class _Loop:
-    """The epochs of the trials in `nets` (they share data, batch size, loss, bf16: `fasweep.packed.group`)."""
+    """The epochs of the trials in `nets` (they share data, batch size, loss, bf16: `fasweep.packing`)."""
 
     def __init__(self, nets: Nets, data: TensorData) -> None:
         self.nets, self.data = nets, data

@@ -25,9 +25,10 @@ from fasweep.config import CheckpointPolicy, TrialConfig, validate_trial
 from fasweep.data import load_data
 from fasweep.errors import UserError
 from fasweep.models import build_model
-from fasweep.packed import not_packable, pack_differences, packable, train_pack
+from fasweep.packed import train_pack
 from fasweep.packed.net import PackedNet
 from fasweep.packed.optim import StackedOptimizer
+from fasweep.packing import not_packable, pack_differences, packable
 from fasweep.runs.layout import CHECKPOINT_FILE, HISTORY_FILE, epoch_marker
 from fasweep.train import train
 from fasweep.trial import Checkpoint
@@ -36,7 +37,7 @@ DENSE = "Dense32(sign_concordant) Dense16(sign_concordant) Dense10(R*)"
 CONV = "Conv3*3/8 Pool3*3 Conv3*3/8(sign_concordant) Dense16(R*) Dense10(R)"
 UNTIED = "UntieConv3*3/4 Pool3*3 UntieConv3*3/4(R*) Dense16(sign_concordant) Dense10(R)"
 CONV_BN = "Conv3*3/8 Pool3*3 Dense16(R*) Dense10(sign_concordant)"
-# what members of one pack may differ in, besides the seed (fasweep.packed.group.PER_MEMBER)
+# what members of one pack may differ in, besides the seed (fasweep.packing.PER_MEMBER)
 MEMBER_FIELDS: list[dict[str, Any]] = [
     {},
     {"feedback": {"magnitude": "batch_random"}, "train": {"lr": 2e-3}},

@@ -10,7 +10,7 @@ import pytest
 from ray import tune
 
 from fasweep.launch import _slots, launch
-from fasweep.spec import parse_spec
+from fasweep.spec.plan import parse_spec
 from fasweep.worker import pack_id
 
 SPEC = """

@@ -21,9 +21,10 @@ from fasweep.errors import UserError
 from fasweep.models import layer_rules
 from fasweep.nn import FALinear, optimizer_step
 from fasweep.nn.rules import LayerOp, RandomFeedback
-from fasweep.packed import not_packable, train_pack
+from fasweep.packed import train_pack
+from fasweep.packing import not_packable
 from fasweep.rule_options import OPTIONS, Option, rule_info
-from fasweep.spec import parse_spec
+from fasweep.spec.plan import parse_spec
 from fasweep.train import train
 
 MODULE = __name__  # `test_rules`: pytest puts tests/ on sys.path, so `test_rules:Drifting` imports this module

@@ -37,9 +37,10 @@ from fasweep.runs.layout import (
     trial_status,
 )
 from fasweep.runs.lease import Holder, Lease
-from fasweep.runs.reader import best_trial, find_launches, launch_trials, running_runs, sweep_summaries
+from fasweep.runs.reader import best_trial, find_launches, launch_trials, running_runs
+from fasweep.runs.status import sweep_summaries
 from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.spec import parse_spec
+from fasweep.spec.plan import parse_spec
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from fasweep import spec as spec_module
 from fasweep.cli import main, parse_sets
 from fasweep.config import TrialConfig
 from fasweep.errors import UserError
-from fasweep.spec import dump_spec, load_spec, parse_spec, plan_difference
+from fasweep.spec import checks, reading
+from fasweep.spec.model import SweepSpec
+from fasweep.spec.plan import dump_spec, expand, load_spec, parse_spec, plan_difference
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "sweeps"
@@ -69,7 +70,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 def test_spec_never_imports_torch() -> None:
     code = (
-        "import sys; from fasweep.spec import load_spec; "
+        "import sys; from fasweep.spec.plan import load_spec; "
         "load_spec('sweeps/untied_fixed_cifar10.yaml'); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -271,7 +272,7 @@ def test_sampling_is_stable_under_plan_edits_and_hash_seeds() -> None:
     fewer = _sampled(SAMPLED.replace("  model.activation: {choice: [relu, tanh]}\n", ""))
     assert sorted(o["train.lr"] for o in fewer.values()) == sorted(o["train.lr"] for o in plan.values())
     code = (
-        "import sys; from fasweep.spec import parse_spec; "
+        "import sys; from fasweep.spec.plan import parse_spec; "
         "print(repr([t.overrides['train.lr'] for t in parse_spec(sys.stdin.read()).trials]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -452,11 +453,9 @@ def test_stages_exclude_top_level_axes() -> None:
 
 
 def test_spec_without_source_still_gives_one_line_errors() -> None:
-    from fasweep.spec import SweepSpec, _expand
-
     spec = SweepSpec.model_validate({"name": "x", "grid": {"train.lrr": [0.1]}})
     with pytest.raises(UserError, match=r"^<spec x>: grid\.train\.lrr: unknown field train\.lrr \(did you mean lr\?\)"):
-        _expand(spec)
+        expand(spec)
 
 
 def test_yaml_anchors_and_merge_keys_are_plain_yaml() -> None:
@@ -527,7 +526,7 @@ def test_huge_grid_is_counted_not_expanded() -> None:
 
 
 def test_trial_cap_counts_every_stage_and_blames_the_biggest_factor(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(spec_module, "MAX_TRIALS", 6)
+    monkeypatch.setattr(checks, "MAX_TRIALS", 6)
     assert len(load_spec(SWEEPS / "quickstart.yaml").trials) == 6
     with pytest.raises(UserError, match=r"^--set seeds: got 12 trials \(3 conditions × 1 grid cell × 1 sample × 4"):
         load_spec(SWEEPS / "quickstart.yaml", {"seeds": [0, 1, 2, 3]})
@@ -540,7 +539,7 @@ def test_trial_cap_counts_every_stage_and_blames_the_biggest_factor(monkeypatch:
 
 def test_spec_text_and_file_size_are_capped(tmp_path: Path) -> None:
     big = tmp_path / "big.yaml"
-    big.write_bytes(b"name: big\n" + b"#" * spec_module.MAX_SPEC_BYTES)
+    big.write_bytes(b"name: big\n" + b"#" * reading.MAX_SPEC_BYTES)
     with pytest.raises(UserError, match=r"^spec: got '.*big\.yaml'; expected a YAML file of at most 1,048,576 bytes"):
         load_spec(big)
     with pytest.raises(UserError, match=r"^s: got 1,048,587 characters; expected at most 1,048,576"):

@@ -25,6 +25,7 @@ from fasweep.report.stats import (
     tost,
     verdict,
 )
+from fasweep.report.summary import summarize_conditions
 from fasweep.report.tables import condition_table
 
 A = [0.81, 0.78, 0.84, 0.80, 0.79]  # per-seed accuracies of a condition, seeds 0..4
@@ -304,7 +305,8 @@ def table_sweep() -> Sweep:
 
 
 def rows_of(**kwargs: Any) -> dict[str, dict[str, Any]]:
-    table = condition_table(table_sweep(), "test_acc", "final", **kwargs)
+    sweep = table_sweep()
+    table = condition_table(sweep, summarize_conditions(sweep, "test_acc", "final"), **kwargs)
     return {r["condition"]: r | {"cells": row} for r, row in zip(table.records, table.rows, strict=True)}
 
 
@@ -379,7 +381,23 @@ def test_table_baseline_errors_and_pairing_note() -> None:
         UserError, match=r"--baseline: got 'bpp'; expected a condition of the sweep \(did you mean bp\?\)"
     ):
         rows_of(baseline="bpp")
-    table = condition_table(table_sweep(), "test_acc", "final", baseline="bp", pairing="seed")
+    sweep = table_sweep()
+    table = condition_table(sweep, summarize_conditions(sweep, "test_acc", "final"), baseline="bp", pairing="seed")
     note = next(n for n in table.footnotes if n.startswith("pairing by seed"))
     assert "of the Welch CIs' width" in note
     assert any("Holm over the 4 tests of this table: an ad-hoc family" in n for n in table.footnotes)
+
+
+def test_contrasts_without_trials_are_listed_short() -> None:
+    """Declared contrasts naming many conditions without trials: the note lists 12 of them and how many more, as
+    the spec's errors list names (`fasweep.errors.listed`), not hundreds."""
+    from fasweep.report.comparisons import contrast_table
+    from fasweep.spec.contrasts import Contrast
+
+    sweep = table_sweep()
+    gone = [f"gone{i}" for i in range(15)]
+    sweep.contrasts = tuple(Contrast(name, "bp", "none", "contrasts") for name in gone)
+    table = contrast_table(sweep, summarize_conditions(sweep, "test_acc", "final"))
+    assert table is not None and len(table.rows) == 15
+    shown = ", ".join(sorted(gone)[:12])
+    assert table.footnotes[-1] == f"declared contrasts name conditions without trials: {shown} and 3 more"

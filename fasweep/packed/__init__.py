@@ -1,12 +1,10 @@
-"""Packed trials: K compatible trials trained as one fused model per process (`train_pack`, `packable`).
+"""Packed trials: K compatible trials trained as one fused model per process (`train_pack`).
 
-`group` (torch-free) says which trials can share a pack; `net` is the fused model; `optim` the members'
-optimizers as one stacked update; `train` `train_pack`: the members through `fasweep.train`'s one loop.
+Which trials can share a pack is `fasweep.packing` (torch-free, beside the spec); `net` is the fused model; `optim`
+the members' optimizers as one stacked update; `train` `train_pack`: the members through `fasweep.train`'s one loop.
 """
 
-from fasweep.packed.group import PER_MEMBER, not_packable, pack_differences, packable
-
-__all__ = ["PER_MEMBER", "not_packable", "pack_differences", "packable", "train_pack"]
+__all__ = ["train_pack"]
 
 
 def __getattr__(name: str) -> object:

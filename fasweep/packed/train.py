@@ -20,9 +20,9 @@ from torch import Tensor
 
 from fasweep.config import CheckpointPolicy, TrialConfig
 from fasweep.errors import UserError
-from fasweep.packed.group import not_packable, pack_differences
 from fasweep.packed.net import PackedNet
 from fasweep.packed.optim import StackedOptimizer
+from fasweep.packing import not_packable, pack_differences
 from fasweep.train import LossFn, TrialsCallback, run_trials
 from fasweep.trial import TrialResult, TrialState
 
@@ -115,7 +115,7 @@ def train_pack(
     channels_last: bool | None = None,
     batched: bool | None = None,
 ) -> list[TrialResult]:
-    """Train `configs` (one pack, see `fasweep.packed.group`) as `train()` trains each; results in their order.
+    """Train `configs` (one pack, see `fasweep.packing`) as `train()` trains each; results in their order.
 
     `checkpoint_dirs[k]`/`resume_from[k]` are member k's `checkpoint_dir`/`resume_from` of `train()`, each member
     checkpointed by its own epochs and clock under `checkpointing`; `on_epoch(k, metrics, checkpoint or None)` after

@@ -1,7 +1,9 @@
 """fasweep.report: turn a sweep's MLflow runs into tables, plots and one self-contained report.html.
 
-`collect` reads the runs, `tables` aggregates and renders them, `plots` draws the figures; this module
-ties them together (`make_report`) and writes/logs the files.
+`collect` reads the runs, `summary` summarizes them over seeds (`stats`: the statistics), `tables` lays out the
+per-condition, loss and pivot tables, `comparisons` the comparisons of conditions (declared contrasts, --baseline),
+`render` shows them as md/csv/json/html, `plots` draws the figures; this module ties them together (`make_report`)
+and writes/logs the files.
 """
 
 from __future__ import annotations
@@ -18,28 +20,16 @@ from mlflow import MlflowClient
 
 from fasweep.api import callable_module
 from fasweep.errors import UserError
-from fasweep.report.collect import Sweep, Trial, fetch_histories, label, load_sweep
+from fasweep.report.collect import Sweep, Trial, fetch_histories, load_sweep
+from fasweep.report.comparisons import contrast_table
 from fasweep.report.plots import angle_curves, angle_keys, learning_curves, metric_vs_axis
+from fasweep.report.render import Table, render_csv, render_html, render_json, render_md
 from fasweep.report.stats import BOOTSTRAP_MIN_N
-from fasweep.report.tables import (
-    Table,
-    condition_table,
-    contrast_table,
-    group_by,
-    is_number,
-    loss_table,
-    pivot_table,
-    reference_epochs,
-    render_csv,
-    render_html,
-    render_json,
-    render_md,
-    resolve_axes,
-    summarize,
-)
+from fasweep.report.summary import group_by, is_number, reference_epochs, summarize, summarize_conditions
+from fasweep.report.tables import condition_table, loss_table, pivot_table, resolve_axes
 from fasweep.report_options import AT, CI_METHODS, FORMATS, PAIRINGS
-from fasweep.runs.layout import REPORT_ARTIFACT_DIR, LaunchStatus, selection_metric
-from fasweep.spec import Plan, load_spec
+from fasweep.runs.layout import REPORT_ARTIFACT_DIR, LaunchStatus, condition_label, selection_metric
+from fasweep.spec.plan import Plan, load_spec
 
 __all__ = ["Report", "Sweep", "Table", "make_report", "render"]
 
@@ -194,8 +184,9 @@ def make_report(
         tables = [pivot_table(sweep, metric, at, by, ci)]
     else:  # the seed report's layout first where the loss is an axis, then one row per condition
         side_by_side = loss_table(sweep, metric, at, ci)
-        per_condition = condition_table(sweep, metric, at, ci=ci, baseline=baseline, pairing=pairing, margin=margin)
-        declared = None if baseline else contrast_table(sweep, metric, at, ci=ci, pairing=pairing, margin=margin)
+        conditions = summarize_conditions(sweep, metric, at, ci)  # both tables' statistics, computed once
+        per_condition = condition_table(sweep, conditions, baseline=baseline, pairing=pairing, margin=margin)
+        declared = None if baseline else contrast_table(sweep, conditions, pairing=pairing, margin=margin)
         tables = ([side_by_side] if side_by_side else []) + [per_condition] + ([declared] if declared else [])
     report = Report(sweep, metric, at, ci, tables)
     if draw:
@@ -222,7 +213,7 @@ def _check_bootstrap(sweep: Sweep, metric: str, at: str, by: list[str]) -> None:
     `at` and at every epoch a reference is given for."""
 
     def key(t: Trial) -> str:
-        return label(t.stage, ",".join(f"{a}={t.params.get(a)}" for a in by)) if by else t.label
+        return condition_label(t.stage, ",".join(f"{a}={t.params.get(a)}" for a in by)) if by else t.label
 
     epochs: list[str | int] = [at, *([] if by else reference_epochs(sweep, metric))]
     for name, group in group_by(sweep.trials, key).items():

@@ -13,11 +13,12 @@ from mlflow import MlflowClient
 
 from fasweep.errors import UserError
 from fasweep.runs.layout import SPEC_ARTIFACT, LaunchStatus
-from fasweep.runs.layout import condition_label as label
 from fasweep.runs.lease import live_holder
 from fasweep.runs.reader import LaunchRecord, TrialRecord, find_launches, launch_trials, unknown_sweep
 from fasweep.runs.store import check_reachable
-from fasweep.spec import Contrast, Plan, SweepSpec, parse_spec
+from fasweep.spec.contrasts import Contrast
+from fasweep.spec.model import SweepSpec
+from fasweep.spec.plan import Plan, parse_spec
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,6 @@ class Trial(TrialRecord):
     """One trial run as the run reader gives it, and the metric histories the report fetched (`fetch_histories`)."""
 
     histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return label(self.stage, self.condition)
 
 
 @dataclass
@@ -99,7 +96,7 @@ def _load_spec_artifact(client: MlflowClient, run_id: str) -> Plan | str:
 
 def _condition_order(plan: Plan | None, trials: list[Trial]) -> list[str]:
     """Labels in the plan's order, then any others by first start time."""
-    planned = [] if plan is None else [label(t.stage, t.condition) for t in plan.trials]
+    planned = [] if plan is None else [t.label for t in plan.trials]
     rank = {name: i for i, name in enumerate(dict.fromkeys(planned))}
     first: dict[str, int] = {}
     for t in trials:  # sorted by start time

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from fasweep.report.collect import Sweep, Trial
 from fasweep.report.stats import mean_ci
-from fasweep.report.tables import LOSS_AXIS, group_by, is_number, plan_sorted, sort_values, summarize
+from fasweep.report.summary import LOSS_AXIS, group_by, is_number, plan_sorted, sort_values, summarize
 from fasweep.runs.layout import TrialStatus
 
 MAX_CURVES = 12  # the legend's limit: more conditions than this are drawn as small multiples (one row per value)

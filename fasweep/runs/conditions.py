@@ -33,7 +33,7 @@ from fasweep.runs.layout import (
 )
 
 if TYPE_CHECKING:
-    from fasweep.spec import Plan
+    from fasweep.spec.plan import Plan
 
 History = dict[int, dict[str, float]]  # epoch -> that epoch's metrics
 N_METRIC = "n"  # on a condition run: the trials counted at each epoch

@@ -135,6 +135,22 @@ def condition_label(stage: str, condition: str) -> str:
     return condition if stage == "main" else f"{stage}/{condition}"
 
 
+@dataclass(frozen=True)
+class TrialId:
+    """A trial's identity, declared once: the plan's trial (`fasweep.spec.plan.PlannedTrial`) and its run as read
+    back (`fasweep.runs.reader.TrialRecord`, from the tags `Tag.TRIAL_KEY`, `STAGE`, `CONDITION`, `SEED`) extend it."""
+
+    key: str  # `trial_key(stage, condition, seed)`
+    stage: str
+    condition: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """Its condition as reports show it (`condition_label`)."""
+        return condition_label(self.stage, self.condition)
+
+
 def trial_run_name(condition_run: str, seed: int) -> str:
     """A trial run's name: its condition run's name and the seed, `<name> s<seed>`."""
     return f"{condition_run} s{seed}"

@@ -1,17 +1,17 @@
 """The run record's one reader: launches and their trial runs out of MLflow (every page), for `fasweep status`,
-`fasweep report`, `--resume` and a stage's `init_from`."""
+`fasweep report`, `--resume` and a stage's `init_from`. It only reads (`fasweep.runs.status` marks a launch whose
+driver is gone)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from fasweep.errors import UserError
-from fasweep.runs.layout import Best, LaunchStatus, Role, Tag, TrialStatus
-from fasweep.runs.store import all_experiment_ids, client, quote, search_all
+from fasweep.runs.layout import Best, Role, Tag, TrialId, TrialStatus
+from fasweep.runs.store import all_experiment_ids, quote, search_all
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,11 @@ class LaunchRecord:
 
 
 @dataclass(frozen=True)
-class TrialRecord:
-    """One trial run: identity, status, latest metrics and params (the flattened TrialConfig, as str)."""
+class TrialRecord(TrialId):
+    """One trial run: its identity (as its tags say), status, latest metrics and params (the flattened TrialConfig,
+    as str)."""
 
     run_id: str
-    key: str
-    stage: str
-    condition: str
-    seed: int
     status: str
     name: str
     start_time: int
@@ -59,7 +56,8 @@ class TrialRecord:
         return int(self.metrics.get("epoch", 0))
 
 
-def _launch(run: Any) -> LaunchRecord:
+def launch_record(run: Any) -> LaunchRecord:
+    """A launch as its parent run `run` records it."""
     tags = run.data.tags
     return LaunchRecord(
         run_id=run.info.run_id,
@@ -103,7 +101,7 @@ def find_launches(mlflow: Any, sweep: str | None = None, experiment_ids: list[st
     if sweep:
         where += f" AND tags.`{Tag.SWEEP}` = {quote(sweep)}"
     runs = [run for i in range(0, len(ids), 100) for run in search_all(mlflow, ids[i : i + 100], where)]
-    return sorted((_launch(r) for r in runs), key=lambda p: (p.start_time, p.launch_id), reverse=True)
+    return sorted((launch_record(r) for r in runs), key=lambda p: (p.start_time, p.launch_id), reverse=True)
 
 
 def unknown_sweep(uri: str, sweep: str, launches: list[LaunchRecord]) -> UserError:
@@ -145,37 +143,3 @@ def best_trial(trials: list[TrialRecord], best: Best) -> TrialRecord | None:
     """The best of `trials` by the one definition (`Best`)."""
     chosen = best.choose((t.key, t.status, t.metrics) for t in trials)
     return next(t for t in trials if t.key == chosen[0]) if chosen else None
-
-
-@dataclass
-class LaunchSummary:
-    """One launch with its trials' states, for `fasweep status`."""
-
-    launch: LaunchRecord
-    trials: list[TrialRecord]
-    counts: dict[str, int]
-    best: TrialRecord | None
-
-
-def sweep_summaries(uri: str, sweep: str | None = None) -> list[LaunchSummary]:
-    """Every launch in the store (of `sweep`, when given), newest first, with trial counts and the best trial.
-    A launch still marked running whose driver is gone (its lease free or stale) is first marked interrupted,
-    with its running condition and trial runs (also those a driver stopped by a signal had no time to mark): the
-    store then tells the truth."""
-    from fasweep.runs.lease import live_holder
-    from fasweep.runs.writer import interrupt_launch
-
-    mlflow = client(uri)
-    out = []
-    for launch in find_launches(mlflow, sweep):
-        trials = launch_trials(mlflow, launch)
-        stopped = launch.status == LaunchStatus.INTERRUPTED and any(t.status == TrialStatus.RUNNING for t in trials)
-        if launch.status == LaunchStatus.RUNNING or stopped:  # its driver may be gone: then nothing still runs
-            holder = live_holder(mlflow, launch.experiment_id, launch.sweep)
-            if holder is None or holder.launch_id != launch.launch_id:
-                interrupt_launch(mlflow, launch.experiment_id, launch.launch_id)
-                launch = _launch(mlflow.get_run(launch.run_id))
-                trials = launch_trials(mlflow, launch)
-        counts = Counter(t.status for t in trials)
-        out.append(LaunchSummary(launch, trials, dict(counts), best_trial(trials, launch.best)))
-    return out

@@ -1,4 +1,5 @@
-"""Which trials can share a pack (torch-free, for the spec and the launcher): `packable(configs)` groups them.
+"""Which trials can share a pack (torch-free, for the spec's plan and the packed trainer): `packable(configs)` groups
+them.
 
 A pack is one data set, one architecture and one batched pass, so its members' configs agree in every field
 except those in `PER_MEMBER` and the rules' options (`feedback.*` but `mode`: each member's rule keeps its own,
