@@ -25,7 +25,7 @@ from fasweep.launch import ERRORS_LOG, _preflight, launch
 from fasweep.runs.layout import CHECKPOINTS_DIR, LaunchStatus, epoch_marker, trial_checkpoints
 from fasweep.runs.store import TrackingError
 from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.spec import load_spec
+from fasweep.spec.plan import load_spec
 from fasweep.train import train
 
 REPO = Path(__file__).resolve().parents[1]
