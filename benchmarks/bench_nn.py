@@ -12,6 +12,7 @@ Prints ratios measured in this one run (interleaved repetitions, medians):
   limit the untied net can get with torch's kernels.
 
 Usage: python benchmarks/bench_nn.py [--device cpu|cuda] [--reps N] [--threads T] [--only presets]
+(THP_MEM_ALLOC_ENABLE=0 in the environment measures without the huge pages fasweep asks for; see fasweep/torch_env.py.)
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from fasweep.torch_env import apply_torch_env
 
-from fasweep.nn import FAConv2d, FALinear, UntiedConv2d, optimizer_step
+TORCH_ENV = apply_torch_env()  # as fasweep's CLI and workers run torch (set a variable to 0 to measure without)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fasweep.nn import FAConv2d, FALinear, UntiedConv2d, optimizer_step  # noqa: E402
 
 
 def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
@@ -295,7 +300,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}")
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, {TORCH_ENV}"
+    )
     if args.only in (None, "rules"):
         bench_rules(device, args.reps)
     if args.only in (None, "untied"):

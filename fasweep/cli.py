@@ -22,6 +22,7 @@ from fasweep.errors import UserError
 from fasweep.report_options import At, CiMethod, Format, Pairing
 from fasweep.rule_options import RULE_NAMES
 from fasweep.runs.lease import LeaseLost
+from fasweep.torch_env import apply_torch_env
 
 _TYPE_HINTS = {"int": "INTEGER", "float": "FLOAT", "Path": "PATH", "str": "TEXT"}
 
@@ -591,6 +592,7 @@ def usage_error(exc: Exception) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app; a UserError or a usage error becomes one line `error: ...` on stderr and
     exit code 2."""
+    apply_torch_env()  # before any command loads torch
     try:
         rc = app(args=argv, prog_name="fasweep", standalone_mode=False)  # returns typer.Exit's code
     except UserError as exc:

@@ -4,6 +4,7 @@ stderr, exit code 2, what exists named)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -92,3 +93,19 @@ def test_the_console_script_prints_usage_errors_the_same_way() -> None:
 def test_every_command_is_registered_with_the_click_style_command() -> None:
     assert [c.callback.__name__ for c in app.registered_commands] == COMMANDS
     assert all(c.cls.__name__ == "Command" for c in app.registered_commands)
+
+
+def test_the_cli_sets_torch_env_before_torch_loads_and_keeps_the_users_value() -> None:
+    """fasweep.torch_env's variables are read by torch once per process: the CLI sets them before a command can
+    load torch (so a local Ray's workers, started from it, inherit them), and never over what the user set."""
+    probe = (
+        "import os, sys\nfrom fasweep.cli import main\nloaded = 'torch' in sys.modules\n"
+        "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(loaded, os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.splitlines()[-1] == "False 1", out.stdout + out.stderr
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.splitlines()[-1] == "False 0", out.stdout + out.stderr
