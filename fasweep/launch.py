@@ -47,7 +47,6 @@ from ray import tune
 from ray.tune.result import AUTO_RESULT_KEYS
 from rich.console import Console
 
-from fasweep.api import callable_module
 from fasweep.checkpoints import find_checkpoints, newest_checkpoint
 from fasweep.config import set_path
 from fasweep.errors import UserError
@@ -999,6 +998,3 @@ def _scheduler(plan: Plan, trials: list[PlannedTrial]) -> Any:
         grace_period=min(asha.grace_period, max_t),
         reduction_factor=asha.reduction_factor,
     )
-
-
-callable_module(__name__)  # `fasweep.launch(...)` calls fasweep.api.launch
