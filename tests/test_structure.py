@@ -15,7 +15,7 @@ PACKAGE = REPO / "fasweep"
 # The floors, lowest first: a module imports only modules on its own floor or below. A name stands for that module,
 # or for a package and every module under it that no longer name claims; "" is the package `fasweep` itself.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("errors", "faults", "report_options", "trial_curves", "runs.layout", "report.stats"),
+    ("errors", "faults", "report_options", "torch_env", "trial_curves", "runs.layout", "report.stats"),
     ("runs.store",),
     ("plugins",),
     ("datasets", "rule_options"),
