@@ -47,24 +47,24 @@ class Condition:
     obsolete: list[str] = field(default_factory=list)  # replaced runs: trials to re-point from, runs to delete
 
 
+@dataclass
 class ConditionRuns:
     """The condition runs of the launch `launch_id` (parent run `parent_id`; `reopened`: a resumed launch, runs of
     it may exist already), declared by `parent.conditions`; a trial's run is `(run_id, logged)`, `logged` the
     metric steps already in it (None: not read yet)."""
 
-    def __init__(
-        self,
-        mlflow: Any,
-        experiment_id: str,
-        sweep: str,
-        launch_id: str,
-        parent_id: str,
-        reopened: bool,
-        parent: ParentInfo | None,
-    ) -> None:
-        self.client, self.experiment_id, self.sweep = mlflow, experiment_id, sweep
-        self.launch_id, self.parent_id, self.reopened, self.parent = launch_id, parent_id, reopened, parent
-        self._conds = {(c.stage, c.condition): Condition(c, list(c.keys)) for c in parent.conditions} if parent else {}
+    client: Any
+    experiment_id: str
+    sweep: str
+    launch_id: str
+    parent_id: str
+    reopened: bool
+    parent: ParentInfo | None
+    _conds: dict[tuple[str, str], Condition] = field(init=False)
+
+    def __post_init__(self) -> None:
+        declared = self.parent.conditions if self.parent else ()
+        self._conds = {(c.stage, c.condition): Condition(c, list(c.keys)) for c in declared}
 
     def of(self, trial: PlannedTrial) -> Condition:
         """The condition of a started trial; a condition the plan did not declare has the trials started so far."""
