@@ -170,7 +170,6 @@ class RunWriter:
     _pending: dict[str, list[tuple[dict[str, float], int]]] = field(default_factory=dict, init=False)
     _drain_queued: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
-    _parent: ParentInfo | None = field(default=None, init=False)
     _conditions: ConditionRuns | None = field(default=None, init=False)  # the launch's, once its parent is open
     _tried: set[str] = field(default_factory=set, init=False)  # trials whose run this writer tried to create
     _reopened: bool = field(default=False, init=False)  # a resumed launch: runs of it may exist already
