@@ -16,16 +16,31 @@ Importing fasweep loads neither torch nor Ray; each function loads what it needs
 from __future__ import annotations
 
 import importlib
+import sys
+from types import ModuleType
 from typing import Any
 
-from fasweep.api import fa
+from fasweep.api import CALLABLE, callable_module, fa
 
 __version__ = "0.1.0"
 __all__ = ["fa", "launch", "report", "runs", "train"]
 
 
+class _Package(ModuleType):
+    """This package: a submodule of an API function's name (fasweep.train, .launch, .runs, .report) is made callable
+    as that function when the import system binds it here, however it was imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in CALLABLE and isinstance(value, ModuleType):
+            callable_module(value)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
 def __getattr__(name: str) -> Any:
     # fasweep.train, .launch, .runs, .report: the modules of those names, each callable as its API function
-    if name in ("launch", "report", "runs", "train"):
+    if name in CALLABLE:
         return importlib.import_module(f"fasweep.{name}")
     raise AttributeError(f"module 'fasweep' has no attribute {name!r}")

@@ -2,12 +2,12 @@
 notebook or a script calls, as the command line does. Light to import: each function imports what it uses.
 
 `fasweep.train`, `fasweep.launch`, `fasweep.runs` and `fasweep.report` are also the modules of those names; a call
-to one (`fasweep.train(config)`) is a call to the function here (see `callable_module`).
+to one (`fasweep.train(config)`) is a call to the function here: the package makes each such module callable as it
+is imported (`fasweep.__init__`, `callable_module`), so the modules themselves never import this one.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -129,6 +129,9 @@ class _Callable(ModuleType):
         return globals()[self.__name__.rpartition(".")[2]](*args, **kwargs)
 
 
-def callable_module(name: str) -> None:
-    """Make module `name` (fasweep.train, ...) callable as this API's function of its last name."""
-    sys.modules[name].__class__ = _Callable
+CALLABLE = ("launch", "report", "runs", "train")  # the modules of the package that are also this API's functions
+
+
+def callable_module(module: ModuleType) -> None:
+    """Make `module` (fasweep.train, ...) callable as this API's function of its last name."""
+    module.__class__ = _Callable

@@ -26,7 +26,6 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from fasweep.api import callable_module
 from fasweep.config import CheckpointPolicy, TrialConfig
 from fasweep.data import TensorData, load_data
 from fasweep.errors import UserError
@@ -382,6 +381,3 @@ def train(
         on_epoch=callback,
         channels_last=channels_last,
     )[0]
-
-
-callable_module(__name__)  # `fasweep.train(...)` calls fasweep.api.train

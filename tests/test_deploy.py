@@ -256,7 +256,7 @@ def entrypoint_spec(entrypoint: str) -> str:
 def test_the_driver_gets_its_grace_period_when_kubernetes_or_ray_stops_it(rendered: list[dict[str, Any]]) -> None:
     """SIGTERM gives the driver GRACE_S to stop trials and mark runs: the head pod's grace period and `ray job
     stop`'s wait before SIGKILL (from the ConfigMap) are both longer."""
-    from fasweep.launch import GRACE_S
+    from fasweep.signals import GRACE_S
 
     ray = next(o for o in rendered if o["kind"] in RAY_KINDS)
     cluster = ray["spec"].get("rayClusterSpec", ray["spec"])

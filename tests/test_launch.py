@@ -21,11 +21,12 @@ from rich.console import Console
 from fasweep.checkpoints import find_checkpoints
 from fasweep.cli import main
 from fasweep.config import TrialConfig, set_path, validate_trial
-from fasweep.launch import ERRORS_LOG, _preflight, launch
+from fasweep.launch import ERRORS_LOG, launch
+from fasweep.preflight import preflight
 from fasweep.runs.layout import CHECKPOINTS_DIR, LaunchStatus, epoch_marker, trial_checkpoints
 from fasweep.runs.store import TrackingError
-from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.spec.plan import load_spec
+from fasweep.runs.writer import RunWriter
+from fasweep.spec.plan import PlannedTrial, load_spec
 from fasweep.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,7 +311,7 @@ def test_the_free_space_warning_counts_the_real_checkpoints(tmp_path, small_stor
         train(config, checkpoint_dir=tmp_path / trial.key)
         real += next((tmp_path / trial.key).rglob("checkpoint.pt")).stat().st_size * plan.spec.checkpoint.keep
     console = Console(file=io.StringIO(), width=400)
-    _preflight(plan, console)
+    preflight(plan, console)
     warning = console.file.getvalue().splitlines()[-1]
     need = re.search(r"the plan's checkpoints may need ([\d.]+) MB \(2 per trial\)$", warning)
     assert warning.startswith(f"warning: storage {small_storage} has ") and need, warning
@@ -508,7 +509,7 @@ def test_writes_survive_a_tracking_server_restart_and_a_store_that_stays_down_fa
         t = RunWriter(uri, name, name, budget_s=budget_s)
         t.open_parent("L1", {"fasweep.plan_hash": "x"}, spec_yaml=f"name: {name}\n")
         config = set_path(TrialConfig().model_dump(mode="json"), "train.epochs", 3)
-        t.trial_started(TrialInfo("main/A/s0", "main", "A", 0, config))
+        t.trial_started(PlannedTrial("main/A/s0", "main", "A", 0, {}, config, {"cpu": 1.0, "gpu": 0.0}))
         t.trial_epoch("main/A/s0", {"epoch": 1.0, "test_acc": 0.5})
         t.flush()
         return t

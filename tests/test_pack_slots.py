@@ -1,4 +1,4 @@
-"""Packs cut to fill the slots of a real local Ray (2 CPUs): `fasweep.launch._slots` and a launch's Tune trials."""
+"""Packs cut to fill the slots of a real local Ray (2 CPUs): `fasweep.cluster.slots_of` and a launch's Tune trials."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from ray import tune
 
-from fasweep.launch import _slots, launch
+from fasweep.cluster import slots_of
+from fasweep.launch import launch
 from fasweep.spec.plan import parse_spec
 from fasweep.worker import pack_id
 
@@ -47,7 +48,7 @@ def two_cpus() -> Iterator[None]:
 def test_slots_are_the_cluster_over_a_pack_at_most_max_concurrent(
     two_cpus: None, sets: dict[str, Any], slots: int
 ) -> None:
-    assert _slots(parse_spec(SPEC, sets)) == {"main": slots}
+    assert slots_of(parse_spec(SPEC, sets)) == {"main": slots}
 
 
 def test_a_launch_cuts_its_pack_to_fill_both_cpus(

@@ -39,8 +39,8 @@ from fasweep.runs.layout import (
 from fasweep.runs.lease import Holder, Lease
 from fasweep.runs.reader import best_trial, find_launches, launch_trials, running_runs
 from fasweep.runs.status import sweep_summaries
-from fasweep.runs.writer import RunWriter, TrialInfo
-from fasweep.spec.plan import parse_spec
+from fasweep.runs.writer import RunWriter
+from fasweep.spec.plan import PlannedTrial, parse_spec
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +130,10 @@ def test_init_from_chooses_its_source_run_on_validation_data(uri: str) -> None:
     assert best_trial(records, Best("test_acc")).key == "pre/A/s1"  # on test data it would be the other run
 
 
-def _info(key: str, epochs: int = 3) -> TrialInfo:
+def _info(key: str, epochs: int = 3) -> PlannedTrial:
     stage, condition, seed = key.split("/")
     config = set_path(TrialConfig().model_dump(mode="json"), "train.epochs", epochs)  # a full config, as planned
-    return TrialInfo(key, stage, condition, int(seed[1:]), config)
+    return PlannedTrial(key, stage, condition, int(seed[1:]), {}, config, {"cpu": 1.0, "gpu": 0.0})
 
 
 def test_writer_is_idempotent_and_the_reader_reads_what_it_wrote(uri: str, tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from fasweep.api import callable_module
 from fasweep.errors import UserError
 from fasweep.report.collect import Sweep, Trial, fetch_histories, load_sweep
 from fasweep.report.comparisons import contrast_table
@@ -277,6 +276,3 @@ def _write(report: Report, folder: Path, by: list[str], figures: bool = True) ->
         path = folder / f"report.{fmt}"
         path.write_text(render(report, fmt))
         report.files.append(path)
-
-
-callable_module(__name__)  # `fasweep.report(...)` calls fasweep.api.report

@@ -1,4 +1,5 @@
-"""Reaching an MLflow store: the tracking URI, a reachability check, a client, retries, paged searches."""
+"""Reaching an MLflow store: the tracking URI, a reachability check, a client, retries, paged searches, and the run
+writes and reads the launch's writers share (a run's status, its params in batches, its metrics by step)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fasweep.errors import UserError
 from fasweep.faults import unreachable
+from fasweep.runs.layout import MLFLOW_STATUS, Tag, TrialStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,3 +201,33 @@ def all_experiment_ids(mlflow: Any) -> list[str]:
         token = page.token
         if not token:
             return ids
+
+
+def set_status(mlflow: Any, run_id: str, status: str, extra: dict[str, str] | None = None) -> None:
+    """Set a run's status tag (and `extra` tags), and its MLflow status accordingly."""
+    from mlflow.entities import RunTag
+
+    tags = {str(Tag.STATUS): str(status), **(extra or {})}
+    mlflow.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+    if status == TrialStatus.RUNNING:
+        mlflow.update_run(run_id, status="RUNNING")
+    else:
+        mlflow.set_terminated(run_id, status=MLFLOW_STATUS[status])
+
+
+def log_params(mlflow: Any, run_id: str, params: dict[str, str]) -> None:
+    """Log `params` on a run, 100 per batch."""
+    from mlflow.entities import Param
+
+    batch = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(batch), 100):
+        mlflow.log_batch(run_id, params=batch[i : i + 100])
+
+
+def metric_history(mlflow: Any, run_id: str, keys: Iterable[str]) -> dict[int, dict[str, float]]:
+    """A run's logged metrics `keys` by step."""
+    history: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for m in mlflow.get_metric_history(run_id, key):
+            history.setdefault(m.step, {})[key] = m.value
+    return history

@@ -12,30 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fasweep.runs.conditions import (
-    N_METRIC,
-    SD_SUFFIX,
-    ConditionInfo,
-    History,
-    ParentInfo,
-    aggregate,
-    best_condition,
-    condition_status,
-    merged_params,
-    settled_through,
-    trial_counts_at,
-)
+from fasweep.runs.condition_runs import ConditionRuns
+from fasweep.runs.conditions import ParentInfo, merged_params
 from fasweep.runs.layout import (
     CHECKPOINT_ARTIFACT_DIR,
     CURVES_ARTIFACT,
@@ -46,13 +34,15 @@ from fasweep.runs.layout import (
     Role,
     Tag,
     TrialStatus,
-    condition_label,
     parent_run_name,
     trial_run_name,
     trial_status,
 )
 from fasweep.runs.reader import running_runs
-from fasweep.runs.store import RETRY_BUDGET_S, TrackingError, client, quote, retry, search_all
+from fasweep.runs.store import RETRY_BUDGET_S, TrackingError, client, log_params, quote, retry, search_all, set_status
+
+if TYPE_CHECKING:
+    from fasweep.spec.plan import PlannedTrial
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,43 +52,11 @@ HOLD_S = 0.25  # a metrics write waits this long for more epochs to join it (one
 Curves = Callable[[list[dict[str, float]], str, Path], bool]
 
 
-@dataclass(frozen=True)
-class TrialInfo:
-    """What the writer needs to open a planned trial's run: identity and its resolved config (the params)."""
-
-    key: str
-    stage: str
-    condition: str
-    seed: int
-    config: dict[str, Any]
-
-    @property
-    def planned_epochs(self) -> int:
-        """`train.epochs` of the trial."""
-        return int(self.config["train"]["epochs"])
-
-
 @dataclass
 class _Run:
     run_id: str
     status: str = TrialStatus.RUNNING
     logged: set[int] | None = None  # metric steps (epochs) already in MLflow; None: not read yet
-
-
-@dataclass
-class _Cond:
-    """A condition run as the writer thread knows it (see `fasweep.runs.conditions`)."""
-
-    info: ConditionInfo
-    keys: list[str]  # its trials: the planned ones, plus any other started or found
-    run_id: str = ""
-    status: str = ""
-    loaded: bool = False  # its trials' statuses and histories and its written epochs read from the store
-    statuses: dict[str, str] = field(default_factory=dict)  # trial key -> status (absent: no run yet)
-    histories: dict[str, History] = field(default_factory=dict)  # trial key -> the epochs in its run
-    written: dict[int, dict[str, float]] = field(default_factory=dict)  # epoch -> the condition's values in its run
-    changed: set[int] = field(default_factory=set)  # epochs up to the last written one where a trial counts anew
-    obsolete: list[str] = field(default_factory=list)  # replaced runs: trials to re-point from, runs to delete
 
 
 class _Queue:
@@ -208,12 +166,11 @@ class RunWriter:
     parent_id: str = ""
     experiment_id: str = field(init=False)
     _runs: dict[str, _Run] = field(default_factory=dict, init=False)
-    _trials: dict[str, TrialInfo] = field(default_factory=dict, init=False)
+    _trials: dict[str, PlannedTrial] = field(default_factory=dict, init=False)  # started trials, configs resolved
     _pending: dict[str, list[tuple[dict[str, float], int]]] = field(default_factory=dict, init=False)
     _drain_queued: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
-    _parent: ParentInfo | None = field(default=None, init=False)
-    _conds: dict[tuple[str, str], _Cond] = field(default_factory=dict, init=False)
+    _conditions: ConditionRuns | None = field(default=None, init=False)  # the launch's, once its parent is open
     _tried: set[str] = field(default_factory=set, init=False)  # trials whose run this writer tried to create
     _reopened: bool = field(default=False, init=False)  # a resumed launch: runs of it may exist already
     _deferred: list[Callable[[], None]] = field(default_factory=list, init=False)  # hurried: curves, drawn last
@@ -257,12 +214,10 @@ class RunWriter:
         """Create the parent run of a new launch with `tags` (plus identity and status) and `parent`'s params and
         description, or reopen `run_id`. `parent.conditions` declares the launch's condition runs."""
         self.launch_id = launch_id
-        self._parent = parent
-        for c in parent.conditions if parent else ():
-            self._conds[c.stage, c.condition] = _Cond(c, list(c.keys))
         if run_id:
             self.parent_id, self._reopened = run_id, True
-            self.sync("reopen parent run", lambda: self._set_status(run_id, LaunchStatus.RUNNING))
+            self._conditions = self._condition_runs(parent)
+            self.sync("reopen parent run", lambda: set_status(self.client, run_id, LaunchStatus.RUNNING))
             return
         tags = {
             **tags,
@@ -276,18 +231,24 @@ class RunWriter:
             "create parent run", lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         )
         self.parent_id = run.info.run_id
+        self._conditions = self._condition_runs(parent)
         if parent is not None:
-            self.sync("log parent params", lambda: self._log_params(self.parent_id, parent.params))
+            self.sync("log parent params", lambda: log_params(self.client, self.parent_id, parent.params))
         self.sync("log spec.yaml", lambda: self.client.log_text(self.parent_id, spec_yaml, SPEC_ARTIFACT))
 
+    def _condition_runs(self, parent: ParentInfo | None) -> ConditionRuns:
+        return ConditionRuns(
+            self.client, self.experiment_id, self.sweep, self.launch_id, self.parent_id, self._reopened, parent
+        )
+
     def finish_parent(self, status: LaunchStatus) -> None:
-        """Log the launch's summary (`_log_summary`; not when hurried), set the parent's status and end its MLflow run
-        accordingly."""
+        """Log the launch's summary (`ConditionRuns.summarize`; not when hurried), set the parent's status and end
+        its MLflow run accordingly."""
         if self.abandoned:
             return
-        if not self.hurried:
-            self.sync("log launch summary", self._log_summary)
-        self.sync("end parent run", lambda: self._set_status(self.parent_id, status))
+        if not self.hurried and self._conditions is not None:
+            self.sync("log launch summary", self._conditions.summarize)
+        self.sync("end parent run", lambda: set_status(self.client, self.parent_id, status))
         self.ended = True
 
     def interrupt_runs(self, run_ids: list[str]) -> None:
@@ -320,21 +281,12 @@ class RunWriter:
         """Whether `abandon` was called."""
         return self._queue.abandoned
 
-    def _set_status(self, run_id: str, status: str, extra: dict[str, str] | None = None) -> None:
-        from mlflow.entities import RunTag
-
-        tags = {str(Tag.STATUS): str(status), **(extra or {})}
-        self.client.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
-        if status == TrialStatus.RUNNING:
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            self.client.set_terminated(run_id, status=MLFLOW_STATUS[status])
-
     # --- queued writes (called from the Tune loop) ----------------------------------------------------
 
-    def trial_started(self, trial: TrialInfo) -> None:
-        """Queue: find or create the trial's run, log its params, mark it running; after the first trial's, load
-        what drawing curves needs (while trials run, rather than when they end)."""
+    def trial_started(self, trial: PlannedTrial) -> None:
+        """Queue: find or create the trial's run, log its params (its `config`, as resolved for the run), mark it
+        running; after the first trial's, load what drawing curves needs (while trials run, rather than when they
+        end)."""
         first = not self._trials
         self._trials[trial.key] = trial
         self._queue.submit(f"start run {trial.key}", lambda: self._ensure_run(trial.key, reopen=True))
@@ -429,9 +381,10 @@ class RunWriter:
 
         run = self._runs.get(key)
         info = self._trials[key]
-        cond = self._condition(key)
+        conditions = self._opened()
+        cond = conditions.of(info)
         tags = {
-            Tag.PARENT_RUN: self._ensure_condition(cond),
+            Tag.PARENT_RUN: conditions.run_id(cond),
             Tag.LAUNCH_RUN: self.parent_id,
             Tag.SWEEP: self.sweep,
             Tag.LAUNCH: self.launch_id,
@@ -456,22 +409,21 @@ class RunWriter:
                     self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id, logged=set()
                 )
             self._runs[key] = run
-            self._log_params(run.run_id, merged_params([info.config]))
+            log_params(self.client, run.run_id, merged_params([info.config]))
             if run.status == TrialStatus.RUNNING:  # created now
-                self._condition_trial(key, TrialStatus.RUNNING)
+                conditions.trial_status(info, run.run_id, run.logged, TrialStatus.RUNNING)
         if reopen and run.status != TrialStatus.RUNNING:
             self.client.log_batch(run.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.update_run(run.run_id, status="RUNNING")
             run.status = TrialStatus.RUNNING
-            self._condition_trial(key, TrialStatus.RUNNING)
+            conditions.trial_status(info, run.run_id, run.logged, TrialStatus.RUNNING)
         return run
 
-    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        batch = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(batch), 100):
-            self.client.log_batch(run_id, params=batch[i : i + 100])
+    def _opened(self) -> ConditionRuns:
+        """The launch's condition runs (its parent is open before any trial starts)."""
+        if self._conditions is None:
+            raise RuntimeError("a trial started before the launch's parent run was opened")
+        return self._conditions
 
     def _log_epochs(self, key: str, epochs: list[tuple[dict[str, float], int]]) -> None:
         """Log (metrics, timestamp) epochs in one batch, skipping the steps already logged."""
@@ -485,7 +437,9 @@ class RunWriter:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run.run_id, metrics=metrics[i : i + 1000])
         run.logged |= set(new)
-        self._condition_epochs(key, {step: m for step, (m, _) in new.items()})
+        self._opened().trial_epochs(
+            self._trials[key], run.run_id, run.logged, {step: m for step, (m, _) in new.items()}
+        )
 
     def _end(
         self,
@@ -511,13 +465,13 @@ class RunWriter:
                 self._deferred.append(lambda: self._log_curves(run.run_id, history, key))
             else:
                 self._log_curves(run.run_id, history, key, Path(tmp))
-        status = TrialStatus.ERROR if error else trial_status(history, self._trials[key].planned_epochs)
+        status = TrialStatus.ERROR if error else trial_status(history, self._trials[key].epochs)
         if status == TrialStatus.ERROR and not error:
             error = "the trial ended without reporting an epoch"
         extra = {str(k): v for k, v in tags.items()} | ({str(Tag.ERROR): error[:5000]} if error else {})
-        self._set_status(run.run_id, status, extra)
+        set_status(self.client, run.run_id, status, extra)
         run.status = status
-        self._condition_trial(key, status)
+        self._opened().trial_status(self._trials[key], run.run_id, run.logged, status)
 
     def _log_curves(self, run_id: str, history: list[dict[str, float]], key: str, folder: Path | None = None) -> None:
         """Draw a trial's curves.png (in `folder`, else a temporary one) and log it on its run."""
@@ -527,197 +481,6 @@ class RunWriter:
             path = (folder or Path(tmp)) / CURVES_ARTIFACT
             if self.curves(history, key, path):
                 self.client.log_artifact(run_id, str(path))
-
-    # --- condition runs and the launch summary (writer thread; see fasweep.runs.conditions) --------------
-
-    def _condition(self, key: str) -> _Cond:
-        """The condition of a started trial; a condition the plan did not declare has the trials started so far."""
-        info = self._trials[key]
-        cond = self._conds.get((info.stage, info.condition))
-        if cond is None:
-            params = {k: v for k, v in merged_params([info.config]).items() if k != "train.seed"}
-            declared = ConditionInfo(info.stage, info.condition, info.condition, (), params, info.planned_epochs)
-            cond = self._conds[info.stage, info.condition] = _Cond(declared, [])
-        if key not in cond.keys:
-            cond.keys.append(key)
-        return cond
-
-    def _where(self, role: Role, cond: _Cond) -> str:
-        """Search filter: this launch's runs of `role` for the condition."""
-        return (
-            f"tags.`{Tag.LAUNCH}` = {quote(self.launch_id)} AND tags.`{Tag.ROLE}` = '{role}' AND "
-            f"tags.`{Tag.STAGE}` = {quote(cond.info.stage)} AND tags.`{Tag.CONDITION}` = {quote(cond.info.condition)}"
-        )
-
-    def _ensure_condition(self, cond: _Cond) -> str:
-        """The condition's run id: found by its tags (the newest, when a replacement was cut short) or created."""
-        if cond.run_id:
-            return cond.run_id
-        found = [
-            r
-            for r in search_all(self.client, [self.experiment_id], self._where(Role.CONDITION, cond))
-            if r.info.run_id not in cond.obsolete
-        ]
-        if found:
-            *older, newest = sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
-            cond.run_id = newest.info.run_id
-            cond.obsolete += [r.info.run_id for r in older]
-        else:
-            tags = {
-                Tag.PARENT_RUN: self.parent_id,
-                Tag.LAUNCH_RUN: self.parent_id,
-                Tag.SWEEP: self.sweep,
-                Tag.LAUNCH: self.launch_id,
-                Tag.ROLE: Role.CONDITION,
-                Tag.STAGE: cond.info.stage,
-                Tag.CONDITION: cond.info.condition,
-                Tag.STATUS: TrialStatus.RUNNING,
-            } | ({Tag.N_TRIALS: len(cond.info.keys)} if cond.info.keys else {})
-            tags = {str(k): str(v) for k, v in tags.items()}
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=cond.info.name)
-            cond.run_id, cond.status = run.info.run_id, TrialStatus.RUNNING
-            cond.loaded |= not self._reopened  # a new launch's: no trial run of it to read
-        self._log_params(cond.run_id, cond.info.params)
-        return cond.run_id
-
-    def _history(self, run_id: str, keys: Iterable[str]) -> History:
-        """A run's logged metrics `keys` by step."""
-        history: History = {}
-        for key in keys:
-            for m in self.client.get_metric_history(run_id, key):
-                history.setdefault(m.step, {})[key] = m.value
-        return history
-
-    def _loaded(self, key: str) -> _Cond:
-        """The trial's condition with its trials' statuses and histories and its own written epochs read from the
-        store (once per writer, and not for a new launch's condition run it made: afterwards the writer keeps them,
-        being the only writer)."""
-        cond = self._condition(key)
-        if not cond.loaded:
-            run_id = self._ensure_condition(cond)
-            for r in search_all(self.client, [self.experiment_id], self._where(Role.TRIAL, cond)):
-                trial = r.data.tags.get(Tag.TRIAL_KEY, "")
-                if trial not in cond.keys:
-                    cond.keys.append(trial)
-                cond.statuses[trial] = r.data.tags.get(Tag.STATUS, TrialStatus.RUNNING)
-                cond.histories[trial] = self._history(r.info.run_id, r.data.metrics)
-            run = self.client.get_run(run_id)
-            cond.written = self._history(run_id, run.data.metrics)
-            cond.changed |= set(range(1, max(cond.written, default=0) + 1))  # an earlier driver's: checked once
-            cond.status = run.data.tags.get(Tag.STATUS, "")
-            cond.loaded = True
-        run = self._runs[key]
-        if key not in cond.histories:  # a run made after the load: read, unless known to hold no epoch yet
-            empty = run.logged is not None and not run.logged
-            cond.histories[key] = (
-                {} if empty else self._history(run.run_id, self.client.get_run(run.run_id).data.metrics)
-            )
-        return cond
-
-    def _condition_trial(self, key: str, status: str) -> None:
-        """A trial of the condition started or ended (who counts may have changed)."""
-        cond = self._loaded(key)
-        span = range(1, max(cond.written, default=0) + 1)
-        before = _counted(cond, key, span)
-        cond.statuses[key] = status
-        self._write_condition(cond, key, span, before)
-
-    def _condition_epochs(self, key: str, epochs: dict[int, dict[str, float]]) -> None:
-        """Epochs newly logged on a trial: write the condition's epochs they settle."""
-        cond = self._loaded(key)
-        history = cond.histories[key]
-        first = min([*epochs, max(history, default=0) + 1])  # below it, how it counts stays (see trial_counts_at)
-        span = range(first, max(cond.written, default=0) + 1)
-        before = _counted(cond, key, span)
-        history.update(epochs)
-        self._write_condition(cond, key, span, before)
-
-    def _write_condition(self, cond: _Cond, key: str, span: range, before: list[dict[str, float] | None]) -> None:
-        """Log the condition's newly settled epochs and its status after a change to trial `key`, which counted as
-        `before` at the epochs `span` (up to the last written, where it may count differently now). The epochs
-        where a trial counts differently are recomputed; if a written one changed, or one is no longer settled (a
-        trial errored, or an errored one was resumed), the run is replaced by a new one holding the right values
-        (MLflow cannot overwrite a metric's step)."""
-        from mlflow.entities import Metric, RunTag
-
-        after = _counted(cond, key, span)
-        cond.changed |= {e for e, a, b in zip(span, before, after, strict=True) if a is not b}
-        trials = [(cond.statuses.get(k), cond.histories.get(k, {})) for k in cond.keys]
-        through = settled_through(trials, cond.info.epochs)
-        top = max(cond.written, default=0)
-        values = {
-            e: row for e in sorted({*cond.changed, *range(top + 1, through + 1)}) if (row := aggregate(trials, e))
-        }
-        stale = top > through or any(
-            not _same(cond.written[e], values.get(e)) for e in cond.changed & cond.written.keys()
-        )
-        cond.changed.clear()
-        if stale:
-            cond.obsolete.append(cond.run_id)
-            cond.run_id, cond.written, cond.status = "", {}, ""
-            self._ensure_condition(cond)
-            values = {e: row for e in range(1, through + 1) if (row := aggregate(trials, e))}
-        stamp = int(time.time() * 1000)
-        new = [Metric(k, v, stamp, e) for e, row in values.items() if e not in cond.written for k, v in row.items()]
-        for i in range(0, len(new), 1000):
-            self.client.log_batch(cond.run_id, metrics=new[i : i + 1000])
-        cond.written |= {e: row for e, row in values.items() if e not in cond.written}
-        if cond.obsolete:
-            for r in search_all(self.client, [self.experiment_id], self._where(Role.TRIAL, cond)):
-                if r.data.tags.get(Tag.PARENT_RUN) != cond.run_id:
-                    self.client.log_batch(r.info.run_id, tags=[RunTag(str(Tag.PARENT_RUN), cond.run_id)])
-            for run_id in cond.obsolete:
-                self.client.delete_run(run_id)
-            cond.obsolete.clear()
-        status = condition_status(cond.statuses.get(k) for k in cond.keys)
-        if status != cond.status:
-            self._set_status(cond.run_id, status)
-            cond.status = status
-
-    def _log_summary(self) -> None:
-        """The launch's summary on the parent: the best condition's final mean of the "best" metric with its sd
-        and n (`best_<metric>`, `best_<metric>_sd`, `best_n`), the condition in a tag, both in the description."""
-        from mlflow.entities import Metric, RunTag
-
-        if self._parent is None:
-            return
-        best = self._parent.best
-        where = f"tags.`{Tag.LAUNCH}` = {quote(self.launch_id)} AND tags.`{Tag.ROLE}` = '{Role.CONDITION}'"
-        runs = {
-            condition_label(r.data.tags.get(Tag.STAGE, ""), r.data.tags.get(Tag.CONDITION, "")): r
-            for r in search_all(self.client, [self.experiment_id], where)
-        }
-        chosen = best_condition(((name, r.data.metrics) for name, r in runs.items()), best)
-        if chosen is None:
-            return
-        name, _ = chosen
-        run = runs[name]
-        history = self._history(run.info.run_id, [best.metric, best.metric + SD_SUFFIX, N_METRIC])
-        epoch = max(e for e, row in history.items() if best.metric in row)
-        final = history[epoch]
-        summary = {f"best_{k}": v for k, v in final.items()}
-        known = self.client.get_run(self.parent_id).data.metrics
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(k, v, stamp, 0) for k, v in summary.items() if known.get(k) != v]
-        sd = final.get(best.metric + SD_SUFFIX)
-        spread = f" ± {sd:.4f}" if sd is not None else ""
-        result = (
-            f"\n\n**Best condition:** {run.info.run_name} (`{name}`): {best.metric} {final[best.metric]:.4f}"
-            f"{spread} (n = {final.get(N_METRIC, 0):g}) at epoch {epoch}."
-        )
-        tags = {Tag.BEST_CONDITION: name, Tag.NOTE: self._parent.description + result}
-        self.client.log_batch(self.parent_id, metrics=metrics, tags=[RunTag(str(k), v) for k, v in tags.items()])
-
-
-def _counted(cond: _Cond, key: str, epochs: range) -> list[dict[str, float] | None]:
-    """How trial `key` counts in its condition at `epochs` (None: not at all)."""
-    status, history = cond.statuses.get(key), cond.histories[key]
-    return [trial_counts_at(status, history, e) for e in epochs]
-
-
-def _same(a: dict[str, float], b: dict[str, float] | None) -> bool:
-    """Whether two epochs of a condition hold the same values (as read back from the store)."""
-    return b is not None and a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-9) for k in a)
 
 
 def mark_interrupted(mlflow: Any, run_ids: list[str], budget_s: float = RETRY_BUDGET_S) -> None:

@@ -41,6 +41,11 @@ class PlannedTrial(TrialId):
     resources: dict[str, float]
     init_from: dict[str, Any] | None = field(default=None)
 
+    @property
+    def epochs(self) -> int:
+        """The epochs it is planned to run (`train.epochs` of its config)."""
+        return int(self.config["train"]["epochs"])
+
 
 def expand(spec: SweepSpec, source: Source | None = None) -> tuple[list[PlannedTrial], tuple[Contrast, ...]]:
     """Every trial of the spec in a stable order (stage, condition (conditions × grid × samples), seed) and the
