@@ -12,20 +12,21 @@ from fasweep.errors import UserError
 from fasweep.faults import human_bytes, unreachable
 from fasweep.preflight import footprints
 from fasweep.spec.plan import Plan, PlannedTrial
+from fasweep.torch_env import apply_torch_env
 
 
 def init_ray(address: str | None, num_cpus: int | None, code: list[str]) -> bool:
     """Connect to `address` or start a local Ray, shipping the user's `code` folders to its workers (runtime_env
-    `py_modules`); False when Ray was already up in this process."""
+    `py_modules`) and, on a cluster, `fasweep.torch_env`'s variables (a local Ray's workers inherit this process's
+    environment); False when Ray was already up in this process."""
     import ray
 
     if ray.is_initialized():
         return False
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
-    if code:
-        options["runtime_env"] = {"py_modules": code}
+    runtime_env: dict[str, Any] = {"py_modules": code} if code else {}
     if address:
-        ray.init(address=address, **options)
+        ray.init(address=address, runtime_env={**runtime_env, "env_vars": apply_torch_env()}, **options)
     else:
         # A local Ray talks over loopback only (Ray otherwise swaps 127.0.0.1 for the host's IP address). The
         # switch is read while the node starts; restored after, so a later ray.init(address=...) is unaffected.
@@ -33,7 +34,7 @@ def init_ray(address: str | None, num_cpus: int | None, code: list[str]) -> bool
 
         saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
         try:
-            ray.init(num_cpus=num_cpus, **options)
+            ray.init(num_cpus=num_cpus, runtime_env=runtime_env or None, **options)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = saved
     return True

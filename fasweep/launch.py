@@ -267,7 +267,8 @@ def _run(
             writer.flush()
             writer.finish_parent(status)  # the parent first: never left running, however little time is left
             if status != LaunchStatus.FINISHED:  # no run is left "running" once this driver ends
-                writer.interrupt_runs(running_runs(writer.client, writer.experiment_id, launch_id))
+                running = running_runs(writer.client, writer.experiment_id, launch_id)
+                writer.interrupt_runs(running, signals.marks_until())
         except TrackingError as exc:
             unsaved = exc
     if lease.lost_to is not None:

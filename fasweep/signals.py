@@ -17,6 +17,7 @@ from fasweep.runs.writer import RunWriter, mark_interrupted
 
 GRACE_S = 20.0  # after SIGTERM/SIGINT/SIGHUP the driver is gone within this (Kubernetes kills after 30 s)
 RESERVE_S = 6.0  # of the grace period, kept after the last write for the parent, the marks, Ray and the last lines
+LAST_S = 2.0  # of the reserve, kept after the marks for Ray and the last lines
 
 
 class Signals:
@@ -66,6 +67,10 @@ class Signals:
             driver.interrupt()
         else:
             raise KeyboardInterrupt
+
+    def marks_until(self) -> float | None:
+        """Until when (time.monotonic()) the unfinished runs may be marked interrupted: None without a signal."""
+        return None if self.deadline is None else self.deadline - LAST_S
 
     def _give_up(self, signum: int) -> None:
         """Exit now: the parent marked interrupted first where it is still open (a second at most), one line."""

@@ -251,10 +251,12 @@ class RunWriter:
         self.sync("end parent run", lambda: set_status(self.client, self.parent_id, status))
         self.ended = True
 
-    def interrupt_runs(self, run_ids: list[str]) -> None:
-        """Mark trial runs whose driver stopped before they ended `interrupted` (MLflow KILLED), now."""
+    def interrupt_runs(self, run_ids: list[str], until: float | None = None) -> None:
+        """Mark trial runs whose driver stopped before they ended `interrupted` (MLflow KILLED), now: within the
+        writer's budget, or up to `until` (time.monotonic(): a grace period's own end, later than its writes')."""
         if not self.abandoned:
-            mark_interrupted(self.client, run_ids, self._budget())
+            budget = self._budget() if until is None else max(self._budget(), until - time.monotonic())
+            mark_interrupted(self.client, run_ids, budget)
 
     def hurry(self, deadline: float) -> None:
         """The driver is stopping: writes not started by `deadline` (time.monotonic()) are dropped (`dropped`),
