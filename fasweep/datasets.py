@@ -9,7 +9,7 @@ the entry point group `fasweep.datasets` (see `user_dataset`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fasweep import plugins
@@ -45,47 +45,41 @@ class Dataset:
         return self.classes or self.targets
 
 
-_IDX_IMAGES = ("train-images-idx3-ubyte",)
+_CIFAR10 = Dataset(
+    "files",
+    classes=10,
+    torchvision_dir="cifar-10-batches-py",
+    input_shape=(3, 32, 32),
+    augment=True,
+    layout="cifar_pickle",
+    marker_files=("data_batch_1",),
+    torchvision_class="CIFAR10",
+)
+_MNIST = Dataset(
+    "files",
+    classes=10,
+    torchvision_dir="MNIST/raw",
+    input_shape=(1, 28, 28),
+    class_names=DIGIT_CLASSES,
+    layout="idx",
+    marker_files=("train-images-idx3-ubyte",),
+    torchvision_class="MNIST",
+)
 
 DATASETS: dict[str, Dataset] = {
-    "cifar10": Dataset(
-        "files",
-        classes=10,
-        torchvision_dir="cifar-10-batches-py",
-        input_shape=(3, 32, 32),
-        augment=True,
-        layout="cifar_pickle",
-        marker_files=("data_batch_1",),
-        torchvision_class="CIFAR10",
-    ),
-    "cifar100": Dataset(
-        "files",
+    "cifar10": _CIFAR10,
+    "cifar100": replace(  # CIFAR-10's pickles with 100 classes, in other files
+        _CIFAR10,
         classes=100,
         torchvision_dir="cifar-100-python",
-        input_shape=(3, 32, 32),
-        augment=True,
-        layout="cifar_pickle",
         marker_files=("train", "meta"),
         torchvision_class="CIFAR100",
     ),
-    "mnist": Dataset(
-        "files",
-        classes=10,
-        torchvision_dir="MNIST/raw",
-        input_shape=(1, 28, 28),
-        class_names=DIGIT_CLASSES,
-        layout="idx",
-        marker_files=_IDX_IMAGES,
-        torchvision_class="MNIST",
-    ),
-    "fashion_mnist": Dataset(
-        "files",
-        classes=10,
+    "mnist": _MNIST,
+    "fashion_mnist": replace(  # MNIST's IDX files holding clothes; Debian packages a copy
+        _MNIST,
         torchvision_dir="FashionMNIST/raw",
-        input_shape=(1, 28, 28),
         class_names=FASHION_CLASSES,
-        layout="idx",
-        marker_files=_IDX_IMAGES,
         torchvision_class="FashionMNIST",
         apt_package="dataset-fashion-mnist",
         apt_dir="/usr/share/datasets/fashion-mnist",

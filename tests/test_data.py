@@ -298,17 +298,19 @@ def test_every_registered_name_loads_or_says_where_it_looked(name: str) -> None:
         assert data.name == name and (DATASETS[name].classes in (None, data.num_outputs))
 
 
-def test_torchvision_records_agree_with_torchvision() -> None:
-    """Each record's torchvision class is torchvision's, and its folder is where that class keeps the files."""
+def test_records_agree_with_torchvision_and_themselves() -> None:
+    """Each record's torchvision class is torchvision's, and its folder is where that class keeps the files; a
+    record with files of its own names the files that tell them; class names, where declared, number its classes."""
     from torchvision import datasets
 
     for name, record in DATASETS.items():
+        assert (record.layout is None) == (not record.marker_files), name
+        assert record.class_names is None or len(record.class_names) == record.classes, name
         if record.torchvision_class is None:
             continue
         cls = getattr(datasets, record.torchvision_class)
         folder = getattr(cls, "base_folder", f"{cls.__name__}/raw")  # CIFAR: base_folder; MNIST-likes: <class>/raw
         assert record.torchvision_dir == folder, name
-        assert record.class_names is None or len(record.class_names) == record.classes, name
 
 
 def test_a_new_data_set_is_one_record(fashion_mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
