@@ -2,9 +2,10 @@
 
 `load_data(DataConfig)` returns a `TensorData` whose images stay uint8 NCHW on the training device;
 `TensorData.batches` normalises (and, for training, randomly crops with 4-px padding and flips) whole
-batches with tensor ops, so no per-sample Python runs in the training loop. Which data sets exist is
-`fasweep.datasets`. Files are untrusted: CIFAR pickles go through an allow-list unpickler, a file that
-fails to decode is one UserError naming it, and the cache carries a checksum (a bad one is rebuilt).
+batches with tensor ops, so no per-sample Python runs in the training loop. Which data sets exist, and what
+each needs, is `fasweep.datasets`: the code here reads a data set's record, never its name. Files are
+untrusted: CIFAR pickles go through an allow-list unpickler, a file that fails to decode is one UserError
+naming it, and the cache carries a checksum (a bad one is rebuilt).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 
 from fasweep.config import DataConfig
-from fasweep.datasets import DATASETS, is_user_data, user_dataset
+from fasweep.datasets import DATASETS, Dataset, is_user_data, user_dataset
 from fasweep.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,8 @@ CACHE_VERSION = 2
 CROP_PAD = 4
 DOWNLOAD_TIMEOUT_S = 10.0
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 DIGITS_CSV = Path("datasets/data/digits.csv.gz")  # inside the sklearn package
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 REGRESSION_SIZES = {"train": 10_000, "test": 2_000}
-_LINEAR = DATASETS["linear"]  # Lillicrap et al. 2016: 30 inputs, 10 outputs (both tasks); the teacher has 20 hidden
-REGRESSION_DIMS = (*(_LINEAR.input_shape or ()), 20, _LINEAR.targets)
 
 Split = Literal["train", "val", "test"]
 
@@ -146,16 +143,7 @@ class _Raw:
 
 def load_data(cfg: DataConfig, device: str | torch.device = "cpu", seed: int = 0) -> TensorData:
     """Load the data set `cfg` names onto `device`; `seed` picks the validation split."""
-    if cfg.name in ("linear", "teacher"):
-        if cfg.augment:
-            raise UserError.field("data.augment", cfg.augment, f"false or null for the {cfg.name} regression task")
-        raw = _regression(cfg.name)
-    elif cfg.name == "digits":
-        raw = _digits()
-    elif is_user_data(cfg.name):
-        raw = _user_data(cfg)
-    else:
-        raw = _cached(cfg)
+    raw = _user_data(cfg) if is_user_data(cfg.name) else _LOADERS[DATASETS[cfg.name].source](cfg)
     return _assemble(cfg, raw, torch.device(device), seed)
 
 
@@ -193,7 +181,7 @@ def _assemble(cfg: DataConfig, raw: _Raw, device: torch.device, seed: int) -> Te
         std = raw.std if cfg.normalize and raw.std is not None else torch.ones(x_train.shape[1])
         scale = (1.0 / (raw.pixel_max * std)).float().view(1, -1, 1, 1).to(device)
         shift = (-mean / std).float().view(1, -1, 1, 1).to(device)
-    default_augment = cfg.name in ("cifar10", "cifar100")
+    default_augment = cfg.name in DATASETS and DATASETS[cfg.name].augment
     return TensorData(
         name=cfg.name,
         task="regression" if regression else "classification",
@@ -215,15 +203,19 @@ def _assemble(cfg: DataConfig, raw: _Raw, device: torch.device, seed: int) -> Te
 # --- generated and built-in data sets ---------------------------------------------------------------
 
 
-def _regression(name: str) -> _Raw:
-    """Lillicrap's tasks, fixed for every trial (own seed): `linear` y = T x, `teacher` a random tanh net.
+def _regression(cfg: DataConfig) -> _Raw:
+    """Lillicrap's tasks, fixed for every trial (the record's seed): `linear` y = T x, `teacher` a random tanh net.
 
     T has entries uniform in [-1, 1] (10x30); the teacher is 30-20-10 with N(0, 1/fan_in) weights.
     Inputs are x ~ N(0, I); 10,000 train and 2,000 test pairs.
     """
-    d_in, d_hidden, d_out = REGRESSION_DIMS
-    g = torch.Generator().manual_seed(0 if name == "linear" else 1)
-    if name == "linear":
+    if cfg.augment:
+        raise UserError.field("data.augment", cfg.augment, f"false or null for the {cfg.name} regression task")
+    task = DATASETS[cfg.name]
+    assert task.input_shape is not None and task.targets is not None  # every generated task declares both
+    (d_in,), d_hidden, d_out = task.input_shape, task.hidden, task.targets
+    g = torch.Generator().manual_seed(task.seed)
+    if not d_hidden:
         t = torch.rand(d_out, d_in, generator=g) * 2 - 1
 
         def target(x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +232,7 @@ def _regression(name: str) -> _Raw:
     return _Raw(x_train, target(x_train), x_test, target(x_test), classes=None)
 
 
-def _digits() -> _Raw:
+def _digits(cfg: DataConfig) -> _Raw:
     """scikit-learn's 8x8 digits (values 0..16) as 1x8x8 uint8; the last 297 images are the test set.
 
     Read from the CSV scikit-learn ships, as its `load_digits` does, without importing scikit-learn (about 2 s
@@ -249,14 +241,14 @@ def _digits() -> _Raw:
     folders = (found.submodule_search_locations or []) if found else []
     path = next((p for p in (Path(f) / DIGITS_CSV for f in folders) if p.is_file()), None)
     if path is None:
-        raise UserError.field("data.name", "digits", "scikit-learn installed: it ships the digits")
+        raise UserError.field("data.name", cfg.name, "scikit-learn installed: it ships the digits")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         table = np.loadtxt(f, delimiter=",")
     x = torch.from_numpy(table[:, :-1].reshape(-1, 1, 8, 8).astype(np.uint8))
     y = torch.from_numpy(table[:, -1].astype(np.int64))
     n_train = 1500
     return _with_stats(
-        _Raw(x[:n_train], y[:n_train], x[n_train:], y[n_train:], tuple(str(c) for c in range(10))), pixel_max=16.0
+        _Raw(x[:n_train], y[:n_train], x[n_train:], y[n_train:], DATASETS[cfg.name].class_names), pixel_max=16.0
     )
 
 
@@ -333,22 +325,26 @@ def _search_dirs(cfg: DataConfig) -> list[tuple[Path, bool]]:
     bases = [Path(p) for p in [os.environ.get("FASWEEP_DATA_DIR")] if p]
     bases += [Path("data").absolute(), Path.home() / ".cache" / "fasweep" / "data"]
     dirs = [pair for base in bases for pair in ((base / cfg.name, False), (base, True))]
-    if cfg.name == "fashion_mnist":
-        dirs.append((FASHION_MNIST_DEBIAN, False))
+    apt_dir = DATASETS[cfg.name].apt_dir
+    if apt_dir is not None:
+        dirs.append((Path(apt_dir), False))
     return dirs
+
+
+def _holds(where: Path, dataset: Dataset) -> bool:
+    """Whether `where` holds `dataset`'s own files: every one of its marker files (an IDX file may be gzipped)."""
+    if dataset.layout == "idx":
+        return all(_idx_file(where, stem) is not None for stem in dataset.marker_files)
+    return all((where / file).is_file() for file in dataset.marker_files)
 
 
 def _probe(name: str, folder: Path, bare: bool) -> _Source | None:
     """The copy of `name` inside `folder`: torchvision's layout, its raw files, or train/<class>/ images."""
-    tv_dir = DATASETS[name].torchvision_dir
-    candidates = [folder / tv_dir] if tv_dir else []
+    dataset = DATASETS[name]
+    candidates = [folder / dataset.torchvision_dir] if dataset.torchvision_dir else []
     for where in candidates + ([] if bare else [folder]):
-        if name == "cifar10" and (where / "data_batch_1").is_file():
-            return _Source("cifar_pickle", where)
-        if name == "cifar100" and (where / "train").is_file() and (where / "meta").is_file():
-            return _Source("cifar_pickle", where)
-        if name in ("mnist", "fashion_mnist") and _idx_file(where, "train-images-idx3-ubyte") is not None:
-            return _Source("idx", where)
+        if dataset.layout is not None and _holds(where, dataset):
+            return _Source(dataset.layout, where)
     if not bare and (folder / "train").is_dir():
         return _Source("folder", folder)
     return None
@@ -364,14 +360,15 @@ def _locate(cfg: DataConfig) -> _Source | None:
 
 def _missing(cfg: DataConfig, failure: str = "") -> UserError:
     """The one-line error for a data set that is nowhere to be found."""
-    if cfg.name == "imagefolder":
+    dataset = DATASETS[cfg.name]
+    if dataset.layout is None:  # no files of its own: any image folder, found only at `data.root`
         return UserError.field("data.root", cfg.root, "a folder holding train/<class>/* and test/<class>/* images")
     places = ", ".join(str(d) for d, _ in _search_dirs(cfg))
     if cfg.root is None and not os.environ.get("FASWEEP_DATA_DIR"):
         places += " ($FASWEEP_DATA_DIR unset)"
     fixes = ["set data.root=DIR (torchvision layout, raw files or train/<class>/ image folder)"]
-    if cfg.name == "fashion_mnist":
-        fixes.append("apt-get install dataset-fashion-mnist")
+    if dataset.apt_package is not None:
+        fixes.append(f"apt-get install {dataset.apt_package}")
     if failure:
         fixes.append("or download it on a machine that is online")
     else:
@@ -413,7 +410,7 @@ def _find_or_download(cfg: DataConfig) -> _Source:
     found = _locate(cfg)
     if found is not None:
         return found
-    if not cfg.download or DATASETS[cfg.name].torchvision_dir is None:
+    if not cfg.download or DATASETS[cfg.name].torchvision_class is None:
         raise _missing(cfg)
     base = os.environ.get("FASWEEP_DATA_DIR") or Path.home() / ".cache" / "fasweep" / "data"
     dest = Path(cfg.root).expanduser() if cfg.root else Path(base) / cfg.name
@@ -428,12 +425,7 @@ def _download(cfg: DataConfig, dest: Path) -> None:
     """torchvision's download into `dest`, failing fast (short socket timeout) when offline."""
     from torchvision import datasets
 
-    cls = {
-        "cifar10": datasets.CIFAR10,
-        "cifar100": datasets.CIFAR100,
-        "mnist": datasets.MNIST,
-        "fashion_mnist": datasets.FashionMNIST,
-    }[cfg.name]
+    cls = getattr(datasets, str(DATASETS[cfg.name].torchvision_class))
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
@@ -524,10 +516,13 @@ def _cached(cfg: DataConfig) -> _Raw:
     return raw
 
 
+_LOADERS: dict[str, Callable[[DataConfig], _Raw]] = {"generated": _regression, "bundled": _digits, "files": _cached}
+
+
 def _decode(name: str, source: _Source) -> _Raw:
     readers: dict[str, Callable[[Path], _Raw]] = {
         "cifar_pickle": _read_cifar_pickle,
-        "idx": lambda p: _read_idx(name, p),
+        "idx": lambda p: _read_idx(DATASETS[name].class_names or (), p),
         "folder": _read_folder,
     }
     raw = readers[source.kind](source.path)
@@ -623,8 +618,9 @@ def _read_idx_array(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _read_idx(name: str, folder: Path) -> _Raw:
-    """MNIST / Fashion-MNIST from their IDX files (`train-images-idx3-ubyte[.gz]`, `t10k-...`)."""
+def _read_idx(classes: tuple[str, ...], folder: Path) -> _Raw:
+    """MNIST / Fashion-MNIST (labels 0.. naming `classes`) from their IDX files (`train-images-idx3-ubyte[.gz]`,
+    `t10k-...`)."""
     arrays = {}
     for split in ("train", "t10k"):
         for part in ("images-idx3", "labels-idx1"):
@@ -632,7 +628,6 @@ def _read_idx(name: str, folder: Path) -> _Raw:
             if path is None:
                 raise UserError.field("data.root", str(folder), f"{split}-{part}-ubyte[.gz] beside the training images")
             arrays[split, part] = torch.from_numpy(_read_idx_array(path).copy())
-    classes = FASHION_CLASSES if name == "fashion_mnist" else tuple(str(i) for i in range(10))
     return _Raw(
         arrays["train", "images-idx3"].unsqueeze(1),
         arrays["train", "labels-idx1"].long(),

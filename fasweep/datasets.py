@@ -1,30 +1,43 @@
-"""The data sets fasweep knows, by name: where each comes from, its classes, torchvision's folder for it.
+"""The data sets fasweep knows, by name: one record each holding every fact its loader needs.
 
-Torch-free, so `fasweep.config` checks `data.name` against it while `fasweep.data` loads by it. Adding a
-data set to fasweep is one entry here and its reader in `fasweep.data`; a user's own is a function in their
-package, named by its import path (`mypkg.data:svhn`) or by the entry point group `fasweep.datasets` (see
-`user_dataset`).
+Torch-free, so `fasweep.config` checks `data.name` against it while `fasweep.data` loads by it, reading the record
+and never the name. Adding a data set to fasweep is one record here (plus, for a new kind of files, its reader in
+`fasweep.data`); a user's own is a function in their package, named by its import path (`mypkg.data:svhn`) or by
+the entry point group `fasweep.datasets` (see `user_dataset`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fasweep import plugins
 from fasweep.errors import UserError
 
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
+
 
 @dataclass(frozen=True)
 class Dataset:
-    """`source`: made by fasweep, shipped by a dependency, or read from files (found or downloaded)."""
+    """A built-in data set. `source`: made by fasweep, shipped by a dependency, or read from files (found or
+    downloaded); `fasweep.data` picks its loader by `source` and, for files, its reader by `layout`."""
 
     source: Literal["generated", "bundled", "files"]
     classes: int | None = None  # None: a regression task, or as many as an image folder holds
-    torchvision_dir: str | None = None  # torchvision's folder under a `root`; set: torchvision can download it
+    torchvision_dir: str | None = None  # torchvision's folder under a `root`
     input_shape: tuple[int, ...] | None = None  # one sample: (C, H, W) or (features,); None: known once decoded
     targets: int | None = None  # a regression task's outputs (a classifier has `classes`)
+    class_names: tuple[str, ...] | None = None  # None: read from its files (or an image folder's class folders)
+    augment: bool = False  # random crop + flip when `data.augment` is null
+    layout: Literal["cifar_pickle", "idx"] | None = None  # its own files' format; None: only an image folder holds it
+    marker_files: tuple[str, ...] = ()  # the files that tell a copy in `layout` (an IDX file may be gzipped)
+    torchvision_class: str | None = None  # its class in `torchvision.datasets`; set: torchvision can download it
+    apt_package: str | None = None  # a system package that installs a copy in `apt_dir`, searched last
+    apt_dir: str | None = None
+    seed: int = 0  # generated: the task's own seed, the same for every trial
+    hidden: int = 0  # generated: the teacher net's hidden units; 0: a linear map
 
     @property
     def outputs(self) -> int | None:
@@ -32,15 +45,50 @@ class Dataset:
         return self.classes or self.targets
 
 
+_CIFAR10 = Dataset(
+    "files",
+    classes=10,
+    torchvision_dir="cifar-10-batches-py",
+    input_shape=(3, 32, 32),
+    augment=True,
+    layout="cifar_pickle",
+    marker_files=("data_batch_1",),
+    torchvision_class="CIFAR10",
+)
+_MNIST = Dataset(
+    "files",
+    classes=10,
+    torchvision_dir="MNIST/raw",
+    input_shape=(1, 28, 28),
+    class_names=DIGIT_CLASSES,
+    layout="idx",
+    marker_files=("train-images-idx3-ubyte",),
+    torchvision_class="MNIST",
+)
+
 DATASETS: dict[str, Dataset] = {
-    "cifar10": Dataset("files", 10, "cifar-10-batches-py", (3, 32, 32)),
-    "cifar100": Dataset("files", 100, "cifar-100-python", (3, 32, 32)),
-    "mnist": Dataset("files", 10, "MNIST/raw", (1, 28, 28)),
-    "fashion_mnist": Dataset("files", 10, "FashionMNIST/raw", (1, 28, 28)),
+    "cifar10": _CIFAR10,
+    "cifar100": replace(  # CIFAR-10's pickles with 100 classes, in other files
+        _CIFAR10,
+        classes=100,
+        torchvision_dir="cifar-100-python",
+        marker_files=("train", "meta"),
+        torchvision_class="CIFAR100",
+    ),
+    "mnist": _MNIST,
+    "fashion_mnist": replace(  # MNIST's IDX files holding clothes; Debian packages a copy
+        _MNIST,
+        torchvision_dir="FashionMNIST/raw",
+        class_names=FASHION_CLASSES,
+        torchvision_class="FashionMNIST",
+        apt_package="dataset-fashion-mnist",
+        apt_dir="/usr/share/datasets/fashion-mnist",
+    ),
     "imagefolder": Dataset("files"),
-    "digits": Dataset("bundled", 10, input_shape=(1, 8, 8)),
-    "linear": Dataset("generated", input_shape=(30,), targets=10),  # Lillicrap et al. 2016: 30 inputs, 10 outputs
-    "teacher": Dataset("generated", input_shape=(30,), targets=10),
+    "digits": Dataset("bundled", 10, input_shape=(1, 8, 8), class_names=DIGIT_CLASSES),
+    # Lillicrap et al. 2016: 30 inputs, 10 outputs; `linear` y = T x, `teacher` a random 30-20-10 tanh net of x
+    "linear": Dataset("generated", input_shape=(30,), targets=10, seed=0),
+    "teacher": Dataset("generated", input_shape=(30,), targets=10, seed=1, hidden=20),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
 

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -295,6 +296,35 @@ def test_every_registered_name_loads_or_says_where_it_looked(name: str) -> None:
         assert DATASETS[name].source == "files" and "\n" not in str(err)
     else:
         assert data.name == name and (DATASETS[name].classes in (None, data.num_outputs))
+
+
+def test_records_agree_with_torchvision_and_themselves() -> None:
+    """Each record's torchvision class is torchvision's, and its folder is where that class keeps the files; a
+    record with files of its own names the files that tell them; class names, where declared, number its classes."""
+    from torchvision import datasets
+
+    for name, record in DATASETS.items():
+        assert (record.layout is None) == (not record.marker_files), name
+        assert record.class_names is None or len(record.class_names) == record.classes, name
+        if record.torchvision_class is None:
+            continue
+        cls = getattr(datasets, record.torchvision_class)
+        folder = getattr(cls, "base_folder", f"{cls.__name__}/raw")  # CIFAR: base_folder; MNIST-likes: <class>/raw
+        assert record.torchvision_dir == folder, name
+
+
+def test_a_new_data_set_is_one_record(fashion_mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record added to the registry, and nothing else, is validated, found in its own files and loaded by it."""
+    letters = tuple("abcdefghij")
+    record = replace(DATASETS["fashion_mnist"], class_names=letters, augment=True, apt_package=None, apt_dir=None)
+    monkeypatch.setitem(DATASETS, "letters", record)
+    data = load_data(DataConfig(name="letters", root=str(fashion_mnist_root), download=False, limit_train=100))
+    fashion = load_data(DataConfig(name="fashion_mnist", download=False, limit_train=100))
+    assert (data.name, data.classes, data.augment, fashion.augment) == ("letters", letters, True, False)
+    assert torch.equal(data.x_train, fashion.x_train) and torch.equal(data.y_test, fashion.y_test)
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(name="letters", download=False))
+    assert "apt-get" not in str(err.value) and str(fashion_mnist_root) not in str(err.value)
 
 
 def test_batches_normalised_ordered_and_shuffled_deterministically() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from fasweep import data
+from fasweep.datasets import DATASETS
 from fasweep.demo import demo_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +20,8 @@ QUICKSTART = REPO / "sweeps" / "quickstart.yaml"
 @pytest.fixture
 def bare_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No Fashion-MNIST package, no copy or cache where fasweep.data looks, no network (name lookups fail)."""
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN", tmp_path / "no-package")
+    no_package = replace(DATASETS["fashion_mnist"], apt_dir=str(tmp_path / "no-package"))
+    monkeypatch.setitem(DATASETS, "fashion_mnist", no_package)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FASWEEP_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("FASWEEP_CACHE_DIR", str(tmp_path / "cache"))
