@@ -12,7 +12,8 @@ Prints ratios measured in this one run (interleaved repetitions, medians):
   limit the untied net can get with torch's kernels.
 
 Usage: python benchmarks/bench_nn.py [--device cpu|cuda] [--reps N] [--threads T] [--only presets]
-(THP_MEM_ALLOC_ENABLE=0 in the environment measures without the huge pages fasweep asks for; see fasweep/torch_env.py.)
+(THP_MEM_ALLOC_ENABLE=0 in the environment measures without the huge pages fasweep asks for, FASWEEP_MKL_AVX512=0
+without MKL's AVX-512 path on an AMD CPU; see fasweep/torch_env.py.)
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-from fasweep.torch_env import apply_torch_env
+from fasweep.torch_env import apply_torch_env, mkl_avx512_library, with_mkl_avx512
 
-TORCH_ENV = apply_torch_env()  # as fasweep's CLI and workers run torch (set a variable to 0 to measure without)
+with_mkl_avx512()  # as fasweep's CLI and its local workers run torch (FASWEEP_MKL_AVX512=0 measures without)
+TORCH_ENV = apply_torch_env()  # likewise (set a variable to 0 to measure without)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -301,7 +303,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(
-        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, {TORCH_ENV}"
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps}, "
+        f"{TORCH_ENV}, MKL's AVX-512 path on AMD: {mkl_avx512_library()[1]}"
     )
     if args.only in (None, "rules"):
         bench_rules(device, args.reps)

@@ -35,6 +35,7 @@ from PIL import Image
 from fasweep.config import DataConfig
 from fasweep.datasets import DATASETS, Dataset, is_user_data, user_dataset
 from fasweep.errors import UserError
+from fasweep.runs.layout import cache_dir, home_cache
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ def _search_dirs(cfg: DataConfig) -> list[tuple[Path, bool]]:
     if cfg.root is not None:
         return [(Path(cfg.root).expanduser(), False)]
     bases = [Path(p) for p in [os.environ.get("FASWEEP_DATA_DIR")] if p]
-    bases += [Path("data").absolute(), Path.home() / ".cache" / "fasweep" / "data"]
+    bases += [Path("data").absolute(), home_cache() / "data"]
     dirs = [pair for base in bases for pair in ((base / cfg.name, False), (base, True))]
     apt_dir = DATASETS[cfg.name].apt_dir
     if apt_dir is not None:
@@ -412,7 +413,7 @@ def _find_or_download(cfg: DataConfig) -> _Source:
         return found
     if not cfg.download or DATASETS[cfg.name].torchvision_class is None:
         raise _missing(cfg)
-    base = os.environ.get("FASWEEP_DATA_DIR") or Path.home() / ".cache" / "fasweep" / "data"
+    base = os.environ.get("FASWEEP_DATA_DIR") or home_cache() / "data"
     dest = Path(cfg.root).expanduser() if cfg.root else Path(base) / cfg.name
     _download(cfg, dest)
     found = _locate(cfg)
@@ -439,11 +440,6 @@ def _download(cfg: DataConfig, dest: Path) -> None:
 
 
 # --- decoding and the uint8 cache --------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where decoded data sets are cached: `$FASWEEP_CACHE_DIR`, else `~/.cache/fasweep`."""
-    return Path(os.environ.get("FASWEEP_CACHE_DIR") or Path.home() / ".cache" / "fasweep")
 
 
 def _cache_key(name: str, source: _Source) -> str:

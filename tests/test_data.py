@@ -26,9 +26,10 @@ from sklearn.datasets import load_digits
 
 from fasweep import data as data_module
 from fasweep.config import DataConfig
-from fasweep.data import cache_dir, load_data, locate, random_crop_flip
+from fasweep.data import load_data, locate, random_crop_flip
 from fasweep.datasets import DATASETS
 from fasweep.errors import UserError
+from fasweep.runs.layout import cache_dir
 
 
 @pytest.fixture(autouse=True)

@@ -59,6 +59,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("launch",),
     ("api", "demo"),
     ("cli", ""),
+    ("console",),
 )
 
 

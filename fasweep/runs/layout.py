@@ -5,7 +5,8 @@ MLflow: one parent run per launch (`<sweep>@<launch_id>`, role `parent`), under 
 `trial`, one per seed), each tagged with the `Tag` names below and named by `condition_run_names`; per-epoch
 metrics use step = epoch. Storage: `<storage>/<sweep>/<launch_id>/` holds one Tune experiment per stage (and per
 `--resume` of it) and `CHECKPOINTS_DIR/<trial dir>/epoch-NNNNNN/` per checkpoint of a trial (`trial_checkpoints`),
-each holding `CHECKPOINT_FILE` and `HISTORY_FILE`. Everything that writes or reads any of this imports the names
+each holding `CHECKPOINT_FILE` and `HISTORY_FILE`. Files fasweep caches per machine (decoded data sets, the MKL preload
+library of `fasweep.torch_env`) go under `cache_dir()`. Everything that writes or reads any of this imports the names
 from here; nothing else spells them.
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
 
@@ -317,3 +320,13 @@ class Best:
         sign = -1.0 if self.mode == "max" else 1.0
         value, key = min(scored, key=lambda vk: (sign * vk[0], vk[1]))
         return key, value
+
+
+def home_cache() -> Path:
+    """`~/.cache/fasweep`: fasweep's folder on this machine (downloaded data sets go to its `data` folder)."""
+    return Path.home() / ".cache" / "fasweep"
+
+
+def cache_dir() -> Path:
+    """Where fasweep caches files it makes (decoded data sets, libraries): `$FASWEEP_CACHE_DIR`, else `home_cache()`."""
+    return Path(os.environ.get("FASWEEP_CACHE_DIR") or home_cache())
