@@ -75,7 +75,8 @@ def mkl_avx512_library() -> tuple[Path | None, str]:
             command = [compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)]
             done = subprocess.run(command, capture_output=True, text=True, timeout=60)
             if done.returncode != 0:
-                return None, f"not built: {compiler} failed ({done.stderr.strip().splitlines()[-1:]})"
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                return None, f"not built: {compiler} failed ({last})"
             built.replace(library)  # atomic: concurrent builders each rename a whole file
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"not built: {exc}"
